@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import json
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -151,7 +151,8 @@ class Record:
         unknown = set(data) - known
         if unknown:
             raise SchemaError(sorted(unknown)[0], "unknown field")
-        missing = [f.name for f in fields(cls) if f.name not in data and f.default is f.default_factory]
+        missing = [f.name for f in fields(cls)
+                   if f.name not in data and f.default is MISSING and f.default_factory is MISSING]
         try:
             return cls(**data)
         except TypeError as exc:

@@ -1,0 +1,116 @@
+import json
+import types
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from vlhealth.build import Item, Reject, Rejected, assign_splits, run_build
+from vlhealth.schema import Record, Sample
+from vlhealth.shards import iter_samples, load_index
+
+MANIFEST = {"name": "toy", "license": "CC0-1.0", "access": "open", "sha256": "0" * 64,
+            "templates": {"ct2mri": ["Convert this CT slice to MRI.", "Synthesise the MR image of this CT."]}}
+
+
+class FakeVQ:
+    def encode(self, images):
+        assert images.ndim == 4 and images.shape[1:] == (256, 256, 3)
+        return (images[:, ::8, ::8, 0].reshape(len(images), -1).astype(np.int16) * 32) % 8192
+
+    def describe(self):
+        return {"name": "fake", "random_weights": True}
+
+
+def toy_builder():
+    mod = types.ModuleType("toy")
+    mod.NAME = "toy"
+    mod.MANIFEST = "toy"
+
+    @dataclass
+    class Options:
+        slices: int = 2
+
+    mod.Options = Options
+
+    def discover(ctx):
+        for p in sorted(ctx.root.iterdir()):
+            if p.suffix != ".npy":
+                yield Reject(ctx.rel(p), "not a .npy volume")
+            else:
+                yield Item(id=p.stem, group=p.stem.split("_")[0], files=(ctx.rel(p),))
+
+    def process(item, ctx):
+        vol = np.load(ctx.root / item.files[0])
+        if vol.ndim != 3:
+            raise Rejected(item.files[0], f"expected a 3D volume, got {vol.ndim}D")
+        if not np.isfinite(vol).all():
+            raise ValueError(f"NaN voxels in {ctx.root / item.files[0]}")
+        for z in range(ctx.options.slices):
+            key = f"toy-{item.id}-{z}"
+            img = np.full((256, 256), int(vol[z].mean()) % 256, np.uint8)
+            rec = Record(task="generation", subtask="ct2mri", source="toy", split=ctx.split_of(item.group),
+                         conversations=[{"from": "human", "value": "<image>\n" + ctx.template("ct2mri", key)},
+                                        {"from": "gpt", "value": "<target_image>"}],
+                         group=item.group, license=ctx.license, provenance={"file": item.files[0], "slice": z})
+            yield Sample(key=key, record=rec, input_image=img, target=img)
+
+    mod.discover = discover
+    mod.process = process
+    return mod
+
+
+@pytest.fixture
+def toy_root(tmp_path):
+    root = tmp_path / "raw"
+    root.mkdir()
+    for i in range(6):
+        np.save(root / f"p{i}_vol.npy", np.full((3, 4, 4), i * 40, np.float32))
+    np.save(root / "p9_flat.npy", np.zeros((4, 4), np.float32))
+    bad = np.zeros((3, 4, 4), np.float32)
+    bad[1, 1, 1] = np.nan
+    np.save(root / "p8_nan.npy", bad)
+    (root / "notes.txt").write_text("hello")
+    return root
+
+
+def test_run_build_writes_samples_rejects_and_metadata(tmp_path, toy_root):
+    out = tmp_path / "shards"
+    summary = run_build(toy_builder(), toy_root, out, vq=FakeVQ(), manifest=MANIFEST, max_count=5, command=["vlhealth", "build", str(toy_root)])
+    assert (summary.samples, summary.rejects, summary.items) == (12, 3, 8)
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert {r["file"]: r["reason"] for r in rejects} == {
+        "notes.txt": "not a .npy volume",
+        "p8_nan.npy": "ValueError: NaN voxels in p8_nan.npy",
+        "p9_flat.npy": "expected a 3D volume, got 2D",
+    }
+    samples = list(iter_samples(out))
+    assert len(samples) == 12 and load_index(out)["total_samples"] == 12
+    assert all(s.target_vq is not None and s.target_vq.shape == (1024,) for s in samples)
+    assert samples[2].target_vq[0] == (40 * 32) % 8192
+    build = json.loads((out / "build.json").read_text())
+    assert build["vq"] == {"name": "fake", "random_weights": True}
+    assert build["counts"]["rejects"] == 3
+    assert str(tmp_path) not in (out / "build.json").read_text() + (out / "rejects.jsonl").read_text()
+    splits = json.loads((out / "splits.json").read_text())["groups"]
+    assert {s.record.split for s in samples} <= {"train", "val", "test"}
+    assert all(s.record.split == splits[s.record.group] for s in samples)
+
+
+def test_run_build_is_deterministic(tmp_path, toy_root):
+    for name in ("a", "b"):
+        run_build(toy_builder(), toy_root, tmp_path / name, vq=FakeVQ(), manifest=MANIFEST)
+    for f in ("index.json", "rejects.jsonl", "splits.json", "toy-000000.tar"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+def test_assign_splits_is_stable_stratified_and_non_empty():
+    groups = [f"1BA{i:03d}" for i in range(3)] + [f"1PA{i:03d}" for i in range(3)]
+    strata = {g: g[:3] for g in groups}
+    a = assign_splits(groups, {"train": 0.7, "val": 0.1, "test": 0.2}, seed=0, strata=strata)
+    assert a == assign_splits(list(reversed(groups)), {"train": 0.7, "val": 0.1, "test": 0.2}, seed=0, strata=strata)
+    for prefix in ("1BA", "1PA"):
+        assert sorted(v for k, v in a.items() if k.startswith(prefix)) == ["test", "train", "val"]
+    big = assign_splits([f"g{i}" for i in range(1000)], {"train": 0.7, "val": 0.1, "test": 0.2})
+    assert abs(sum(v == "test" for v in big.values()) - 200) <= 1
+    assert assign_splits(["only"], None) == {"only": "train"}

@@ -1,0 +1,213 @@
+"""The ``vlhealth`` command line: demo data, builds, statistics and shard maintenance."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import json
+import pkgutil
+import sys
+import typing
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+import builders
+
+console = Console(stderr=True)
+
+app = typer.Typer(
+    name="vlhealth",
+    help=(
+        "Curate VL-Health: read upstream medical datasets in their real layouts and write sharded "
+        "WebDataset tars.\n\nExample:\n\n    vlhealth demo-data demo/raw && "
+        "vlhealth build synthrad demo/raw/SynthRAD2023 --out demo/shards/synthrad && vlhealth stats demo/shards/*"
+    ),
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_show_locals=False,
+)
+build_app = typer.Typer(
+    help="Build shards from one upstream source.\n\nExample:\n\n    vlhealth build synthrad /data/SynthRAD2023 --out shards/synthrad",
+    no_args_is_help=True,
+)
+app.add_typer(build_app, name="build")
+
+
+def _progress(description: str):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=console, transient=False)
+
+
+@app.command("demo-data")
+def demo_data(
+    out: Annotated[Path, typer.Argument(help="Folder to write the replicas into (one sub-folder per source).")],
+    source: Annotated[list[str] | None, typer.Option("--source", "-s", help="Only these sources (repeatable).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives byte-identical files.")] = 0,
+) -> None:
+    """Write small, deterministic synthetic replicas of the upstream dataset layouts.
+
+    Example:
+
+        vlhealth demo-data demo/raw --source synthrad2023 --source ixi
+    """
+    from vlhealth.demo import write_demo_data
+
+    written = write_demo_data(out, sources=source or None, seed=seed)
+    for name, path in written.items():
+        console.print(f"[green]wrote[/] {name}: {path}")
+
+
+@app.command("stats")
+def stats(
+    shards: Annotated[list[Path], typer.Argument(help="Shard folders or .tar files.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    plot: Annotated[Path | None, typer.Option(help="Write bar charts to this PNG.")] = None,
+) -> None:
+    """Count samples by task, subtask, source, split, modality, body part and answer type.
+
+    Example:
+
+        vlhealth stats shards/synthrad shards/vqa_rad --plot stats.png
+    """
+    from vlhealth.stats import compute_stats, plot_stats, render_table
+
+    result = compute_stats(shards)
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    else:
+        render_table(result, Console())
+    if plot is not None:
+        plot_stats(result, plot)
+        console.print(f"[green]wrote[/] {plot}")
+
+
+@app.command("verify")
+def verify(shards: Annotated[list[Path], typer.Argument(help="Shard folders.")]) -> None:
+    """Check every tar against the sha256 in its folder's index.json and that all samples parse.
+
+    Example:
+
+        vlhealth verify shards/synthrad
+    """
+    from vlhealth.shards import iter_samples, verify_shards
+
+    bad = 0
+    for folder in shards:
+        problems = verify_shards(folder)
+        n = sum(1 for _ in iter_samples(folder)) if not problems else 0
+        for p in problems:
+            console.print(f"[red]{folder.name}[/]: {p}")
+        bad += len(problems)
+        if not problems:
+            console.print(f"[green]ok[/] {folder.name}: {n} samples")
+    raise typer.Exit(1 if bad else 0)
+
+
+# -- builders -------------------------------------------------------------------------------------
+def builder_modules() -> dict[str, Any]:
+    """Command name -> builder module for every module in ``builders/`` that defines ``NAME``."""
+    found = {}
+    for info in sorted(pkgutil.iter_modules(builders.__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"builders.{info.name}")
+        if hasattr(module, "NAME") and hasattr(module, "process"):
+            found[info.name.replace("_", "-")] = module
+    return found
+
+
+def _option_parameters(options_cls: type) -> list[inspect.Parameter]:
+    hints = typing.get_type_hints(options_cls)
+    params = []
+    for f in dataclasses.fields(options_cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        flag = "--" + f.name.replace("_", "-")
+        decls = [flag] if hints[f.name] is not bool else [f"{flag}/--no-{f.name.replace('_', '-')}"]
+        annotation = Annotated[hints[f.name], typer.Option(*decls, help=f.metadata.get("help", ""))]
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
+    return params
+
+
+def make_build_command(name: str, module: Any):
+    generates = bool(getattr(module, "GENERATES", False))
+    common = [
+        inspect.Parameter("root", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                          annotation=Annotated[Path, typer.Argument(help="The source's root folder, in its upstream layout.")]),
+        inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY,
+                          annotation=Annotated[Path, typer.Option("--out", "-o", help="Shard folder to write.")]),
+        inspect.Parameter("seed", inspect.Parameter.KEYWORD_ONLY, default=0,
+                          annotation=Annotated[int, typer.Option(help="Seed for splits and sampling.")]),
+        inspect.Parameter("shard_size", inspect.Parameter.KEYWORD_ONLY, default=1000,
+                          annotation=Annotated[int, typer.Option(help="Maximum samples per tar.")]),
+        inspect.Parameter("shard_bytes", inspect.Parameter.KEYWORD_ONLY, default=512 * 1024 * 1024,
+                          annotation=Annotated[int, typer.Option(help="Maximum payload bytes per tar.")]),
+        inspect.Parameter("strict", inspect.Parameter.KEYWORD_ONLY, default=False,
+                          annotation=Annotated[bool, typer.Option(help="Exit non-zero if any input was refused.")]),
+    ]
+    if generates:
+        common += [
+            inspect.Parameter("vqgan", inspect.Parameter.KEYWORD_ONLY, default="tiny",
+                              annotation=Annotated[str, typer.Option(help="VQGAN weights (last.ckpt or .safetensors) or 'tiny'.")]),
+            inspect.Parameter("device", inspect.Parameter.KEYWORD_ONLY, default="cpu",
+                              annotation=Annotated[str, typer.Option(help="Device for VQ encoding (cpu, cuda).")]),
+        ]
+    own = _option_parameters(module.Options)
+
+    def command(**kwargs: Any) -> None:
+        from vlhealth.build import run_build
+
+        opts = module.Options(**{p.name: kwargs.pop(p.name) for p in own})
+        vq = None
+        if generates:
+            from vlhealth.vq import load_vq
+
+            vq = load_vq(kwargs.pop("vqgan"), device=kwargs.pop("device"))
+        with _progress(f"build {name}") as bar:
+            task = bar.add_task(name, total=None)
+            summary = run_build(
+                module, kwargs["root"], kwargs["out"], options=opts, vq=vq, seed=kwargs["seed"],
+                max_count=kwargs["shard_size"], max_bytes=kwargs["shard_bytes"],
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+        console.print(
+            f"[bold]{module.NAME}[/]: {summary.samples} samples in {summary.shards} shard(s) from {summary.items} "
+            f"items, {summary.rejects} rejected, {summary.seconds:.1f}s -> {summary.out}"
+        )
+        for reason, n in sorted(summary.reject_reasons.items()):
+            console.print(f"  [yellow]rejected[/] {n} x {reason} (see rejects.jsonl)")
+        if kwargs["strict"] and summary.rejects:
+            raise typer.Exit(1)
+
+    params = common + own
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    doc = (module.__doc__ or name).strip()
+    example = getattr(module, "EXAMPLE", f"vlhealth build {name} /data/{module.NAME} --out shards/{module.NAME}")
+    command.__doc__ = f"{doc}\n\nExample:\n\n    {example}"
+    command.__name__ = f"build_{name.replace('-', '_')}"
+    return command
+
+
+for _name, _module in builder_modules().items():
+    build_app.command(_name)(make_build_command(_name, _module))
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,338 @@
+"""Sharded WebDataset tars: a deterministic, atomic writer and a defensive reader.
+
+A shard folder holds ``<prefix>-NNNNNN.tar`` files plus
+
+* ``index.json``   shard list with sample count, byte size and sha256 of each tar,
+* ``rejects.jsonl`` every input that was refused, with file and reason (written by the build runner),
+* ``build.json``   command, versions, manifest, counts (written by the build runner).
+
+Determinism: members of a sample are written in sorted order with fixed mtime/uid/gid/mode and
+empty user/group names, so the same samples in the same order give byte-identical tars.
+Atomicity: a tar is written under a hidden temporary name, fsynced and renamed; a killed build
+never leaves a ``*.tar`` that a reader would pick up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from vlhealth.schema import Sample
+
+INDEX_NAME = "index.json"
+REJECTS_NAME = "rejects.jsonl"
+BUILD_NAME = "build.json"
+INDEX_FORMAT = "vlhealth-shards/1"
+FIXED_MTIME = 946684800  # 2000-01-01T00:00:00Z: a fixed, plausible timestamp for every member
+MEMBER_MODE = 0o444
+TMP_SUFFIX = ".tmp"
+DEFAULT_MAX_COUNT = 1000
+DEFAULT_MAX_BYTES = 512 * 1024 * 1024
+
+# WebDataset's grouping rule: the key is everything before the first dot of the basename.
+_KEY_EXT_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]+)$")
+
+
+class ShardError(ValueError):
+    """A shard that cannot be trusted; names the file (and member) and the reason."""
+
+    def __init__(self, path: os.PathLike | str, reason: str, member: str | None = None):
+        self.path = str(path)
+        self.member = member
+        where = f"{Path(path).name}" + (f" member {member!r}" if member else "")
+        super().__init__(f"{where}: {reason}")
+
+
+@dataclass
+class ShardInfo:
+    name: str
+    samples: int
+    bytes: int
+    sha256: str
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file, fsync and rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+class _HashingFile:
+    """File wrapper that hashes and counts what tarfile writes through it."""
+
+    def __init__(self, fh: io.BufferedWriter):
+        self._fh = fh
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self._fh.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = FIXED_MTIME
+    info.mode = MEMBER_MODE
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info
+
+
+def shard_name(prefix: str, number: int) -> str:
+    return f"{prefix}-{number:06d}.tar"
+
+
+class ShardWriter:
+    """Write samples into size/count-limited tars.
+
+    >>> with ShardWriter(out, prefix="synthrad") as w:   # doctest: +SKIP
+    ...     for sample in samples:
+    ...         w.write(sample)
+    """
+
+    def __init__(
+        self,
+        out_dir: os.PathLike | str,
+        prefix: str = "shard",
+        *,
+        max_count: int = DEFAULT_MAX_COUNT,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        start_number: int = 0,
+    ):
+        if max_count < 1 or max_bytes < 1:
+            raise ValueError("max_count and max_bytes must be positive")
+        if not re.match(r"^[A-Za-z0-9_-]+$", prefix):
+            raise ValueError(f"shard prefix {prefix!r} must use only [A-Za-z0-9_-]")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.prefix = prefix
+        self.max_count = max_count
+        self.max_bytes = max_bytes
+        self.number = start_number
+        self.shards: list[ShardInfo] = []
+        self._keys: set[str] = set()
+        self._fh: io.BufferedWriter | None = None
+        self._hashing: _HashingFile | None = None
+        self._tar: tarfile.TarFile | None = None
+        self._count = 0
+        self._payload = 0
+        for stale in self.out_dir.glob(f".{prefix}-*.tar{TMP_SUFFIX}"):
+            stale.unlink()  # left by a killed build: never complete, never read
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def _open(self) -> None:
+        final = self.out_dir / shard_name(self.prefix, self.number)
+        tmp = final.with_name(f".{final.name}{TMP_SUFFIX}")
+        self._fh = open(tmp, "wb")
+        self._hashing = _HashingFile(self._fh)
+        self._tar = tarfile.open(fileobj=self._hashing, mode="w", format=tarfile.PAX_FORMAT)  # type: ignore[arg-type]
+        self._count = 0
+        self._payload = 0
+
+    def _finish(self) -> None:
+        assert self._tar is not None and self._fh is not None and self._hashing is not None
+        self._tar.close()
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        final = self.out_dir / shard_name(self.prefix, self.number)
+        os.replace(final.with_name(f".{final.name}{TMP_SUFFIX}"), final)
+        fsync_dir(self.out_dir)
+        self.shards.append(ShardInfo(final.name, self._count, self._hashing.size, self._hashing.sha.hexdigest()))
+        self._tar = self._fh = self._hashing = None
+        self.number += 1
+
+    def abort(self) -> None:
+        """Drop the shard being written (its temporary file is removed)."""
+        if self._fh is not None:
+            name = Path(self._fh.name)
+            self._fh.close()
+            name.unlink(missing_ok=True)
+        self._tar = self._fh = self._hashing = None
+
+    def close(self) -> list[ShardInfo]:
+        if self._tar is not None:
+            self._finish()
+        return self.shards
+
+    # -- writing ---------------------------------------------------------------------------
+    def write(self, sample: Sample) -> None:
+        self.write_members(sample.key, sample.to_members())
+
+    def write_members(self, key: str, members: dict[str, bytes]) -> None:
+        if key in self._keys:
+            raise ValueError(f"duplicate sample key {key!r}")
+        size = sum(len(v) for v in members.values())
+        if self._tar is not None and (
+            self._count >= self.max_count or (self._count and self._payload + size > self.max_bytes)
+        ):
+            self._finish()
+        if self._tar is None:
+            self._open()
+        assert self._tar is not None
+        for suffix in sorted(members):
+            data = members[suffix]
+            self._tar.addfile(_tarinfo(f"{key}.{suffix}", len(data)), io.BytesIO(data))
+        self._keys.add(key)
+        self._count += 1
+        self._payload += size
+
+
+# -- index ---------------------------------------------------------------------------------
+def write_index(out_dir: os.PathLike | str, shards: Iterable[ShardInfo], **extra: Any) -> dict[str, Any]:
+    shards = sorted(shards, key=lambda s: s.name)
+    index = {
+        "format": INDEX_FORMAT,
+        "shards": [asdict(s) for s in shards],
+        "total_samples": sum(s.samples for s in shards),
+        "total_bytes": sum(s.bytes for s in shards),
+        **extra,
+    }
+    write_json_atomic(Path(out_dir) / INDEX_NAME, index)
+    return index
+
+
+def load_index(shard_dir: os.PathLike | str) -> dict[str, Any]:
+    path = Path(shard_dir) / INDEX_NAME
+    if not path.is_file():
+        raise ShardError(path, "no index.json: not a finished shard folder")
+    try:
+        index = json.loads(path.read_text("utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ShardError(path, f"not valid JSON ({exc})") from exc
+    if index.get("format") != INDEX_FORMAT:
+        raise ShardError(path, f"unknown format {index.get('format')!r}")
+    return index
+
+
+def list_shards(source: os.PathLike | str | Iterable[os.PathLike | str]) -> list[Path]:
+    """Tar paths of a shard folder (from its index, else sorted glob), a tar, or a list of either."""
+    if isinstance(source, str | os.PathLike):
+        path = Path(source)
+        if path.is_dir():
+            if (path / INDEX_NAME).is_file():
+                return [path / s["name"] for s in load_index(path)["shards"]]
+            return sorted(path.glob("*.tar"))
+        if path.suffix == ".tar" and path.is_file():
+            return [path]
+        raise ShardError(path, "neither a shard folder nor a .tar file")
+    out: list[Path] = []
+    for item in source:
+        out.extend(list_shards(item))
+    return out
+
+
+def verify_shards(shard_dir: os.PathLike | str) -> list[str]:
+    """Problems found comparing the tars with index.json (empty list = all good)."""
+    problems = []
+    shard_dir = Path(shard_dir)
+    for entry in load_index(shard_dir)["shards"]:
+        path = shard_dir / entry["name"]
+        if not path.is_file():
+            problems.append(f"{entry['name']}: missing")
+            continue
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != entry["sha256"]:
+            problems.append(f"{entry['name']}: sha256 differs from index.json")
+    return problems
+
+
+# -- reading -------------------------------------------------------------------------------
+def check_member(path: os.PathLike | str, info: tarfile.TarInfo) -> tuple[str, str]:
+    """(key, suffix) of a safe member; refuses links, devices, absolute paths and ``..``."""
+    name = info.name
+    if not info.isfile():
+        raise ShardError(path, "not a regular file (links and devices are refused)", name)
+    posix = PurePosixPath(name)
+    if name.startswith(("/", "\\")) or posix.is_absolute() or re.match(r"^[A-Za-z]:", name):
+        raise ShardError(path, "absolute member path refused", name)
+    if ".." in posix.parts or "\\" in name:
+        raise ShardError(path, "member path escapes the archive ('..' or backslash)", name)
+    match = _KEY_EXT_RE.match(name)
+    if not match:
+        raise ShardError(path, "member name has no '<key>.<ext>' form", name)
+    return match.group(1), match.group(2)
+
+
+def iter_tar(path: os.PathLike | str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield ``(key, {suffix: bytes})`` per sample of one tar, in file order."""
+    key: str | None = None
+    members: dict[str, bytes] = {}
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for info in tar:
+                k, suffix = check_member(path, info)
+                if k != key:
+                    if key is not None:
+                        yield key, members
+                    key, members = k, {}
+                if suffix in members:
+                    raise ShardError(path, "duplicate member", info.name)
+                fh = tar.extractfile(info)
+                assert fh is not None
+                members[suffix] = fh.read()
+    except tarfile.TarError as exc:
+        raise ShardError(path, f"unreadable tar ({exc})") from exc
+    if key is not None:
+        yield key, members
+
+
+def iter_samples(source: os.PathLike | str | Iterable[os.PathLike | str]) -> Iterator[Sample]:
+    """Validated :class:`Sample` objects from shard folders or tars."""
+    for tar in list_shards(source):
+        for key, members in iter_tar(tar):
+            yield Sample.from_members(key, members)
+
+
+def iter_records(source: os.PathLike | str | Iterable[os.PathLike | str]) -> Iterator[tuple[str, dict, dict[str, int]]]:
+    """Cheap pass for statistics: ``(key, json record, {suffix: size})`` without decoding images."""
+    for tar in list_shards(source):
+        for key, members in iter_tar(tar):
+            if "json" not in members:
+                raise ShardError(tar, "sample without json member", key)
+            yield key, json.loads(members["json"]), {k: len(v) for k, v in members.items()}
