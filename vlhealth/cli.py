@@ -116,6 +116,34 @@ def verify(shards: Annotated[list[Path], typer.Argument(help="Shard folders.")])
     raise typer.Exit(1 if bad else 0)
 
 
+@app.command("publish")
+def publish_cmd(
+    shards: Annotated[list[Path], typer.Argument(help="Shard folders written by `vlhealth build`.")],
+    repo_id: Annotated[str, typer.Option("--repo-id", help="Hub dataset repository, e.g. my-org/vl-health.")],
+    public: Annotated[bool, typer.Option(help="Create the repository public (default private).")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Check and list what would be uploaded; upload nothing.")] = False,
+) -> None:
+    """Upload shard folders and a dataset card to the Hugging Face Hub (credentialed sources are refused).
+
+    Example:
+
+        vlhealth publish shards/synthrad shards/vqa_rad --repo-id my-org/vl-health --dry-run
+    """
+    from vlhealth.publish import PublishError, publish
+
+    try:
+        plan = publish(shards, repo_id, private=not public, dry_run=dry_run)
+    except PublishError as exc:
+        console.print(f"[red]refused[/]: {exc}")
+        raise typer.Exit(2) from exc
+    size = sum(src.stat().st_size for src, _ in plan.files)
+    verb = "would upload" if dry_run else "uploaded"
+    console.print(f"{verb} {len(plan.files)} files ({size / 1e6:.1f} MB) + README.md to {repo_id}")
+    if dry_run:
+        for _src, dst in plan.files:
+            console.print(f"  {dst}")
+
+
 # -- builders -------------------------------------------------------------------------------------
 def builder_modules() -> dict[str, Any]:
     """Command name -> builder module for every module in ``builders/`` that defines ``NAME``."""
