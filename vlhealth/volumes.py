@@ -166,17 +166,16 @@ def _relative_source(path: Path, root: Path | None) -> str:
         raise VolumeError(path.name, f"is not inside the source root {root.name!r}") from exc
 
 
-def _check_nifti_complete(path: Path, shown: str) -> None:
-    """NIfTI readers (ITK included) silently zero-fill truncated data: check the bytes are there."""
+def _check_nifti(path: Path, shown: str, check_finite: bool) -> None:
+    """Checks ITK's NIfTI reader cannot do: it zero-fills truncated data and turns NaN into 0."""
     import nibabel as nib
 
     try:
-        header = nib.load(str(path)).header
+        proxy = nib.load(str(path)).dataobj  # header only; the proxy knows offset, shape, dtype
+        offset, shape, dtype = int(proxy.offset), tuple(proxy.shape), np.dtype(proxy.dtype)
     except Exception as exc:  # nibabel raises several types for corrupt headers
         raise VolumeError(shown, f"unreadable NIfTI header ({_short(exc)})") from exc
-    shape = header.get_data_shape()
-    itemsize = np.dtype(header.get_data_dtype()).itemsize
-    expected = int(header.get_data_offset()) + int(np.prod(shape, dtype=np.int64)) * itemsize
+    expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if str(path).lower().endswith(".gz"):
         actual = 0
         try:
@@ -191,6 +190,10 @@ def _check_nifti_complete(path: Path, shown: str) -> None:
         actual = path.stat().st_size
     if actual < expected:
         raise VolumeError(shown, f"truncated data: {actual} bytes, header needs {expected}")
+    if check_finite and dtype.kind == "f":
+        bad = int(np.count_nonzero(~np.isfinite(np.asarray(proxy.get_unscaled()))))
+        if bad:
+            raise VolumeError(shown, f"{bad} non-finite (NaN/Inf) voxels")
 
 
 def _short(exc: BaseException) -> str:
@@ -288,6 +291,9 @@ def read_volume(
 
     A folder must hold one DICOM series, or ``series_uid`` must pick one.
 
+    Note: ITK's NIfTI reader turns NaN voxels into 0, so for NIfTI the finiteness check reads the
+    raw data with nibabel; with ``check_finite=False`` NaNs in NIfTI files arrive as 0.
+
     Raises :class:`VolumeError` naming the file and the reason for: a missing or unreadable file,
     truncated gzip or data, non-finite voxels (when ``check_finite``), a 2D image or a volume
     with a single slice (when ``require_3d``), 4D images, and a volume holding a single value
@@ -307,7 +313,7 @@ def read_volume(
         if suffix is None:
             raise VolumeError(shown, f"unsupported file type (expected one of {', '.join(VOLUME_SUFFIXES)})")
         if suffix in (".nii", ".nii.gz"):
-            _check_nifti_complete(p, shown)
+            _check_nifti(p, shown, check_finite)
         try:
             image = sitk.ReadImage(str(p))
         except RuntimeError as exc:
