@@ -67,6 +67,7 @@ class Anatomy:
     labels: np.ndarray  # (z, y, x) uint8
     region: str  # "head", "pelvis", "chest"
     lesions: list[Lesion] = field(default_factory=list)
+    lesion_voxels: list[int] = field(default_factory=list)  # voxels painted per lesion
 
 
 def random_pose(rng: np.random.Generator, scale_jitter: float = 0.08, yaw_deg: float = 10.0,
@@ -112,11 +113,16 @@ def _inside(u: tuple[np.ndarray, np.ndarray, np.ndarray], center: Sequence[float
 
 
 def _paint_lesions(labels: np.ndarray, u: tuple[np.ndarray, np.ndarray, np.ndarray],
-                   lesions: Sequence[Lesion], within: Sequence[int]) -> None:
+                   lesions: Sequence[Lesion], within: Sequence[int]) -> list[int]:
+    """Paint lesions into their host tissues; returns how many voxels each one got."""
     host = np.isin(labels, within)
+    painted: list[int] = []
     for lesion in lesions:
         r = lesion.radius
-        labels[_inside(u, lesion.center, (r, r, r)) & host] = LESION
+        region = _inside(u, lesion.center, (r, r, r)) & host
+        labels[region] = LESION
+        painted.append(int(np.count_nonzero(region)))
+    return painted
 
 
 def head(shape: Sequence[int], spacing: Sequence[float], pose: Pose = Pose(),
@@ -131,8 +137,8 @@ def head(shape: Sequence[int], spacing: Sequence[float], pose: Pose = Pose(),
     for side in (-1, 1):
         labels[_inside(u, (side * 0.12, -0.02, 0.1), (0.08, 0.26, 0.16))] = CSF
     labels[_inside(u, (0, -0.84, 0.2), (0.16, 0.05, 0.12))] = AIR  # frontal sinus
-    _paint_lesions(labels, u, lesions, (WM, GM))
-    return Anatomy(labels, "head", list(lesions))
+    painted = _paint_lesions(labels, u, lesions, (WM, GM))
+    return Anatomy(labels, "head", list(lesions), painted)
 
 
 def pelvis(shape: Sequence[int], spacing: Sequence[float], pose: Pose = Pose(),
@@ -149,8 +155,8 @@ def pelvis(shape: Sequence[int], spacing: Sequence[float], pose: Pose = Pose(),
     b = float(np.clip(bladder_fill, 0.4, 1.4))
     labels[_inside(u, (0, -0.24, -0.1), (0.2 * b, 0.18 * b, 0.28 * b))] = FLUID  # bladder
     labels[_inside(u, (0, 0.3, -0.1), (0.07, 0.06, 0.6))] = AIR  # rectal gas
-    _paint_lesions(labels, u, lesions, (SOFT,))
-    return Anatomy(labels, "pelvis", list(lesions))
+    painted = _paint_lesions(labels, u, lesions, (SOFT,))
+    return Anatomy(labels, "pelvis", list(lesions), painted)
 
 
 def chest(shape: Sequence[int], spacing: Sequence[float], pose: Pose = Pose(),
@@ -166,8 +172,8 @@ def chest(shape: Sequence[int], spacing: Sequence[float], pose: Pose = Pose(),
     x, y, z = u
     shell = _inside(u, (0, 0, 0), (0.86, 0.58, 0.95)) & ~_inside(u, (0, 0, 0), (0.8, 0.52, 0.95))
     labels[shell & (np.cos(z * 14.0) > 0.55)] = BONE  # ribs
-    _paint_lesions(labels, u, lesions, (LUNG,))
-    return Anatomy(labels, "chest", list(lesions))
+    painted = _paint_lesions(labels, u, lesions, (LUNG,))
+    return Anatomy(labels, "chest", list(lesions), painted)
 
 
 REGIONS = {"head": head, "pelvis": pelvis, "chest": chest}
@@ -320,7 +326,7 @@ def stored_orientation(
 
 
 # Display windows (level, width) for 2D renderings.
-_CT_DISPLAY = {"head": (40.0, 120.0), "pelvis": (40.0, 400.0), "chest": (-500.0, 1500.0)}
+_CT_DISPLAY = {"head": (40.0, 120.0), "pelvis": (50.0, 250.0), "chest": (-500.0, 1500.0)}
 
 SCAN_KINDS = ("ct_head", "mr_head", "ct_pelvis", "xray_chest")
 
@@ -347,6 +353,28 @@ def scan_2d(rng: np.random.Generator, kind: str, n_lesions: int, size: tuple[int
     if kind not in SCAN_KINDS:
         raise ValueError(f"kind must be one of {SCAN_KINDS}, got {kind!r}")
     rows, cols = size
+    # Redraw until every lesion is clearly visible and separate, so that the answers
+    # ("is there a lesion", "how many", "which side") are true of the pixels.
+    for _ in range(50):
+        scan, anat = _draw_scan(rng, kind, n_lesions, rows, cols)
+        if _lesions_ok(anat, min_voxels=12 if kind == "xray_chest" else 40):
+            return scan
+    raise RuntimeError(f"could not place {n_lesions} visible lesions in a {kind} image")
+
+
+def _lesions_ok(anat: Anatomy, min_voxels: int) -> bool:
+    if any(n < min_voxels for n in anat.lesion_voxels):
+        return False
+    for i, a in enumerate(anat.lesions):
+        for b in anat.lesions[i + 1:]:
+            gap = float(np.linalg.norm(np.subtract(a.center, b.center)))
+            if gap < a.radius + b.radius + 0.08:
+                return False
+    return True
+
+
+def _draw_scan(rng: np.random.Generator, kind: str, n_lesions: int, rows: int, cols: int
+               ) -> tuple[Scan2D, Anatomy]:
     pose = random_pose(rng, pitch_deg=0.0)
     if kind == "xray_chest":
         lesions = random_lesions(rng, "chest", n_lesions, radius=(0.08, 0.12))
@@ -356,7 +384,7 @@ def scan_2d(rng: np.random.Generator, kind: str, n_lesions: int, size: tuple[int
         from skimage.transform import resize
 
         image = resize(proj, (rows, cols), order=1, mode="edge", anti_aliasing=False)
-        return Scan2D(to_uint8(image, 0.0, 1.0), kind, "X-ray", "chest", "coronal", lesions)
+        return Scan2D(to_uint8(image, 0.0, 1.0), kind, "X-ray", "chest", "coronal", lesions), anat
     region = "head" if kind.endswith("head") else "pelvis"
     z = float(rng.uniform(-0.05, 0.15))
     lesions = random_lesions(rng, region, n_lesions, z=z)
@@ -371,4 +399,4 @@ def scan_2d(rng: np.random.Generator, kind: str, n_lesions: int, size: tuple[int
         mr = render_mr(anat.labels, rng, "T2")[0]
         image = to_uint8(mr, 0.0, float(np.percentile(mr, 99.5)))
         modality = "MRI"
-    return Scan2D(image, kind, modality, region, "axial", lesions)
+    return Scan2D(image, kind, modality, region, "axial", lesions), anat
