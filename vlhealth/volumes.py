@@ -93,7 +93,7 @@ class VolumeError(ValueError):
         super().__init__(f"{self.path}: {reason}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Volume:
     """A 3D image in canonical LPS orientation; see the module docstring for the conventions."""
 
@@ -467,7 +467,7 @@ def slice_volume(
     else:
         image = vol.array[:, :, index][::-1]
         spacing = (sz, sy)
-    image = np.ascontiguousarray(image)
+    image = np.array(image, copy=True, order="C")  # never a view into the volume
     if not square_pixels or np.isclose(spacing[0], spacing[1], rtol=1e-4):
         return image, (float(spacing[0]), float(spacing[1]))
     fine = min(spacing)
