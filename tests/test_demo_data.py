@@ -281,3 +281,13 @@ def test_restricted_unpickler_refuses_globals() -> None:
     evil = pickle.dumps([{"image": "x", "f": Path("a")}])
     with pytest.raises(pickle.UnpicklingError, match="forbidden"):
         _BuiltinsOnly(io.BytesIO(evil)).load()
+
+
+def test_ixi_falls_back_to_csv_without_xlwt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "xlwt", None)  # makes `import xlwt` raise ImportError
+    root = write_demo_data(tmp_path, ["ixi"])["ixi"]
+    assert not (root / "IXI.xls").exists()
+    lines = (root / "IXI.csv").read_text(encoding="utf-8").splitlines()
+    assert lines[0].startswith("IXI_ID,") and len(lines) >= 6
