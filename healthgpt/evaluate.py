@@ -1,0 +1,600 @@
+"""The evaluation runner behind ``healthgpt eval``: batched greedy decoding, resumable, sharded.
+
+Flow (one process, or one per GPU under ``torchrun``):
+
+1. Samples are read in shard order from one or more shard folders, filtered by ``split``
+   (default ``test``) and cut at ``limit``. Sample *i* of that stream belongs to rank
+   ``i % world_size``.
+2. Each rank groups its samples by task into fixed batches (comprehension and generation are never
+   mixed: the task picks the H-LoRA plugin and the visual features). Batches are formed from the
+   rank's whole stream before skipping finished samples, so a resumed run decodes exactly the
+   batches an uninterrupted one would (same padding, same numbers).
+3. Comprehension: the prompt is the first human turn in the model's chat template; the answer is
+   greedy (KV cache) up to a stop token or ``max_new_tokens``. Generation: the prompt ends with
+   ``<start_index>``; the 1024 image tokens are parsed (malformed sequences are repaired and
+   counted), decoded by the VQGAN and scored against the 8-bit target (SSIM/PSNR/MSE, LPIPS when
+   weights are given, SynthRAD HU metrics for CT targets that carry their 16-bit reference), and
+   against the VQGAN's own reconstruction of the target (the tokenizer's ceiling).
+4. Every finished sample is appended, as one JSON line, to ``OUT/predictions/part-rNNN.jsonl``
+   (flushed and fsynced per batch). A rerun with the same ``OUT`` skips every key found in any part
+   file (a torn last line from a killed run is discarded), so an interrupted eval continues where
+   it stopped, even with a different number of ranks.
+5. When all ranks are done (a ``torch.distributed`` barrier under ``torchrun``), rank 0 merges the
+   parts into ``OUT/predictions.jsonl`` (sorted by key) and writes the report
+   (:mod:`healthgpt.report`): ``report.json``, ``report.md`` and ``grids/*.png``.
+
+``OUT/eval_config.json`` records what the predictions were made with; resuming with a different
+model, checkpoint, VQGAN or decoding setting is refused (use a new ``--out``).
+
+Public API::
+
+    EvalConfig(shards, out, preset="tiny", checkpoint=None, ...)
+    run_evaluation(config, *, model=None, vq=None, lpips=None) -> EvalResult
+    read_predictions(out_dir) -> dict[key, record]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from healthgpt.metrics.image import image_metrics, synthrad_metrics, to_hu
+from vlhealth.schema import IMAGE_TOKEN, Sample, decode_image, load_npy
+from vlhealth.shards import iter_tar, list_shards, write_atomic
+
+__all__ = [
+    "CONFIG_NAME",
+    "PREDICTIONS_NAME",
+    "EvalConfig",
+    "EvalError",
+    "EvalResult",
+    "hu_reference",
+    "read_predictions",
+    "run_evaluation",
+]
+
+log = logging.getLogger(__name__)
+
+PREDICTIONS_DIR = "predictions"
+PREDICTIONS_NAME = "predictions.jsonl"
+CONFIG_NAME = "eval_config.json"
+RUN_NAME = "run.json"
+# Fields of eval_config.json that must match for a run to resume another's predictions.
+_RESUME_FIELDS = ("preset", "checkpoint", "released", "vq", "split", "max_new_tokens", "max_image_tokens",
+                  "constrained_images", "template", "overrides")
+
+
+class EvalError(RuntimeError):
+    """An evaluation that cannot run (bad shards, incompatible resume, nothing to evaluate)."""
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate and how. Paths may be relative; nothing absolute reaches the outputs."""
+
+    shards: Sequence[os.PathLike | str]
+    out: os.PathLike | str
+    preset: str = "tiny"
+    checkpoint: os.PathLike | str | None = None
+    released: os.PathLike | str | None = None
+    vq: str = "tiny"
+    split: str | None = "test"
+    limit: int | None = None
+    batch_size: int = 8
+    max_new_tokens: int = 128
+    max_image_tokens: int | None = None  # None: 1024 codes + end token (+ slack when unconstrained)
+    constrained_images: bool = False
+    lpips_weights: Sequence[os.PathLike | str] = ()
+    grids_per_task: int = 4
+    device: str = "auto"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    max_batches: int | None = None  # stop this run after N batches (tests; a resumable partial run)
+    progress: bool = False
+
+
+@dataclass
+class EvalResult:
+    out: Path
+    complete: bool
+    n_new: int
+    n_total: int
+    report: dict[str, Any] | None = None
+    seconds: float = 0.0
+
+
+# -------------------------------------------------------------------------------- distributed
+
+
+def _dist_info() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torch.distributed or the torchrun environment."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return rank, world, int(os.environ.get("LOCAL_RANK", rank))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    return rank, world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _init_dist(world: int) -> bool:
+    """Join the torchrun process group (gloo: it is only used for barriers). True if we created it."""
+    if world <= 1 or not torch.distributed.is_available() or torch.distributed.is_initialized():
+        return False
+    # Ranks finish decoding at different times; the barrier must outwait the slowest one.
+    torch.distributed.init_process_group("gloo", timeout=timedelta(hours=24))
+    return True
+
+
+def _barrier(world: int) -> None:
+    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _device(spec: str, local_rank: int) -> str:
+    if spec == "auto":
+        return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    if spec == "cuda" and torch.cuda.is_available():
+        return f"cuda:{local_rank}"
+    return spec
+
+
+# -------------------------------------------------------------------------------- predictions
+
+
+def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    with open(path, "rb") as fh:
+        data = fh.read()
+    lines = data.split(b"\n")
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError as exc:
+            if i == len(lines) - 1:  # a torn last line from a killed run: that sample is redone
+                log.warning("%s: dropping an incomplete last line", path.name)
+                return
+            raise EvalError(f"{path.name} line {i + 1}: not valid JSON ({exc})") from exc
+
+
+def read_predictions(out_dir: os.PathLike | str) -> dict[str, dict[str, Any]]:
+    """Every finished prediction of ``out_dir`` by key (from the part files; first one wins)."""
+    out: dict[str, dict[str, Any]] = {}
+    pdir = Path(out_dir) / PREDICTIONS_DIR
+    for part in sorted(pdir.glob("part-r*.jsonl")) if pdir.is_dir() else []:
+        for rec in _read_jsonl(part):
+            out.setdefault(rec["key"], rec)
+    return out
+
+
+class _PartWriter:
+    """Append-only JSONL of one rank; repairs a torn last line before appending."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            data = path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                keep = data.rfind(b"\n") + 1
+                with open(path, "r+b") as fh:
+                    fh.truncate(keep)
+        self.fh = open(path, "a", encoding="utf-8")
+
+    def write(self, records: Sequence[dict[str, Any]]) -> None:
+        for rec in records:
+            self.fh.write(json.dumps(rec, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n")
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+# -------------------------------------------------------------------------------- samples
+
+
+def _record_json(members: dict[str, bytes]) -> dict[str, Any] | None:
+    raw = members.get("json")
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def _iter_members(shards: Sequence[os.PathLike | str], split: str | None) -> Iterator[tuple[str, dict[str, bytes], dict]]:
+    """(key, members, record json) of every sample of the wanted split, in shard order."""
+    tars = list_shards(list(shards))
+    if not tars:
+        raise EvalError(f"no shards found in {', '.join(Path(s).name for s in shards)}")
+    for tar in tars:
+        for key, members in iter_tar(tar):
+            rec = _record_json(members)
+            if rec is None:
+                raise EvalError(f"{tar.name}: sample {key!r} has no readable json member")
+            if split is not None and rec.get("split") != split:
+                continue
+            yield key, members, rec
+
+
+def _plan(config: EvalConfig, rank: int, world: int) -> tuple[list[list[tuple[str, dict[str, bytes]]]], int, list[str]]:
+    """This rank's batches (fixed, see the module docstring), the global sample count and all keys."""
+    pending: dict[str, list[tuple[str, dict[str, bytes]]]] = {"comprehension": [], "generation": []}
+    batches: list[list[tuple[str, dict[str, bytes]]]] = []
+    all_keys: list[str] = []
+    seen: set[str] = set()
+    for i, (key, members, rec) in enumerate(_iter_members(config.shards, config.split)):
+        if config.limit is not None and i >= config.limit:
+            break
+        if key in seen:
+            raise EvalError(f"sample key {key!r} occurs twice in the evaluated shards")
+        seen.add(key)
+        all_keys.append(key)
+        if i % world != rank:
+            continue
+        task = rec.get("task")
+        if task not in pending:
+            raise EvalError(f"sample {key!r}: unknown task {task!r}")
+        pending[task].append((key, members))
+        if len(pending[task]) == config.batch_size:
+            batches.append(pending[task])
+            pending[task] = []
+    batches.extend(b for b in pending.values() if b)
+    return batches, len(all_keys), all_keys
+
+
+# -------------------------------------------------------------------------------- references
+
+
+def _image_array(data: bytes | np.ndarray) -> np.ndarray:
+    return data if isinstance(data, np.ndarray) else decode_image(data)
+
+
+def _json_member(sample: Sample, *names: str) -> dict[str, Any] | None:
+    for name in names:
+        if name in sample.extras:
+            try:
+                return json.loads(sample.extras[name])
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                return None
+    return None
+
+
+def hu_reference(sample: Sample) -> tuple[np.ndarray, np.ndarray | None, tuple[float, float]] | None:
+    """(reference in HU, body mask or None, the target's 8-bit window) for CT targets, else None.
+
+    Eval splits of the SynthRAD2023 builder keep the target slice at 16 bits with its window and
+    the body mask as extra members. The 16-bit slice holds the window linearly
+    (``0 -> lo``, ``65535 -> hi``) unless a ``scale``/``offset`` pair says otherwise; an int16
+    ``.npy`` holds HU directly.
+    """
+    ex = sample.extras
+    ref_name = next((n for n in ("reference.npy", "reference16.png", "reference.png", "target16.png",
+                                 "target_hu.npy") if n in ex), None)
+    if ref_name is None:
+        return None
+    meta = _json_member(sample, "reference.json", "window.json", "reference_window.json") or {}
+    prov = sample.record.provenance or {}
+    window = meta.get("window") or prov.get("window") or prov.get("target_window")
+    if isinstance(window, dict):
+        window = (window.get("lo", window.get("min")), window.get("hi", window.get("max")))
+    if not window or len(window) != 2 or any(w is None for w in window):
+        raise EvalError(f"sample {sample.key!r}: {ref_name} has no window (lo, hi) to map it to HU")
+    lo, hi = float(window[0]), float(window[1])
+    raw = load_npy(ex[ref_name]) if ref_name.endswith(".npy") else decode_image(ex[ref_name])
+    raw = np.asarray(raw)
+    if "scale" in meta or "offset" in meta:
+        hu = raw.astype(np.float64) * float(meta.get("scale", 1.0)) + float(meta.get("offset", 0.0))
+    elif raw.dtype == np.uint16:
+        hu = lo + raw.astype(np.float64) / 65535.0 * (hi - lo)
+    elif raw.dtype == np.uint8:
+        hu = lo + raw.astype(np.float64) / 255.0 * (hi - lo)
+    else:  # signed integers or floats: already HU
+        hu = raw.astype(np.float64)
+    mask = None
+    for name in ("mask.png", "body_mask.png", "mask.npy", "body_mask.npy"):
+        if name in ex:
+            mask = load_npy(ex[name]) if name.endswith(".npy") else decode_image(ex[name])
+            mask = np.asarray(mask) > 0
+            break
+    return hu, mask, (lo, hi)
+
+
+def _is_ct_target(rec: dict[str, Any]) -> bool:
+    return rec.get("subtask") == "mri2ct"
+
+
+# -------------------------------------------------------------------------------- runner
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def _metrics_json(m: dict[str, float]) -> dict[str, float | None]:
+    return {k: _finite(v) for k, v in m.items()}
+
+
+def _fingerprint(path: os.PathLike | str | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.is_file())
+        return {"name": p.name, "files": {f.name: f.stat().st_size for f in files}}
+    if not p.is_file():
+        raise EvalError(f"{p.name}: checkpoint not found")
+    h = hashlib.sha256()
+    with open(p, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return {"name": p.name, "sha256": h.hexdigest()}
+
+
+class _Runner:
+    def __init__(self, config: EvalConfig, model: Any, vq: Any, lpips: Any) -> None:
+        self.config = config
+        self.model = model
+        self.vq = vq
+        self.lpips = lpips
+        from healthgpt.conversation import encode_prompt
+        from healthgpt.model import stop_token_ids_for
+
+        self._encode_prompt = encode_prompt
+        self.stops = stop_token_ids_for(model)
+
+    def _prompt(self, sample: Sample, task: str) -> tuple[list[int], str]:
+        conv = sample.record.conversations
+        question = conv[0]["value"]
+        ids = self._encode_prompt(self.model.tokenizer, question, template=self.model.template,
+                                  image=sample.input_image is not None and IMAGE_TOKEN in question, task=task)
+        return ids, question
+
+    def _batch_inputs(self, samples: list[Sample], task: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[str]]:
+        prompts = [self._prompt(s, task) for s in samples]
+        n = max(len(p) for p, _ in prompts)
+        pad = self.model.pad_token_id
+        ids = torch.full((len(samples), n), pad, dtype=torch.long)
+        mask = torch.zeros((len(samples), n), dtype=torch.long)
+        for i, (p, _) in enumerate(prompts):  # left padding: every prompt ends at the last column
+            ids[i, n - len(p):] = torch.tensor(p)
+            mask[i, n - len(p):] = 1
+        images = [_image_array(s.input_image) for s in samples if s.input_image is not None
+                  and IMAGE_TOKEN in s.record.conversations[0]["value"]]
+        pixel_values = self.model.vision.preprocess(images).to(self.model.device) if images else None
+        return ids, mask, pixel_values, [q for _, q in prompts]
+
+    def comprehension(self, samples: list[Sample]) -> list[dict[str, Any]]:
+        ids, mask, pixel_values, questions = self._batch_inputs(samples, "comprehension")
+        out = self.model.generate(ids, mask, pixel_values, task="comprehension",
+                                  max_new_tokens=self.config.max_new_tokens, stop_token_ids=self.stops)
+        stops = set(self.stops)
+        records = []
+        for sample, row, question in zip(samples, out.tolist(), questions, strict=True):
+            cut = next((i for i, t in enumerate(row) if t in stops), None)
+            answer_ids = row if cut is None else row[:cut]
+            text = self.model.tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
+            rec = sample.record
+            records.append({
+                "key": sample.key, "task": rec.task, "subtask": rec.subtask, "source": rec.source,
+                "split": rec.split, "answer_type": rec.answer_type, "options": rec.options,
+                "modality": rec.modality, "body_part": rec.body_part,
+                "question": question.replace(IMAGE_TOKEN, "").strip(),
+                "reference": rec.conversations[-1]["value"], "prediction": text,
+                "n_tokens": len(answer_ids), "hit_max_new_tokens": cut is None,
+            })
+        return records
+
+    def generation(self, samples: list[Sample]) -> list[dict[str, Any]]:
+        ids, mask, pixel_values, questions = self._batch_inputs(samples, "generation")
+        kwargs: dict[str, Any] = {"constrained": self.config.constrained_images}
+        if self.config.max_image_tokens is not None:
+            kwargs["max_new_tokens"] = self.config.max_image_tokens
+        codes, reports = self.model.generate_image_tokens(ids, mask, pixel_values, **kwargs)
+        preds = self.vq.decode(codes)
+        targets = [s.target for s in samples]
+        vq_rows = [i for i, s in enumerate(samples) if s.target_vq is not None]
+        recon = self.vq.decode(np.stack([samples[i].target_vq for i in vq_rows])) if vq_rows else None
+        recon_of = {i: recon[j] for j, i in enumerate(vq_rows)} if recon is not None else {}
+        for i, t in enumerate(targets):
+            if t is None:  # a target known only by its codes: score against their decoding
+                targets[i] = recon_of[i]
+        records = []
+        for i, sample in enumerate(samples):
+            rec = sample.record
+            target = targets[i]
+            metrics = image_metrics(preds[i], target)
+            if self.lpips is not None:
+                metrics["lpips"] = self.lpips.distance_uint8(preds[i], target)
+            hu: dict[str, float] = {}
+            if _is_ct_target(rec.to_json()):
+                ref = hu_reference(sample)
+                if ref is not None:
+                    gt_hu, body, window = ref
+                    pred_hu = to_hu(preds[i], window)
+                    if pred_hu.shape != gt_hu.shape:
+                        raise EvalError(f"sample {sample.key!r}: HU reference {gt_hu.shape} does not match "
+                                        f"the {pred_hu.shape} prediction")
+                    hu = synthrad_metrics(gt_hu, pred_hu, body)
+            ceiling = None
+            if i in recon_of and sample.target is not None:
+                ceiling = _metrics_json(image_metrics(recon_of[i], sample.target))
+            rep = reports[i]
+            records.append({
+                "key": sample.key, "task": rec.task, "subtask": rec.subtask, "source": rec.source,
+                "split": rec.split, "modality": rec.modality, "body_part": rec.body_part,
+                "question": questions[i].replace(IMAGE_TOKEN, "").strip(),
+                "codes": [int(c) for c in codes[i]],
+                "tokens_ok": bool(rep.ok), "token_notes": list(rep.notes),
+                "metrics": _metrics_json(metrics), "hu_metrics": _metrics_json(hu) if hu else None,
+                "vq_ceiling": ceiling,
+            })
+        return records
+
+
+def _load_components(config: EvalConfig, device: str, model: Any, vq: Any, lpips: Any) -> tuple[Any, Any, Any]:
+    if model is None:
+        from healthgpt.infer import load_model
+
+        model = load_model(config.preset, checkpoint=config.checkpoint, released=config.released,
+                           device=device, **config.overrides)
+    model.eval()
+    if vq is None:
+        from vlhealth.vq import load_vq
+
+        vq = load_vq(config.vq, device=device)
+    if lpips is None and config.lpips_weights:
+        from healthgpt.metrics.image import load_lpips
+
+        lpips = load_lpips(config.lpips_weights, device=device)
+    return model, vq, lpips
+
+
+def _config_record(config: EvalConfig, model: Any, vq: Any, lpips: Any) -> dict[str, Any]:
+    return {
+        "format": "healthgpt-eval-config/1",
+        "shards": [Path(s).name for s in config.shards],
+        "preset": config.preset,
+        "checkpoint": _fingerprint(config.checkpoint),
+        "released": _fingerprint(config.released),
+        "template": getattr(model, "template", None),
+        "vq": vq.describe() if hasattr(vq, "describe") else str(config.vq),
+        "split": config.split,
+        "limit": config.limit,
+        "batch_size": config.batch_size,
+        "max_new_tokens": config.max_new_tokens,
+        "max_image_tokens": config.max_image_tokens,
+        "constrained_images": config.constrained_images,
+        "lpips": [Path(p).name for p in config.lpips_weights] if lpips is not None else None,
+        "overrides": {k: str(v) if isinstance(v, os.PathLike) else v for k, v in config.overrides.items()
+                      if k not in ("llm_path", "clip_path")},
+    }
+
+
+def _check_resume(out: Path, current: dict[str, Any]) -> None:
+    path = out / CONFIG_NAME
+    if not path.is_file():
+        return
+    try:
+        previous = json.loads(path.read_text("utf-8"))
+    except json.JSONDecodeError as exc:
+        raise EvalError(f"{CONFIG_NAME} in the output folder is not valid JSON ({exc})") from exc
+    for name in _RESUME_FIELDS:
+        if previous.get(name) != current.get(name):
+            raise EvalError(
+                f"the predictions in {out.name}/ were made with a different {name!r} "
+                f"({previous.get(name)!r} vs now {current.get(name)!r}); use a new --out folder")
+
+
+def run_evaluation(config: EvalConfig, *, model: Any = None, vq: Any = None, lpips: Any = None) -> EvalResult:
+    """Evaluate (or resume evaluating) ``config.shards``; rank 0 writes the report when all is done.
+
+    ``model``/``vq``/``lpips`` may be passed pre-built (tests, notebooks); otherwise they are built
+    from ``config`` on this rank's device.
+    """
+    t0 = time.perf_counter()
+    rank, world, local_rank = _dist_info()
+    _init_dist(world)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = _device(config.device, local_rank)
+    model, vq, lpips = _load_components(config, device, model, vq, lpips)
+    cfg_record = _config_record(config, model, vq, lpips)
+    _check_resume(out, cfg_record)
+    _barrier(world)
+    if rank == 0:
+        from vlhealth.shards import write_json_atomic
+
+        write_json_atomic(out / CONFIG_NAME, cfg_record)
+
+    batches, n_total, all_keys = _plan(config, rank, world)
+    if n_total == 0:
+        raise EvalError(f"no samples of split {config.split!r} in the given shards")
+    done = set(read_predictions(out))
+    todo = [[(k, m) for k, m in b if k not in done] for b in batches]
+    todo = [b for b in todo if b]
+    runner = _Runner(config, model, vq, lpips)
+    writer = _PartWriter(out / PREDICTIONS_DIR / f"part-r{rank:03d}.jsonl")
+    n_new = 0
+    stopped = False
+    progress = _progress(config.progress and rank == 0, sum(len(b) for b in todo))
+    try:
+        for bi, batch in enumerate(todo):
+            if config.max_batches is not None and bi >= config.max_batches:
+                stopped = True
+                break
+            samples = [Sample.from_members(k, m) for k, m in batch]
+            task = samples[0].record.task
+            with torch.inference_mode():
+                records = runner.comprehension(samples) if task == "comprehension" else runner.generation(samples)
+            writer.write(records)
+            n_new += len(records)
+            progress(len(records))
+    finally:
+        writer.close()
+        progress(None)
+    _barrier(world)
+    result = EvalResult(out=out, complete=False, n_new=n_new, n_total=n_total)
+    if rank != 0:
+        result.seconds = time.perf_counter() - t0
+        return result
+    predictions = read_predictions(out)
+    missing = [k for k in all_keys if k not in predictions]
+    if missing or stopped:
+        result.seconds = time.perf_counter() - t0
+        log.info("evaluation partial: %d of %d samples predicted; rerun to continue", n_total - len(missing), n_total)
+        return result
+    ordered = [predictions[k] for k in sorted(all_keys)]
+    write_atomic(out / PREDICTIONS_NAME,
+                 "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in ordered).encode("utf-8"))
+    from healthgpt.report import write_report
+
+    result.report = write_report(out, ordered, cfg_record, shards=config.shards, vq=vq,
+                                 grids_per_task=config.grids_per_task,
+                                 lpips_status=_lpips_status(config, lpips))
+    result.complete = True
+    result.seconds = time.perf_counter() - t0
+    from vlhealth.shards import write_json_atomic
+
+    write_json_atomic(out / RUN_NAME, {"seconds_this_run": round(result.seconds, 3), "new_predictions": n_new,
+                                       "total_predictions": n_total, "world_size": world, "device": device,
+                                       "config": {k: v for k, v in asdict(config).items()
+                                                  if k in ("batch_size", "limit", "max_batches", "device")}})
+    return result
+
+
+def _lpips_status(config: EvalConfig, lpips: Any) -> str:
+    if lpips is None:
+        return "not computed: no --lpips-weights given (LPIPS needs local AlexNet and lpips v0.1 weights)"
+    names = ", ".join(Path(p).name for p in config.lpips_weights) or "weights given in code"
+    return f"computed: AlexNet LPIPS v0.1 from {names}"
+
+
+def _progress(enabled: bool, total: int) -> Any:
+    if not enabled:
+        return lambda n: None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    bar.start()
+    task = bar.add_task("eval", total=total)
+
+    def step(n: int | None) -> None:
+        if n is None:
+            bar.stop()
+        else:
+            bar.advance(task, n)
+
+    return step

@@ -1,0 +1,348 @@
+"""Evaluation reports: ``report.json``, ``report.md`` (laid out like the paper's tables) and grids.
+
+``write_report(out_dir, predictions, config_record, ...)`` turns the merged per-sample predictions
+of :mod:`healthgpt.evaluate` into
+
+* ``report.json`` — everything, machine-readable: comprehension per benchmark (``close``,
+  ``open``, ``all``, ``choice``, counts, choice accuracy per modality), generation per subtask and
+  body part (SSIM 0-1, PSNR dB, MSE in 8-bit grey levels, LPIPS or ``null``, SynthRAD HU metrics,
+  the VQGAN ceiling, repaired token sequences), the metric definitions and the model/VQGAN
+  provenance. Deterministic: the same predictions give the same bytes (no timestamps here; timing
+  goes to ``run.json``).
+* ``report.md`` — the paper's Table 1 (VQA-RAD/SLAKE/PathVQA close and all, MMMU-Med and
+  OmniMedVQA op), Table 9 (single-choice accuracy per modality), Table 4 (modality conversion:
+  SSIM/PSNR/MSE per direction and anatomy), Table 5 (super-resolution: SSIM/PSNR/MSE/LPIPS), the
+  SynthRAD2023 HU metrics, and notes. SSIM is shown x100, as in the paper.
+* ``grids/<subtask>/<key>.png`` — input | prediction | target, 256 px each, for a deterministic
+  sample of generation cases (evenly spaced over the keys of each subtask).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from healthgpt.metrics.vqa import ALL_DEFINITION, VQAItem, summarize_vqa
+
+__all__ = ["REPORT_FORMAT", "benchmark_name", "generation_summary", "write_report"]
+
+REPORT_FORMAT = "healthgpt-eval-report/1"
+
+# Display names of known sources, in the paper's column order.
+_BENCHMARKS = {
+    "vqarad": "VQA-RAD", "slake": "SLAKE", "pathvqa": "PathVQA", "mmmu": "MMMU-Med", "mmmumed": "MMMU-Med",
+    "omnimedvqa": "OMVQA", "omvqa": "OMVQA", "mimiccxrvqa": "MIMIC-CXR-VQA",
+}
+_TABLE1_ORDER = ["VQA-RAD", "SLAKE", "PathVQA", "MMMU-Med", "OMVQA"]
+_SUBTASKS = {"ct2mri": "CT2MRI", "mri2ct": "MRI2CT", "sr4x": "SR 4x", "recon": "Reconstruction",
+             "report2cxr": "Report2CXR"}
+
+DEFINITIONS = {
+    "close": "accuracy over closed questions; a yes/no reference is matched by the first whole-word "
+             "'yes'/'no' of the normalised prediction (neither -> wrong); another closed reference must "
+             "occur as whole words in the prediction",
+    "open": "mean token recall over open questions: share of the reference's normalised words (with "
+            "multiplicity) found in the prediction",
+    "all": ALL_DEFINITION,
+    "choice": "accuracy over single-choice questions: the option picked by the prediction (its letter or "
+              "its text) must be the reference option ('op' in the paper's Table 1)",
+    "normalisation": "lower case, punctuation removed (decimal points kept), number words -> digits, "
+                     "articles dropped, contractions spelled with their apostrophe",
+    "ssim": "SSIM of prediction and 8-bit target (7x7 uniform window, K1=0.01, K2=0.03, data range 255; "
+            "grey if either is grey); shown x100 in report.md",
+    "psnr": "10 log10(255^2/MSE) per image in dB, averaged over images with MSE > 0 (identical images are "
+            "counted in n_identical)",
+    "mse": "mean squared difference in 8-bit grey levels (0-255 scale) per image, averaged",
+    "lpips": "LPIPS (AlexNet, v0.1 linear heads), lower is better",
+    "synthrad": "SynthRAD2023 challenge metrics on HU for CT targets: MAE in the body mask; PSNR with both "
+                "clipped to [-1024, 3000] HU, data range 4024, in the mask; SSIM on clipped HU with the "
+                "outside of the mask set to -1024, averaged over window centres in the mask. The prediction's "
+                "8-bit grey levels are mapped to HU through the target's window",
+    "vq_ceiling": "the same 8-bit metrics for the VQGAN's own reconstruction of the target "
+                  "(decode(target codes) vs target): the best a perfect token predictor could score",
+}
+
+
+def benchmark_name(source: str) -> str:
+    key = "".join(ch for ch in source.lower() if ch.isalnum())
+    return _BENCHMARKS.get(key, source)
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(vals)) if vals else None
+
+
+def _group_name(rec: dict[str, Any]) -> str:
+    body = rec.get("body_part")
+    return f"{rec['subtask']}/{body}" if body else str(rec["subtask"])
+
+
+def generation_summary(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per ``subtask/body_part``: n, mean SSIM/PSNR/MSE/LPIPS, HU metrics, ceiling, repairs."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[_group_name(r)].append(r)
+    out: dict[str, dict[str, Any]] = {}
+    for name in sorted(groups):
+        rs = groups[name]
+        metrics = [r["metrics"] for r in rs]
+        hu = [r["hu_metrics"] for r in rs if r.get("hu_metrics")]
+        ceil = [r["vq_ceiling"] for r in rs if r.get("vq_ceiling")]
+        lp = [m.get("lpips") for m in metrics if m.get("lpips") is not None]
+        entry: dict[str, Any] = {
+            "subtask": rs[0]["subtask"],
+            "body_part": rs[0].get("body_part"),
+            "n": len(rs),
+            "ssim": _mean([m["ssim"] for m in metrics]),
+            "psnr": _mean([m["psnr"] for m in metrics]),
+            "mse": _mean([m["mse"] for m in metrics]),
+            "n_identical": sum(1 for m in metrics if m["psnr"] is None),
+            "lpips": _mean(lp) if lp else None,
+            "n_repaired_tokens": sum(1 for r in rs if not r.get("tokens_ok", True)),
+            "hu": None,
+            "vq_ceiling": None,
+        }
+        if hu:
+            entry["hu"] = {"n": len(hu), "mae_hu": _mean([h["mae_hu"] for h in hu]),
+                           "psnr_hu": _mean([h["psnr_hu"] for h in hu]),
+                           "ssim_hu": _mean([h["ssim_hu"] for h in hu])}
+        if ceil:
+            entry["vq_ceiling"] = {"n": len(ceil), "ssim": _mean([c["ssim"] for c in ceil]),
+                                   "psnr": _mean([c["psnr"] for c in ceil]), "mse": _mean([c["mse"] for c in ceil])}
+        out[name] = entry
+    return out
+
+
+def _comprehension(records: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], int]:
+    items = []
+    unscorable = 0
+    for r in records:
+        item = VQAItem(key=r["key"], benchmark=benchmark_name(r["source"]), answer_type=r["answer_type"],
+                       prediction=r["prediction"], reference=r["reference"], options=r.get("options"),
+                       modality=r.get("modality"), subtask=r.get("subtask", "vqa"))
+        try:
+            item.score  # noqa: B018 - validate the reference against its options once
+        except ValueError:
+            unscorable += 1
+            continue
+        items.append(item)
+    return summarize_vqa(items), unscorable
+
+
+# -------------------------------------------------------------------------------- markdown
+
+
+def _f(x: float | None, scale: float = 1.0, digits: int = 2) -> str:
+    return "–" if x is None else f"{x * scale:.{digits}f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    model = report["model"]
+    lines = ["# HealthGPT evaluation report", ""]
+    ckpt = model.get("checkpoint") or {}
+    lines.append(f"Model: preset `{model['preset']}`, checkpoint `{ckpt.get('name', 'none (initial weights)')}`"
+                 + (f", released weights `{model['released']['name']}`" if model.get("released") else "") + ".")
+    vq = model.get("vq") or {}
+    vq_note = f" ({vq['note']})" if isinstance(vq, dict) and vq.get("note") else ""
+    lines.append(f"VQGAN: `{vq.get('name', vq) if isinstance(vq, dict) else vq}`{vq_note}.")
+    c = report["counts"]
+    lines.append(f"Samples: {c['comprehension']} comprehension, {c['generation']} generation "
+                 f"(split `{model.get('split')}`; shards: {', '.join(report['shards'])}).")
+    lines.append("")
+
+    comp = report["comprehension"]
+    if comp:
+        lines += ["## Comprehension", "", "Table 1 layout (%; `close` = closed-question accuracy, `all` = "
+                  "all questions, `op` = single-choice accuracy):", ""]
+        header, row = ["Model"], [model["preset"]]
+        shown: list[float] = []
+        order = [b for b in _TABLE1_ORDER if b in comp] + sorted(b for b in comp if b not in _TABLE1_ORDER)
+        for b in order:
+            s = comp[b]
+            if s["n_closed"] or s["n_open"]:
+                header += [f"{b} close", f"{b} all"]
+                row += [_f(s["close"]), _f(s["all"])]
+                shown += [v for v in (s["close"], s["all"]) if v is not None]
+            if s["n_choice"]:
+                header.append(f"{b} op")
+                row.append(_f(s["choice"]))
+                shown += [s["choice"]] if s["choice"] is not None else []
+        header.append("Avg.")
+        row.append(_f(_mean(shown)))
+        lines += _table(header, [row]) + [""]
+        lines += ["Per benchmark:", ""]
+        rows = [[b, str(comp[b]["n_closed"]), str(comp[b]["n_open"]), str(comp[b]["n_choice"]),
+                 _f(comp[b]["close"]), _f(comp[b]["open"]), _f(comp[b]["all"]), _f(comp[b]["choice"])]
+                for b in order]
+        lines += _table(["Benchmark", "n closed", "n open", "n choice", "close", "open (recall)", "all", "choice"],
+                        rows) + [""]
+        choice_benches = [b for b in order if comp[b]["by_modality"]]
+        if choice_benches:
+            mods = sorted({m for b in choice_benches for m in comp[b]["by_modality"]})
+            lines += ["Single-choice accuracy by modality (Table 9 layout, %):", ""]
+            rows = [[b] + [_f(comp[b]["by_modality"].get(m, {}).get("choice")) for m in mods] + [_f(comp[b]["choice"])]
+                    for b in choice_benches]
+            lines += _table(["Benchmark"] + mods + ["Overall"], rows) + [""]
+        lines += [f"Definition of `all`: {ALL_DEFINITION}", ""]
+        if report.get("unscorable"):
+            lines += [f"{report['unscorable']} choice question(s) whose reference is none of their options "
+                      "were left out.", ""]
+
+    gen = report["generation"]
+    if gen:
+        lines += ["## Generation", ""]
+        conv = {k: v for k, v in gen.items() if v["subtask"] in ("ct2mri", "mri2ct")}
+        sr = {k: v for k, v in gen.items() if v["subtask"] == "sr4x"}
+        other = {k: v for k, v in gen.items() if k not in conv and k not in sr}
+
+        def name(v: dict[str, Any]) -> str:
+            sub = _SUBTASKS.get(v["subtask"], v["subtask"])
+            return f"{sub}-{str(v['body_part']).capitalize()}" if v.get("body_part") else sub
+
+        def rows_of(group: dict[str, dict[str, Any]]) -> list[list[str]]:
+            return [[name(v), str(v["n"]), _f(v["ssim"], 100), _f(v["psnr"]), _f(v["mse"]),
+                     _f(v["lpips"], 1, 4), str(v["n_repaired_tokens"])] for v in group.values()]
+
+        header = ["Task", "n", "SSIM", "PSNR (dB)", "MSE", "LPIPS", "repaired"]
+        for title, group in (("Modality conversion (Table 4 layout)", conv),
+                             ("Super-resolution (Table 5 layout)", sr), ("Other generation tasks", other)):
+            if group:
+                lines += [f"### {title}", ""] + _table(header, rows_of(group)) + [""]
+        hu = {k: v for k, v in gen.items() if v.get("hu")}
+        if hu:
+            lines += ["### SynthRAD2023 challenge metrics (HU, body mask)", ""]
+            lines += _table(["Task", "n", "MAE (HU)", "PSNR (dB)", "SSIM"],
+                            [[name(v), str(v["hu"]["n"]), _f(v["hu"]["mae_hu"], 1, 1), _f(v["hu"]["psnr_hu"]),
+                              _f(v["hu"]["ssim_hu"], 1, 4)] for v in hu.values()]) + [""]
+        ceil = {k: v for k, v in gen.items() if v.get("vq_ceiling")}
+        if ceil:
+            lines += ["### VQGAN ceiling (target vs its own VQGAN reconstruction)", ""]
+            lines += _table(["Task", "n", "SSIM", "PSNR (dB)", "MSE"],
+                            [[name(v), str(v["vq_ceiling"]["n"]), _f(v["vq_ceiling"]["ssim"], 100),
+                              _f(v["vq_ceiling"]["psnr"]), _f(v["vq_ceiling"]["mse"])] for v in ceil.values()]) + [""]
+        if report.get("grids"):
+            lines += ["### Examples (input | prediction | target)", ""]
+            lines += [f"![{Path(g).stem}]({g})" for g in report["grids"]] + [""]
+
+    lines += ["## Notes", "", f"- LPIPS: {report['lpips']}."]
+    lines += [f"- `{k}`: {v.rstrip('.')}." for k, v in DEFINITIONS.items()]
+    if isinstance(vq, dict) and vq.get("random_weights"):
+        lines.append("- The VQGAN has random weights: image metrics measure the pipeline, not image quality.")
+    lines.append("")
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------- grids
+
+
+def _rgb256(img: np.ndarray) -> np.ndarray:
+    from PIL import Image
+
+    arr = np.asarray(img)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.dtype != np.uint8:  # 16-bit inputs: stretch to 8 bits for display only
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = ((arr.astype(np.float64) - lo) / max(hi - lo, 1e-9) * 255).round().astype(np.uint8)
+    pil = Image.fromarray(arr).convert("RGB")
+    if pil.size != (256, 256):
+        pil = pil.resize((256, 256), Image.Resampling.BICUBIC)
+    return np.asarray(pil)
+
+
+def _write_grids(out: Path, records: Sequence[dict[str, Any]], shards: Sequence[os.PathLike | str], vq: Any,
+                 per_task: int) -> list[str]:
+    if per_task <= 0 or vq is None:
+        return []
+    from PIL import Image
+
+    from vlhealth.schema import Sample
+    from vlhealth.shards import iter_tar, list_shards
+
+    by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        by_task[r["subtask"]].append(r)
+    chosen: dict[str, dict[str, Any]] = {}
+    for rs in by_task.values():
+        rs = sorted(rs, key=lambda r: r["key"])
+        idx = np.unique(np.linspace(0, len(rs) - 1, num=min(per_task, len(rs))).round().astype(int))
+        chosen.update({rs[i]["key"]: rs[i] for i in idx})
+    written: list[str] = []
+    for tar in list_shards(list(shards)):
+        for key, members in iter_tar(tar):
+            if key not in chosen:
+                continue
+            rec = chosen.pop(key)
+            sample = Sample.from_members(key, members)
+            pred = vq.decode(np.asarray(rec["codes"], dtype=np.int64)[None])[0]
+            target = sample.target if sample.target is not None else vq.decode(sample.target_vq[None].astype(np.int64))[0]
+            if sample.input_image is not None:
+                from vlhealth.schema import decode_image
+
+                inp = sample.input_image if isinstance(sample.input_image, np.ndarray) else decode_image(sample.input_image)
+            else:  # text-only input (report -> CXR)
+                inp = np.full((256, 256), 255, dtype=np.uint8)
+            gap = np.full((256, 4, 3), 255, dtype=np.uint8)
+            grid = np.concatenate([_rgb256(inp), gap, _rgb256(pred), gap, _rgb256(target)], axis=1)
+            rel = Path("grids") / rec["subtask"] / f"{key}.png"
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(grid).save(out / rel)
+            written.append(rel.as_posix())
+            if not chosen:
+                return sorted(written)
+    return sorted(written)
+
+
+# -------------------------------------------------------------------------------- entry point
+
+
+def write_report(
+    out_dir: os.PathLike | str,
+    predictions: Sequence[dict[str, Any]],
+    config_record: dict[str, Any],
+    *,
+    shards: Sequence[os.PathLike | str] = (),
+    vq: Any = None,
+    grids_per_task: int = 4,
+    lpips_status: str = "not computed",
+) -> dict[str, Any]:
+    """Write report.json, report.md and the grids; returns the report dict."""
+    from vlhealth.shards import write_atomic
+
+    out = Path(out_dir)
+    comp_recs = [r for r in predictions if r["task"] == "comprehension"]
+    gen_recs = [r for r in predictions if r["task"] == "generation"]
+    comprehension, unscorable = _comprehension(comp_recs)
+    grids = _write_grids(out, gen_recs, shards, vq, grids_per_task) if gen_recs else []
+    report = {
+        "format": REPORT_FORMAT,
+        "model": {k: config_record.get(k) for k in ("preset", "checkpoint", "released", "template", "vq", "split",
+                                                     "max_new_tokens", "max_image_tokens", "constrained_images")},
+        "shards": config_record.get("shards", []),
+        "counts": {"comprehension": len(comp_recs), "generation": len(gen_recs)},
+        "comprehension": comprehension,
+        "unscorable": unscorable,
+        "generation": generation_summary(gen_recs),
+        "lpips": lpips_status,
+        "definitions": DEFINITIONS,
+        "grids": grids,
+        "predictions": "predictions.jsonl",
+    }
+    write_atomic(out / "report.json",
+                 (json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n").encode())
+    write_atomic(out / "report.md", _markdown(report).encode("utf-8"))
+    return report

@@ -1,0 +1,202 @@
+"""The eval runner on the tiny model: all report files, resume after an interruption, HU metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from healthgpt.evaluate import EvalConfig, EvalError, hu_reference, read_predictions, run_evaluation
+from vlhealth.schema import Record, Sample, encode_png
+from vlhealth.shards import ShardWriter, write_index
+
+torch.set_num_threads(1)
+
+OPTIONS = ["CT", "MRI", "X-ray", "Ultrasound"]
+
+
+def _comp(i: int, answer_type: str, source: str, split: str = "test") -> Sample:
+    rng = np.random.default_rng(i)
+    options = None
+    if answer_type == "closed":
+        question, answer = f"Is there a lesion {i}?", "yes" if i % 2 else "no"
+    elif answer_type == "open":
+        question, answer = f"Where is the lesion {i}?", "right lower lobe"
+    else:
+        options = OPTIONS
+        question = f"Which modality is this? A. CT B. MRI C. X-ray D. Ultrasound ({i})"
+        answer = OPTIONS[i % 4]
+    rec = Record(
+        task="comprehension", subtask="vqa", source=source, split=split,
+        conversations=[{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}],
+        group=f"g{i}", license="CC0", answer_type=answer_type, options=options,
+        modality=["CT", "MRI"][i % 2], body_part="chest",
+    )
+    return Sample(key=f"{source}-{i:04d}", record=rec, input_image=rng.integers(0, 255, (40, 48), dtype=np.uint8))
+
+
+def _gen(i: int, subtask: str, body: str, split: str = "test") -> Sample:
+    rng = np.random.default_rng(100 + i)
+    target = rng.integers(0, 255, (256, 256), dtype=np.uint8)
+    extras: dict[str, bytes] = {}
+    if subtask == "mri2ct":
+        ref16 = (target.astype(np.uint16) * 257)  # the same window at 16 bits
+        mask = np.zeros((256, 256), dtype=np.uint8)
+        mask[40:216, 50:200] = 255
+        extras = {"reference.png": encode_png(ref16), "mask.png": encode_png(mask),
+                  "reference.json": json.dumps({"window": [-1024, 3000]}).encode()}
+    rec = Record(
+        task="generation", subtask=subtask, source="synthrad2023", split=split,
+        conversations=[{"from": "human", "value": f"<image>\nConvert this scan ({subtask})."},
+                       {"from": "gpt", "value": "<target_image>"}],
+        group=f"p{i}", license="CC-BY-NC-4.0", modality="MRI" if subtask == "mri2ct" else "CT", body_part=body,
+    )
+    return Sample(key=f"synthrad2023-{subtask}-{body}-{i:03d}", record=rec,
+                  input_image=rng.integers(0, 255, (256, 256), dtype=np.uint8), target=target,
+                  target_vq=rng.integers(0, 8192, 1024).astype(np.int16), extras=extras)
+
+
+def _write(out: Path, samples: list[Sample], prefix: str = "eval", max_count: int = 4) -> Path:
+    with ShardWriter(out, prefix=prefix, max_count=max_count) as w:
+        for s in samples:
+            w.write(s)
+    write_index(out, w.shards)
+    return out
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("shards")
+    comp = [_comp(i, t, src) for i, (t, src) in enumerate(
+        [("closed", "vqa_rad"), ("open", "vqa_rad"), ("closed", "vqa_rad"), ("closed", "slake"),
+         ("open", "slake"), ("choice", "omnimedvqa"), ("choice", "omnimedvqa"), ("choice", "omnimedvqa")])]
+    comp.append(_comp(50, "closed", "vqa_rad", split="train"))  # not evaluated: wrong split
+    gen = [_gen(0, "ct2mri", "brain"), _gen(1, "mri2ct", "brain"), _gen(2, "mri2ct", "pelvis"), _gen(3, "sr4x", "brain")]
+    return [_write(root / "comp", comp, "comp"), _write(root / "gen", gen, "gen", max_count=2)]
+
+
+@pytest.fixture(scope="module")
+def components() -> tuple:
+    from healthgpt.infer import load_model
+    from vlhealth.vq import load_vq
+
+    return load_model("tiny"), load_vq("tiny")
+
+
+def _config(shards: list[Path], out: Path, **kw) -> EvalConfig:
+    base = dict(shards=shards, out=out, batch_size=2, max_new_tokens=6, max_image_tokens=4, device="cpu",
+                grids_per_task=2)
+    base.update(kw)
+    return EvalConfig(**base)
+
+
+def test_eval_writes_all_report_files(shards: list[Path], components: tuple, tmp_path: Path) -> None:
+    model, vq = components
+    out = tmp_path / "report"
+    result = run_evaluation(_config(shards, out), model=model, vq=vq)
+    assert result.complete and result.n_total == 12 and result.n_new == 12
+    for name in ("report.json", "report.md", "predictions.jsonl", "eval_config.json", "run.json"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    assert report["counts"] == {"comprehension": 8, "generation": 4}
+    comp = report["comprehension"]
+    assert set(comp) == {"VQA-RAD", "SLAKE", "OMVQA"}
+    assert (comp["VQA-RAD"]["n_closed"], comp["VQA-RAD"]["n_open"]) == (2, 1)
+    assert comp["OMVQA"]["n_choice"] == 3 and comp["OMVQA"]["close"] is None
+    assert set(comp["OMVQA"]["by_modality"]) == {"CT", "MRI"}
+    gen = report["generation"]
+    assert set(gen) == {"ct2mri/brain", "mri2ct/brain", "mri2ct/pelvis", "sr4x/brain"}
+    for v in gen.values():
+        assert 0 < v["mse"] and v["psnr"] is not None and -1 <= v["ssim"] <= 1
+        assert v["lpips"] is None
+        assert v["vq_ceiling"]["n"] == 1
+        assert v["n_repaired_tokens"] == 1  # 4 generated tokens are padded to 1024 and reported
+    # SynthRAD HU metrics only for CT targets that carry their 16-bit reference
+    assert gen["mri2ct/brain"]["hu"]["n"] == 1 and gen["ct2mri/brain"]["hu"] is None
+    assert report["lpips"].startswith("not computed")
+    # grids: input | prediction | target, 256 px each with 4 px gaps
+    assert len(report["grids"]) == 4
+    from PIL import Image
+
+    with Image.open(out / report["grids"][0]) as im:
+        assert im.size == (3 * 256 + 8, 256)
+    md = (out / "report.md").read_text()
+    for text in ("VQA-RAD close", "VQA-RAD all", "OMVQA op", "Table 9", "Table 4", "Table 5",
+                 "SynthRAD2023", "Definition of `all`", "LPIPS: not computed", "grids/"):
+        assert text in md, text
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [p["key"] for p in preds] == sorted(p["key"] for p in preds)
+    assert all(len(p["codes"]) == 1024 for p in preds if p["task"] == "generation")
+    assert "/" not in json.dumps(json.loads((out / "eval_config.json").read_text())["shards"])
+
+
+def test_interrupted_eval_resumes_to_the_same_report(shards: list[Path], components: tuple, tmp_path: Path) -> None:
+    model, vq = components
+    full = tmp_path / "full"
+    run_evaluation(_config(shards, full, grids_per_task=0), model=model, vq=vq)
+
+    part = tmp_path / "part"
+    first = run_evaluation(_config(shards, part, grids_per_task=0, max_batches=2), model=model, vq=vq)
+    assert not first.complete and first.n_new == 4
+    assert not (part / "report.json").exists()
+    # a kill in the middle of writing leaves a torn line: it is dropped and that sample redone
+    part_file = next((part / "predictions").glob("part-r*.jsonl"))
+    with open(part_file, "a") as fh:
+        fh.write('{"key": "torn", "task": "compre')
+    assert len(read_predictions(part)) == 4
+    second = run_evaluation(_config(shards, part, grids_per_task=0, max_batches=1), model=model, vq=vq)
+    assert not second.complete and second.n_new == 2
+    third = run_evaluation(_config(shards, part, grids_per_task=0), model=model, vq=vq)
+    assert third.complete and third.n_new == 6
+    assert (part / "report.json").read_bytes() == (full / "report.json").read_bytes()
+    assert (part / "report.md").read_bytes() == (full / "report.md").read_bytes()
+    assert (part / "predictions.jsonl").read_bytes() == (full / "predictions.jsonl").read_bytes()
+    # nothing left to do: a rerun predicts nothing new and rewrites the same report
+    again = run_evaluation(_config(shards, part, grids_per_task=0), model=model, vq=vq)
+    assert again.complete and again.n_new == 0
+    assert (part / "report.json").read_bytes() == (full / "report.json").read_bytes()
+
+
+def test_resume_with_other_settings_is_refused(shards: list[Path], components: tuple, tmp_path: Path) -> None:
+    model, vq = components
+    out = tmp_path / "r"
+    run_evaluation(_config(shards, out, max_batches=1, limit=2), model=model, vq=vq)
+    with pytest.raises(EvalError, match="max_new_tokens"):
+        run_evaluation(_config(shards, out, max_new_tokens=7, limit=2), model=model, vq=vq)
+
+
+def test_rank_sharding_is_disjoint_and_merges(shards: list[Path], components: tuple, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two ranks (simulated one after the other, as torchrun would run them side by side)."""
+    model, vq = components
+    out = tmp_path / "ranks"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr("healthgpt.evaluate._init_dist", lambda world: False)
+    monkeypatch.setattr("healthgpt.evaluate._barrier", lambda world: None)
+    monkeypatch.setenv("RANK", "1")
+    r1 = run_evaluation(_config(shards, out, grids_per_task=0), model=model, vq=vq)
+    assert not r1.complete and r1.report is None
+    monkeypatch.setenv("RANK", "0")
+    r0 = run_evaluation(_config(shards, out, grids_per_task=0), model=model, vq=vq)
+    assert r0.complete and r0.n_new + r1.n_new == 12
+    keys0 = {json.loads(x)["key"] for x in (out / "predictions" / "part-r000.jsonl").read_text().splitlines()}
+    keys1 = {json.loads(x)["key"] for x in (out / "predictions" / "part-r001.jsonl").read_text().splitlines()}
+    assert keys0 and keys1 and not keys0 & keys1
+    assert len(keys0 | keys1) == 12
+
+
+def test_no_samples_and_hu_reference_errors(shards: list[Path], components: tuple, tmp_path: Path) -> None:
+    model, vq = components
+    with pytest.raises(EvalError, match="no samples"):
+        run_evaluation(_config(shards, tmp_path / "none", split="val"), model=model, vq=vq)
+    sample = _gen(9, "mri2ct", "brain")
+    hu, mask, window = hu_reference(sample)
+    assert window == (-1024.0, 3000.0) and mask is not None and mask.sum() == 176 * 150
+    assert hu.min() >= -1024 and hu.max() <= 3000
+    np.testing.assert_allclose(hu, -1024 + sample.target / 255.0 * 4024, atol=1e-9)
+    del sample.extras["reference.json"]
+    with pytest.raises(EvalError, match="window"):
+        hu_reference(sample)
