@@ -144,6 +144,72 @@ def publish_cmd(
             console.print(f"  {dst}")
 
 
+@app.command("check-leaks")
+def check_leaks_cmd(
+    shards: Annotated[list[Path], typer.Argument(help="Shard folders or .tar files to check (all sources).")],
+    test: Annotated[list[Path] | None, typer.Option(
+        "--test", help="Take the test images from these shards instead (repeatable).")] = None,
+    max_distance: Annotated[int, typer.Option(help="Largest pHash Hamming distance (of 64 bits) of a duplicate.")] = 8,
+    min_similarity: Annotated[float, typer.Option(
+        help="Smallest correlation of the 32x32 thumbnails of a duplicate (0 = hash only).")] = 0.98,
+    report: Annotated[Path | None, typer.Option("--json", help="Write the full report to this JSON file.")] = None,
+    fail: Annotated[bool, typer.Option(help="Exit 1 when any leak is found.")] = False,
+) -> None:
+    """Report train/val images that duplicate (or nearly duplicate) any test image, across all sources.
+
+    Rebuild with `--drop-leaks TEST_SHARDS` to remove them.
+
+    Example:
+
+        vlhealth check-leaks shards/* --json leaks.json
+    """
+    from rich.table import Table
+
+    from vlhealth.leaks import find_leaks
+
+    leaks, counts = find_leaks(shards, test_sources=test or None, max_distance=max_distance,
+                               min_similarity=min_similarity)
+    if report is not None:
+        report.write_text(json.dumps({"counts": counts, "max_distance": max_distance,
+                                      "min_similarity": min_similarity,
+                                      "leaks": [x.to_json() for x in leaks]}, indent=2) + "\n", "utf-8")
+    table = Table(title=f"{counts['leaks']} leaked samples ({counts['leaked_images']} images) among "
+                        f"{counts['checked']} train/val samples vs {counts['test_images']} test images")
+    for col in ("train/val sample", "split", "test sample", "pHash dist", "similarity"):
+        table.add_column(col)
+    for x in leaks:
+        table.add_row(x.key, x.split, x.test_key, str(x.distance), f"{x.similarity:.3f}")
+    Console().print(table)
+    if fail and leaks:
+        raise typer.Exit(1)
+
+
+@app.command("mix")
+def mix_cmd(
+    sources: Annotated[list[Path], typer.Option("--from", help="Stage-1 shard folders or tars (repeatable).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Shard folder to write the mix into.")],
+    n: Annotated[int, typer.Option("--n", help="Samples in the mix (the paper's Mixed-47k: 47000).")] = 47000,
+    ratio: Annotated[float, typer.Option(help="Fraction of comprehension samples (the rest generation).")] = 0.5,
+    seed: Annotated[int, typer.Option(help="Seed of the sampling; same seed + same inputs = same mix.")] = 0,
+    split: Annotated[str, typer.Option(help="Split to draw from.")] = "train",
+    fill: Annotated[bool, typer.Option(help="Give one task's shortfall to the other (default: stay balanced).")] = False,
+    shard_size: Annotated[int, typer.Option(help="Maximum samples per tar.")] = 1000,
+) -> None:
+    """Sample a balanced comprehension/generation mix (stage 2, "Mixed-47k") reproducibly from stage-1 shards.
+
+    Example:
+
+        vlhealth mix --from shards/synthrad --from shards/ixi --from shards/vqa_rad --n 47000 --out shards/mix47k
+    """
+    from vlhealth.mix import write_mix
+
+    summary = write_mix(sources, out, n, seed=seed, ratio=ratio, split=split, fill=fill, max_count=shard_size)
+    console.print(f"[bold]mix[/]: {summary.samples} samples {summary.by_task} in {summary.shards} shard(s) "
+                  f"-> {summary.out}")
+    for task, short in summary.shortfall.items():
+        console.print(f"  [yellow]short[/] {task}: {short} fewer than asked (only {summary.available[task]} available)")
+
+
 # -- builders -------------------------------------------------------------------------------------
 def builder_modules() -> dict[str, Any]:
     """Command name -> builder module for every module in ``builders/`` that defines ``NAME``."""

@@ -36,7 +36,8 @@ from types import ModuleType
 import numpy as np
 
 # Module names (in this package) of the registered layouts, in writing order.
-MODULES: tuple[str, ...] = ("synthrad", "ixi", "vqa_rad", "slake", "pathvqa")
+MODULES: tuple[str, ...] = ("synthrad", "ixi", "vqa_rad", "slake", "pathvqa",
+                           "mimic_cxr_vqa", "llava_med", "pubmedvision", "llava_instruct", "omnimedvqa")
 
 
 def registry() -> dict[str, ModuleType]:
