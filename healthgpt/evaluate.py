@@ -40,15 +40,17 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
+import typer
 
 from healthgpt.metrics.image import image_metrics, synthrad_metrics, to_hu
 from vlhealth.schema import IMAGE_TOKEN, Sample, decode_image, load_npy
@@ -62,6 +64,7 @@ __all__ = [
     "EvalResult",
     "hu_reference",
     "read_predictions",
+    "eval_command",
     "run_evaluation",
 ]
 
@@ -598,3 +601,73 @@ def _progress(enabled: bool, total: int) -> Any:
             bar.advance(task, n)
 
     return step
+
+
+# -------------------------------------------------------------------------------- command line
+
+EVAL_HELP = (
+    "Evaluate a checkpoint on shard folders: VQA accuracy/recall (LLaVA-Med protocol), single-choice "
+    "accuracy per modality, SSIM/PSNR/MSE (+ LPIPS, + SynthRAD2023 HU metrics) for generation.\n\n"
+    "Writes OUT/report.json, OUT/report.md (the paper's table layouts), OUT/predictions.jsonl and "
+    "OUT/grids/*.png (input | prediction | target). Interrupted runs resume: rerun the same command. "
+    "Under torchrun every rank takes every n-th sample and rank 0 writes the report.\n\n"
+    "Example:\n\n"
+    "    healthgpt eval --shards shards/vqa_rad --shards shards/synthrad --checkpoint runs/stage3/final.safetensors "
+    "--preset tiny --out reports/tiny\n\n"
+    "    torchrun --nproc-per-node 4 --no-python healthgpt eval --shards shards/slake --preset m3 "
+    "--released weights/HealthGPT-M3 --llm-path weights/Phi-3-mini-4k-instruct --clip-path weights/clip-336 "
+    "--out reports/m3"
+)
+
+
+def eval_command(
+    shards: Annotated[list[Path], typer.Option("--shards", help="Shard folder or .tar (repeatable).")],
+    out: Annotated[Path, typer.Option("--out", help="Report folder (reused to resume).")],
+    checkpoint: Annotated[Path | None, typer.Option(help="Our trainable-parts .safetensors (from training).")] = None,
+    released: Annotated[Path | None, typer.Option(help="Folder with the released HealthGPT-M3 weights.")] = None,
+    preset: Annotated[str, typer.Option(help="tiny, smollm2-135m, m3, l14, xl32.")] = "tiny",
+    vq: Annotated[str, typer.Option(help="VQGAN decoder: 'tiny' or a weights file.")] = "tiny",
+    split: Annotated[str, typer.Option(help="Split to evaluate (train, val, test, or 'all').")] = "test",
+    limit: Annotated[int | None, typer.Option(help="Evaluate only the first N samples.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Samples decoded together (per rank).")] = 8,
+    max_new_tokens: Annotated[int, typer.Option(help="Answer length limit (comprehension).")] = 128,
+    max_image_tokens: Annotated[int | None, typer.Option(help="Image token limit (default 1024 + slack).")] = None,
+    constrained_images: Annotated[bool, typer.Option(help="Force exactly 1024 index tokens + <end_index>.")] = False,
+    lpips_weights: Annotated[list[Path] | None, typer.Option(
+        "--lpips-weights", help="Local LPIPS files: torchvision AlexNet weights and lpips' alex.pth (repeatable).")] = None,
+    grids: Annotated[int, typer.Option(help="Example grids per generation subtask.")] = 4,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
+    llm_path: Annotated[Path | None, typer.Option(help="Local LLM folder (real presets).")] = None,
+    clip_path: Annotated[Path | None, typer.Option(help="Local CLIP ViT-L/14-336 folder.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of random (tiny) weights.")] = 0,
+) -> None:
+    from rich.console import Console
+
+    from healthgpt.metrics.image import LPIPSWeightsError
+
+    console = Console(stderr=True)
+    overrides: dict[str, Any] = {}
+    if preset in ("tiny", "smollm2-135m"):
+        overrides["seed"] = seed
+    for name, value in (("llm_path", llm_path), ("clip_path", clip_path), ("dtype", dtype)):
+        if value is not None:
+            overrides[name] = value
+    config = EvalConfig(
+        shards=shards, out=out, preset=preset, checkpoint=checkpoint, released=released, vq=vq,
+        split=None if split == "all" else split, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
+        max_image_tokens=max_image_tokens, constrained_images=constrained_images,
+        lpips_weights=lpips_weights or [], grids_per_task=grids, device=device, overrides=overrides, progress=True,
+    )
+    try:
+        result = run_evaluation(config)
+    except (EvalError, LPIPSWeightsError, FileNotFoundError, ValueError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from err
+    if not result.complete:
+        if _dist_info()[0] == 0:
+            console.print(f"partial: {result.n_new} new predictions; rerun the same command to continue")
+        return
+    console.print(f"{result.n_total} samples ({result.n_new} new) in {result.seconds:.1f} s; "
+                  f"wrote {out.name}/report.md, report.json, predictions.jsonl")
+    sys.stdout.write((out / "report.md").read_text("utf-8").split("## Notes")[0])

@@ -200,3 +200,44 @@ def test_no_samples_and_hu_reference_errors(shards: list[Path], components: tupl
     del sample.extras["reference.json"]
     with pytest.raises(EvalError, match="window"):
         hu_reference(sample)
+
+
+def test_eval_cli(shards: list[Path], tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from healthgpt.cli import app
+
+    runner = CliRunner()
+    helped = runner.invoke(app, ["eval", "--help"])
+    assert helped.exit_code == 0 and "Example" in helped.output and "--lpips-weights" in helped.output
+    out = tmp_path / "cli"
+    args = ["eval", "--shards", str(shards[0]), "--shards", str(shards[1]), "--out", str(out), "--preset", "tiny",
+            "--limit", "10", "--batch-size", "4", "--max-new-tokens", "4", "--max-image-tokens", "2",
+            "--grids", "1", "--device", "cpu"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "VQA-RAD close" in result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["counts"] == {"comprehension": 8, "generation": 2}
+    # a checkpoint that does not exist is a clear error, not a traceback
+    bad = runner.invoke(app, args[:-2] + ["--checkpoint", str(tmp_path / "missing.safetensors")])
+    assert bad.exit_code == 2 and "missing.safetensors" in bad.output
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks(shards: list[Path], tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "torchrun"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
+           "-m", "healthgpt.cli", "eval", "--shards", str(shards[0]), "--shards", str(shards[1]), "--out", str(out),
+           "--max-new-tokens", "4", "--max-image-tokens", "2", "--batch-size", "2", "--grids", "0", "--device", "cpu"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parts = sorted((out / "predictions").glob("part-r*.jsonl"))
+    assert [p.name for p in parts] == ["part-r000.jsonl", "part-r001.jsonl"]
+    keys = [set(json.loads(x)["key"] for x in p.read_text().splitlines()) for p in parts]
+    assert not keys[0] & keys[1] and len(keys[0] | keys[1]) == 12
+    assert json.loads((out / "report.json").read_text())["counts"] == {"comprehension": 8, "generation": 4}
