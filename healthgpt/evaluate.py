@@ -53,7 +53,7 @@ import torch
 import typer
 
 from healthgpt.metrics.image import image_metrics, synthrad_metrics, to_hu
-from vlhealth.schema import IMAGE_TOKEN, Sample, decode_image, load_npy
+from vlhealth.schema import IMAGE_TOKEN, Record, Sample, decode_image, load_npy
 from vlhealth.shards import iter_tar, list_shards, write_atomic
 
 __all__ = [
@@ -66,6 +66,7 @@ __all__ = [
     "read_predictions",
     "eval_command",
     "run_evaluation",
+    "target_modality",
 ]
 
 log = logging.getLogger(__name__)
@@ -276,28 +277,29 @@ def _json_member(sample: Sample, *names: str) -> dict[str, Any] | None:
 
 
 def hu_reference(sample: Sample) -> tuple[np.ndarray, np.ndarray | None, tuple[float, float]] | None:
-    """(reference in HU, body mask or None, the target's 8-bit window) for CT targets, else None.
+    """(reference in HU, body mask or None, the target's 8-bit window) of a CT target, else None.
 
-    Eval splits of the SynthRAD2023 builder keep the target slice at 16 bits with its window and
-    the body mask as extra members. The 16-bit slice holds the window linearly
-    (``0 -> lo``, ``65535 -> hi``) unless a ``scale``/``offset`` pair says otherwise; an int16
-    ``.npy`` holds HU directly.
+    Eval splits of the SynthRAD2023 builder keep the target slice at 16 bits as ``reference.png``
+    (``value = lo + v / 65535 * (hi - lo)`` with ``[lo, hi]`` = ``provenance.target_window``) and
+    the body mask as ``mask.png`` (member names may be overridden by ``provenance.reference``).
+    An 8-bit reference maps with ``/ 255``; a signed or float ``.npy`` holds HU directly; a
+    ``reference.json`` member may give ``window`` and/or ``scale``/``offset``.
     """
     ex = sample.extras
-    ref_name = next((n for n in ("reference.npy", "reference16.png", "reference.png", "target16.png",
-                                 "target_hu.npy") if n in ex), None)
+    prov = sample.record.provenance or {}
+    ref_info = prov.get("reference") if isinstance(prov.get("reference"), dict) else {}
+    candidates = [ref_info.get("member"), "reference.png", "reference.npy"]
+    ref_name = next((n for n in candidates if n and n in ex), None)
     if ref_name is None:
         return None
-    meta = _json_member(sample, "reference.json", "window.json", "reference_window.json") or {}
-    prov = sample.record.provenance or {}
-    window = meta.get("window") or prov.get("window") or prov.get("target_window")
+    meta = _json_member(sample, "reference.json") or {}
+    window = meta.get("window") or prov.get("target_window") or prov.get("window")
     if isinstance(window, dict):
-        window = (window.get("lo", window.get("min")), window.get("hi", window.get("max")))
+        window = (window.get("lo"), window.get("hi"))
     if not window or len(window) != 2 or any(w is None for w in window):
         raise EvalError(f"sample {sample.key!r}: {ref_name} has no window (lo, hi) to map it to HU")
     lo, hi = float(window[0]), float(window[1])
-    raw = load_npy(ex[ref_name]) if ref_name.endswith(".npy") else decode_image(ex[ref_name])
-    raw = np.asarray(raw)
+    raw = np.asarray(load_npy(ex[ref_name]) if ref_name.endswith(".npy") else decode_image(ex[ref_name]))
     if "scale" in meta or "offset" in meta:
         hu = raw.astype(np.float64) * float(meta.get("scale", 1.0)) + float(meta.get("offset", 0.0))
     elif raw.dtype == np.uint16:
@@ -307,16 +309,20 @@ def hu_reference(sample: Sample) -> tuple[np.ndarray, np.ndarray | None, tuple[f
     else:  # signed integers or floats: already HU
         hu = raw.astype(np.float64)
     mask = None
-    for name in ("mask.png", "body_mask.png", "mask.npy", "body_mask.npy"):
-        if name in ex:
-            mask = load_npy(ex[name]) if name.endswith(".npy") else decode_image(ex[name])
-            mask = np.asarray(mask) > 0
+    for name in (ref_info.get("mask_member"), "mask.png", "mask.npy"):
+        if name and name in ex:
+            m = load_npy(ex[name]) if name.endswith(".npy") else decode_image(ex[name])
+            mask = np.asarray(m) > 0
             break
     return hu, mask, (lo, hi)
 
 
-def _is_ct_target(rec: dict[str, Any]) -> bool:
-    return rec.get("subtask") == "mri2ct"
+def target_modality(rec: Record) -> str | None:
+    """The target's modality: ``provenance.target_modality``, else implied by the subtask."""
+    tm = (rec.provenance or {}).get("target_modality")
+    if tm:
+        return str(tm)
+    return {"mri2ct": "CT", "ct2mri": "MR"}.get(rec.subtask)
 
 
 # -------------------------------------------------------------------------------- runner
@@ -422,7 +428,7 @@ class _Runner:
             if self.lpips is not None:
                 metrics["lpips"] = self.lpips.distance_uint8(preds[i], target)
             hu: dict[str, float] = {}
-            if _is_ct_target(rec.to_json()):
+            if target_modality(rec) == "CT":
                 ref = hu_reference(sample)
                 if ref is not None:
                     gt_hu, body, window = ref
@@ -438,6 +444,7 @@ class _Runner:
             records.append({
                 "key": sample.key, "task": rec.task, "subtask": rec.subtask, "source": rec.source,
                 "split": rec.split, "modality": rec.modality, "body_part": rec.body_part,
+                "target_modality": target_modality(rec),
                 "question": questions[i].replace(IMAGE_TOKEN, "").strip(),
                 "codes": [int(c) for c in codes[i]],
                 "tokens_ok": bool(rep.ok), "token_notes": list(rep.notes),

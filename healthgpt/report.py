@@ -81,8 +81,12 @@ def _mean(values: Sequence[float | None]) -> float | None:
 
 
 def _group_name(rec: dict[str, Any]) -> str:
+    """``subtask[/body_part]``; reconstruction is split by target modality (``recon_ct``)."""
+    task = str(rec["subtask"])
+    if task == "recon" and rec.get("target_modality"):
+        task = f"recon_{str(rec['target_modality']).lower()}"
     body = rec.get("body_part")
-    return f"{rec['subtask']}/{body}" if body else str(rec["subtask"])
+    return f"{task}/{body}" if body else task
 
 
 def generation_summary(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -99,6 +103,7 @@ def generation_summary(records: Sequence[dict[str, Any]]) -> dict[str, dict[str,
         lp = [m.get("lpips") for m in metrics if m.get("lpips") is not None]
         entry: dict[str, Any] = {
             "subtask": rs[0]["subtask"],
+            "target_modality": rs[0].get("target_modality"),
             "body_part": rs[0].get("body_part"),
             "n": len(rs),
             "ssim": _mean([m["ssim"] for m in metrics]),
@@ -211,6 +216,8 @@ def _markdown(report: dict[str, Any]) -> str:
 
         def name(v: dict[str, Any]) -> str:
             sub = _SUBTASKS.get(v["subtask"], v["subtask"])
+            if v["subtask"] == "recon" and v.get("target_modality"):
+                sub = f"{sub} {v['target_modality']}"
             return f"{sub}-{str(v['body_part']).capitalize()}" if v.get("body_part") else sub
 
         def rows_of(group: dict[str, dict[str, Any]]) -> list[list[str]]:

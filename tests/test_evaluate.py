@@ -38,21 +38,22 @@ def _comp(i: int, answer_type: str, source: str, split: str = "test") -> Sample:
     return Sample(key=f"{source}-{i:04d}", record=rec, input_image=rng.integers(0, 255, (40, 48), dtype=np.uint8))
 
 
-def _gen(i: int, subtask: str, body: str, split: str = "test") -> Sample:
+def _gen(i: int, subtask: str, body: str, split: str = "test", target_modality: str | None = None) -> Sample:
+    """A generation sample laid out like the SynthRAD2023 builder's (16-bit reference + body mask)."""
     rng = np.random.default_rng(100 + i)
     target = rng.integers(0, 255, (256, 256), dtype=np.uint8)
-    extras: dict[str, bytes] = {}
-    if subtask == "mri2ct":
-        ref16 = (target.astype(np.uint16) * 257)  # the same window at 16 bits
-        mask = np.zeros((256, 256), dtype=np.uint8)
-        mask[40:216, 50:200] = 255
-        extras = {"reference.png": encode_png(ref16), "mask.png": encode_png(mask),
-                  "reference.json": json.dumps({"window": [-1024, 3000]}).encode()}
+    tm = target_modality or {"mri2ct": "CT", "ct2mri": "MR"}.get(subtask, "MR")
+    window = {"kind": "ct", "lo": -1024.0, "hi": 3000.0} if tm == "CT" else {"kind": "mr", "lo": 0.0, "hi": 812.5}
+    mask = np.zeros((256, 256), dtype=np.uint8)
+    mask[40:216, 50:200] = 255
+    extras = {"reference.png": encode_png(target.astype(np.uint16) * 257), "mask.png": encode_png(mask)}
     rec = Record(
         task="generation", subtask=subtask, source="synthrad2023", split=split,
         conversations=[{"from": "human", "value": f"<image>\nConvert this scan ({subtask})."},
                        {"from": "gpt", "value": "<target_image>"}],
-        group=f"p{i}", license="CC-BY-NC-4.0", modality="MRI" if subtask == "mri2ct" else "CT", body_part=body,
+        group=f"p{i}", license="CC-BY-NC-4.0", modality="MR" if tm == "CT" else "CT", body_part=body,
+        provenance={"target_modality": tm, "target_window": window,
+                    "reference": {"member": "reference.png", "dtype": "uint16", "mask_member": "mask.png"}},
     )
     return Sample(key=f"synthrad2023-{subtask}-{body}-{i:03d}", record=rec,
                   input_image=rng.integers(0, 255, (256, 256), dtype=np.uint8), target=target,
@@ -74,7 +75,8 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
         [("closed", "vqa_rad"), ("open", "vqa_rad"), ("closed", "vqa_rad"), ("closed", "slake"),
          ("open", "slake"), ("choice", "omnimedvqa"), ("choice", "omnimedvqa"), ("choice", "omnimedvqa")])]
     comp.append(_comp(50, "closed", "vqa_rad", split="train"))  # not evaluated: wrong split
-    gen = [_gen(0, "ct2mri", "brain"), _gen(1, "mri2ct", "brain"), _gen(2, "mri2ct", "pelvis"), _gen(3, "sr4x", "brain")]
+    gen = [_gen(0, "ct2mri", "brain"), _gen(1, "mri2ct", "brain"), _gen(2, "mri2ct", "pelvis"),
+           _gen(3, "recon", "pelvis", target_modality="CT")]
     return [_write(root / "comp", comp, "comp"), _write(root / "gen", gen, "gen", max_count=2)]
 
 
@@ -108,14 +110,15 @@ def test_eval_writes_all_report_files(shards: list[Path], components: tuple, tmp
     assert comp["OMVQA"]["n_choice"] == 3 and comp["OMVQA"]["close"] is None
     assert set(comp["OMVQA"]["by_modality"]) == {"CT", "MRI"}
     gen = report["generation"]
-    assert set(gen) == {"ct2mri/brain", "mri2ct/brain", "mri2ct/pelvis", "sr4x/brain"}
+    assert set(gen) == {"ct2mri/brain", "mri2ct/brain", "mri2ct/pelvis", "recon_ct/pelvis"}
     for v in gen.values():
         assert 0 < v["mse"] and v["psnr"] is not None and -1 <= v["ssim"] <= 1
         assert v["lpips"] is None
         assert v["vq_ceiling"]["n"] == 1
         assert v["n_repaired_tokens"] == 1  # 4 generated tokens are padded to 1024 and reported
     # SynthRAD HU metrics only for CT targets that carry their 16-bit reference
-    assert gen["mri2ct/brain"]["hu"]["n"] == 1 and gen["ct2mri/brain"]["hu"] is None
+    assert gen["mri2ct/brain"]["hu"]["n"] == 1 and gen["recon_ct/pelvis"]["hu"]["n"] == 1
+    assert gen["ct2mri/brain"]["hu"] is None  # an MR target: no HU metrics
     assert report["lpips"].startswith("not computed")
     # grids: input | prediction | target, 256 px each with 4 px gaps
     assert len(report["grids"]) == 4
@@ -124,7 +127,7 @@ def test_eval_writes_all_report_files(shards: list[Path], components: tuple, tmp
     with Image.open(out / report["grids"][0]) as im:
         assert im.size == (3 * 256 + 8, 256)
     md = (out / "report.md").read_text()
-    for text in ("VQA-RAD close", "VQA-RAD all", "OMVQA op", "Table 9", "Table 4", "Table 5",
+    for text in ("VQA-RAD close", "VQA-RAD all", "OMVQA op", "Table 9", "Table 4", "Reconstruction CT-Pelvis",
                  "SynthRAD2023", "Definition of `all`", "LPIPS: not computed", "grids/"):
         assert text in md, text
     preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
@@ -197,7 +200,11 @@ def test_no_samples_and_hu_reference_errors(shards: list[Path], components: tupl
     assert window == (-1024.0, 3000.0) and mask is not None and mask.sum() == 176 * 150
     assert hu.min() >= -1024 and hu.max() <= 3000
     np.testing.assert_allclose(hu, -1024 + sample.target / 255.0 * 4024, atol=1e-9)
-    del sample.extras["reference.json"]
+    assert hu_reference(_gen(8, "ct2mri", "brain")) is not None  # found; the runner only uses it for CT targets
+    del sample.extras["reference.png"]
+    assert hu_reference(sample) is None
+    sample = _gen(7, "mri2ct", "brain")
+    del sample.record.provenance["target_window"]
     with pytest.raises(EvalError, match="window"):
         hu_reference(sample)
 
