@@ -1,0 +1,131 @@
+"""The ``healthgpt`` command line (typer app ``app``).
+
+Commands: ``infer`` (this module). The trainer and evaluator add ``train`` and ``eval`` here:
+define ``@app.command()`` functions in this file (or ``app.command()(fn)`` from their modules,
+imported below the ``app`` definition); every command's help ends with an ``Example:`` block.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from rich.console import Console
+
+console = Console(stderr=True)
+
+app = typer.Typer(
+    name="healthgpt",
+    help=(
+        "HealthGPT: a medical vision-language model with H-LoRA (comprehension and generation).\n\n"
+        "Example:\n\n    healthgpt infer --preset tiny --image scan.png --question 'What modality is this?'"
+    ),
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_show_locals=False,
+)
+
+
+@app.callback()
+def _main() -> None:
+    """Keeps ``healthgpt`` a command group even while ``infer`` is its only command."""
+
+
+@app.command(
+    help=(
+        "Answer a question about an image, or generate an image (--task generation).\n\n"
+        "Comprehension streams the greedy answer to stdout. Generation decodes the model's 1024 VQ "
+        "tokens with the VQGAN and writes a PNG (plus the codes as <output>.vq.npy); malformed token "
+        "sequences are repaired (padded/truncated to 1024) and reported on stderr.\n\n"
+        "Real presets read their weights from local folders (--llm-path/--clip-path or the "
+        "HEALTHGPT_*_DIR variables); --released loads a HealthGPT-M3 download "
+        "(com_hlora_weights.bin, gen_hlora_weights.bin, fusion_layer_weights.bin).\n\n"
+        "Example:\n\n"
+        "    healthgpt infer --preset tiny --image scan.png --question 'What organ is shown?'\n\n"
+        "    healthgpt infer --preset tiny --task generation --image ct.png "
+        "--instruction 'Convert this CT to MRI' --output mri.png"
+    ),
+)
+def infer(
+    image: Annotated[Path | None, typer.Option(help="Input image (PNG/JPEG).")] = None,
+    question: Annotated[str | None, typer.Option(help="Question (comprehension).")] = None,
+    instruction: Annotated[str | None, typer.Option(help="Instruction (generation).")] = None,
+    task: Annotated[str, typer.Option(help="comprehension or generation.")] = "comprehension",
+    preset: Annotated[str, typer.Option(help="tiny, smollm2-135m, m3, l14, xl32.")] = "tiny",
+    checkpoint: Annotated[Path | None, typer.Option(help="Our trainable-parts .safetensors.")] = None,
+    released: Annotated[Path | None, typer.Option(help="Folder with the released HealthGPT-M3 files.")] = None,
+    llm_path: Annotated[Path | None, typer.Option(help="Local LLM folder (real presets).")] = None,
+    clip_path: Annotated[Path | None, typer.Option(help="Local CLIP ViT-L/14-336 folder.")] = None,
+    output: Annotated[Path, typer.Option(help="PNG written by --task generation.")] = Path("generated.png"),
+    vq: Annotated[str, typer.Option(help="VQGAN for decoding: 'tiny' or a weights file.")] = "tiny",
+    constrained: Annotated[bool, typer.Option(help="Force exactly 1024 index tokens + <end_index>.")] = False,
+    max_new_tokens: Annotated[int, typer.Option(help="Answer length limit (comprehension).")] = 256,
+    device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for random (tiny) weights.")] = 0,
+) -> None:
+    from healthgpt.checkpoints import CheckpointError
+    from healthgpt.infer import VQUnavailableError, answer, generate_image, load_model, load_vq_decoder
+    from healthgpt.presets import MissingWeightsError
+
+    if task not in ("comprehension", "generation"):
+        raise typer.BadParameter(f"--task must be comprehension or generation, got {task!r}")
+    if image is not None and not image.is_file():
+        console.print(f"[red]error:[/red] {image.name}: image not found")
+        raise typer.Exit(2)
+    text = question if task == "comprehension" else (instruction or question)
+    if not text:
+        raise typer.BadParameter("--question (comprehension) or --instruction (generation) is required")
+    overrides: dict[str, object] = {"seed": seed}
+    if llm_path is not None:
+        overrides["llm_path"] = llm_path
+    if clip_path is not None:
+        overrides["clip_path"] = clip_path
+    if dtype is not None:
+        overrides["dtype"] = dtype
+    if preset in ("m3", "l14", "xl32"):
+        overrides.pop("seed")
+    try:
+        model = load_model(preset, checkpoint=checkpoint, released=released, device=device, **overrides)
+    except (MissingWeightsError, CheckpointError, ValueError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from err
+
+    if task == "comprehension":
+        answer(model, image, text, max_new_tokens=max_new_tokens,
+               on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        sys.stdout.write("\n")
+        return
+
+    try:
+        decoder = load_vq_decoder(vq, device=device)
+    except VQUnavailableError as err:
+        console.print(f"[yellow]warning:[/yellow] {err}; writing the codes only")
+        decoder = None
+    result = generate_image(model, image, text, vq=decoder, constrained=constrained)
+    codes_path = output.with_suffix(".vq.npy")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    np.save(codes_path, result.codes.astype(np.int16))
+    if not result.report.ok:
+        console.print(f"[yellow]repaired image tokens:[/yellow] {'; '.join(result.report.notes)} "
+                      f"({result.report.n_index_tokens} index tokens generated)")
+    if result.image is None:
+        console.print(f"wrote {codes_path.name} (no VQ decoder, no PNG)")
+        raise typer.Exit(3)
+    from PIL import Image
+
+    Image.fromarray(result.image).save(output)
+    console.print(f"wrote {output.name} and {codes_path.name}")
+
+
+# `healthgpt eval` lives with the evaluator (healthgpt/evaluate.py).
+from healthgpt.evaluate import EVAL_HELP, eval_command  # noqa: E402
+
+app.command(name="eval", help=EVAL_HELP)(eval_command)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

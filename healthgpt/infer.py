@@ -1,0 +1,155 @@
+"""Inference helpers behind ``healthgpt infer`` (and usable from Python / the evaluator).
+
+``answer`` runs comprehension: greedy decoding with a KV cache, optionally streaming text pieces to
+a callback. ``generate_image`` runs generation: the prompt ends with ``<start_index>`` (as in the
+released generation script), the model emits ``<idx_*>`` tokens, ``parse_image_tokens`` reads and
+repairs them (wrong length -> padded/truncated to 1024, missing ``<end_index>`` or stray text
+tokens -> reported, never an exception), and the VQGAN (``vlhealth.vq``) decodes the 32×32 codes
+to a 256×256 RGB image.
+
+Public API::
+
+    load_model(preset, *, checkpoint=None, released=None, device="cpu", **overrides) -> HealthGPT
+    answer(model, image, question, *, max_new_tokens=256, on_text=None) -> str
+    generate_image(model, image, instruction, *, vq=None, constrained=False)
+        -> ImageResult(image uint8 [256,256,3] | None, codes int64 [1024], report)
+    load_vq_decoder(spec="tiny", device="cpu")      # raises VQUnavailableError if vlhealth.vq is missing
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from healthgpt.conversation import encode_prompt
+from healthgpt.model import HealthGPT, ImageTokenReport
+
+__all__ = ["ImageResult", "VQUnavailableError", "answer", "generate_image", "load_model", "load_vq_decoder"]
+
+
+class VQUnavailableError(RuntimeError):
+    """The VQGAN decoder (``vlhealth.vq``) cannot be imported or loaded."""
+
+
+@dataclass
+class ImageResult:
+    image: np.ndarray | None
+    codes: np.ndarray
+    report: ImageTokenReport
+
+
+def load_model(
+    preset: str,
+    *,
+    checkpoint: str | os.PathLike[str] | None = None,
+    released: str | os.PathLike[str] | None = None,
+    device: str = "cpu",
+    **overrides: Any,
+) -> HealthGPT:
+    """Build a preset, then load our checkpoint and/or a released HealthGPT-M3 folder."""
+    from healthgpt.checkpoints import load_released_m3, load_trainable
+    from healthgpt.presets import build_model
+
+    model, _ = build_model(preset, **overrides)
+    if released is not None:
+        load_released_m3(model, released)
+    if checkpoint is not None:
+        load_trainable(model, checkpoint)
+    return model.to(device).eval()
+
+
+def _pixel_values(model: HealthGPT, image: Any) -> torch.Tensor | None:
+    if image is None:
+        return None
+    return model.vision.preprocess([image]).to(model.device)
+
+
+class _TextStream:
+    """Turns streamed token ids into text pieces (decoding the whole answer so far each step,
+    so multi-token characters come out whole)."""
+
+    def __init__(self, tokenizer: Any, on_text: Callable[[str], None], stops: set[int]) -> None:
+        self.tokenizer = tokenizer
+        self.on_text = on_text
+        self.stops = stops
+        self.ids: list[int] = []
+        self.printed = 0
+        self.done = False
+
+    def __call__(self, token: torch.Tensor) -> None:
+        if self.done:
+            return
+        t = int(token[0])
+        if t in self.stops:
+            self.done = True
+            return
+        self.ids.append(t)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for more
+            return
+        if len(text) > self.printed:
+            self.on_text(text[self.printed:])
+            self.printed = len(text)
+
+
+def answer(
+    model: HealthGPT,
+    image: Any,
+    question: str,
+    *,
+    max_new_tokens: int = 256,
+    on_text: Callable[[str], None] | None = None,
+) -> str:
+    """Answer ``question`` about ``image`` (a path, PIL image or uint8 array; None = text only)."""
+    from healthgpt.model import stop_token_ids_for
+
+    ids = encode_prompt(model.tokenizer, question, template=model.template, image=image is not None)
+    stops = stop_token_ids_for(model)
+    stream = _TextStream(model.tokenizer, on_text, set(stops)) if on_text is not None else None
+    out = model.generate(torch.tensor([ids]), pixel_values=_pixel_values(model, image), task="comprehension",
+                         max_new_tokens=max_new_tokens, stop_token_ids=stops, streamer=stream)
+    row = [t for t in out[0].tolist()]
+    for i, t in enumerate(row):
+        if t in stops:
+            row = row[:i]
+            break
+    return model.tokenizer.decode(row, skip_special_tokens=True).strip()
+
+
+def load_vq_decoder(spec: str | os.PathLike[str] = "tiny", device: str = "cpu") -> Any:
+    try:
+        from vlhealth.vq import load_vq
+    except ImportError as err:
+        raise VQUnavailableError(f"the VQGAN decoder vlhealth.vq is not available ({err})") from err
+    return load_vq(spec, device=device)
+
+
+def generate_image(
+    model: HealthGPT,
+    image: Any,
+    instruction: str,
+    *,
+    vq: Any = None,
+    constrained: bool = False,
+    max_new_tokens: int | None = None,
+) -> ImageResult:
+    """Generate an image for ``instruction`` (e.g. "Convert this CT to MRI") from ``image``.
+
+    ``vq``: a loaded VQ tokenizer (``load_vq_decoder``) or None to return only the codes.
+    """
+    ids = encode_prompt(model.tokenizer, instruction, template=model.template, image=image is not None,
+                        task="generation")
+    kwargs: dict[str, Any] = {}
+    if max_new_tokens is not None:
+        kwargs["max_new_tokens"] = max_new_tokens
+    codes, reports = model.generate_image_tokens(torch.tensor([ids]), pixel_values=_pixel_values(model, image),
+                                                 constrained=constrained, **kwargs)
+    decoded = None
+    if vq is not None:
+        decoded = np.asarray(vq.decode(codes[:1]))[0]
+    return ImageResult(image=decoded, codes=codes[0], report=reports[0])
