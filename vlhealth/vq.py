@@ -1,0 +1,739 @@
+"""VQGAN image tokenizer: 256x256 images <-> 32x32 = 1024 codes from an 8192-entry codebook.
+
+This is the first-stage model HealthGPT decodes its generated image tokens with: the
+taming-transformers ``GumbelVQ`` "OpenImages f8, 8192 codes" (ch 128, ch_mult (1,1,2,4), two
+residual blocks per level, attention at resolution 32, z_channels = embed_dim = 256).
+
+The modules are written here in plain PyTorch; their parameter names follow the taming checkpoint
+layout exactly (``encoder.*``, ``decoder.*``, ``quant_conv.*``, ``quantize.proj.*``,
+``quantize.embed.weight``, ``post_quant_conv.*``), so the released Lightning ``last.ckpt`` loads
+without renaming. Its ``loss.*`` (perceptual loss, discriminator) entries are ignored and reported.
+
+Two deliberate differences from the released inference scripts:
+
+* encoding is the argmax of the quantiser logits ``proj(z)``; the taming ``GumbelQuantize`` runs
+  ``gumbel_softmax`` even in eval mode, which adds random Gumbel noise, so its indices are not
+  reproducible. Taking the noise-free argmax makes shards byte-identical across runs.
+* decoded pixels are rounded to the nearest 8-bit level (the released ``custom_to_pil`` truncates).
+
+``load_vq("tiny")`` gives a small model with seeded random weights (same f8 geometry and codebook
+size, fast on CPU) for tests and the demo; its indices are not meaningful image tokens and
+:meth:`VQTokenizer.describe` says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "CODEBOOK_SIZE",
+    "GRID",
+    "IMAGE_SIZE",
+    "TOKENS_PER_IMAGE",
+    "TINY_NOTE",
+    "VQCheckpointError",
+    "VQConfig",
+    "VQGAN",
+    "VQTokenizer",
+    "convert_checkpoint",
+    "load_state_dict_file",
+    "load_vq",
+]
+
+log = logging.getLogger(__name__)
+
+CODEBOOK_SIZE = 8192
+GRID = 32
+TOKENS_PER_IMAGE = GRID * GRID
+IMAGE_SIZE = 256
+TINY_SEED = 20250213
+TINY_NOTE = "tiny random VQGAN: indices are not meaningful image tokens"
+
+# Checkpoint entries that belong to training only (perceptual loss, discriminator).
+_IGNORED_PREFIXES = ("loss.",)
+_CONFIG_METADATA_KEY = "vq_config"
+
+
+class VQCheckpointError(ValueError):
+    """A weights file that does not fit the VQGAN layout (missing keys, wrong shapes, bad format)."""
+
+
+# --------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass(frozen=True)
+class VQConfig:
+    """Architecture of a taming VQGAN (the ``ddconfig`` plus the quantiser sizes).
+
+    ``norm_groups`` is not a taming option (taming always uses 32 GroupNorm groups); it exists so
+    the tiny model can have fewer than 32 channels. Parameter names and shapes do not depend on it.
+    """
+
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 1, 2, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (32,)
+    in_channels: int = 3
+    out_ch: int = 3
+    resolution: int = IMAGE_SIZE
+    z_channels: int = 256
+    embed_dim: int = 256
+    n_embed: int = CODEBOOK_SIZE
+    norm_groups: int = 32
+    dropout: float = 0.0
+    double_z: bool = False
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        if self.double_z:
+            problems.append("double_z must be false for a VQGAN")
+        if self.embed_dim != self.z_channels:
+            # GumbelVQ feeds quant_conv's output (embed_dim) to quantize.proj, which taming builds
+            # with z_channels inputs: the two must agree for the layout to run at all.
+            problems.append(f"embed_dim ({self.embed_dim}) must equal z_channels ({self.z_channels})")
+        if self.resolution // 2 ** (len(self.ch_mult) - 1) * 2 ** (len(self.ch_mult) - 1) != self.resolution:
+            problems.append(f"resolution {self.resolution} is not divisible by the downsampling factor")
+        widths = {self.ch * m for m in self.ch_mult} | {self.z_channels}
+        bad = sorted(w for w in widths if w % self.norm_groups)
+        if bad:
+            problems.append(f"channel widths {bad} are not divisible by norm_groups={self.norm_groups}")
+        if problems:
+            raise ValueError("invalid VQ config: " + "; ".join(problems))
+
+    @property
+    def grid(self) -> int:
+        return self.resolution // 2 ** (len(self.ch_mult) - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["ch_mult"] = list(self.ch_mult)
+        out["attn_resolutions"] = list(self.attn_resolutions)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> VQConfig:
+        """Accept our own dict, or a taming model config (``model.params`` with a ``ddconfig``)."""
+        if "model" in data and isinstance(data["model"], Mapping):
+            data = data["model"].get("params", data["model"])
+        if "ddconfig" in data:
+            flat = dict(data["ddconfig"])
+            for key in ("embed_dim", "n_embed"):
+                if key in data:
+                    flat[key] = data[key]
+            data = flat
+        known = {f.name for f in cls.__dataclass_fields__.values()}
+        kwargs: dict[str, Any] = {k: v for k, v in data.items() if k in known}
+        for key in ("ch_mult", "attn_resolutions"):
+            if key in kwargs:
+                kwargs[key] = tuple(int(v) for v in kwargs[key])
+        return cls(**kwargs)
+
+
+GUMBEL_F8_CONFIG = VQConfig()
+# Same geometry (256 -> 32x32, 8192 codes) with few channels and blocks: fast on one CPU core.
+TINY_CONFIG = VQConfig(
+    ch=2,
+    ch_mult=(1, 2, 4, 8),
+    num_res_blocks=1,
+    attn_resolutions=(),
+    z_channels=8,
+    embed_dim=8,
+    norm_groups=2,
+)
+
+
+# --------------------------------------------------------------------------------------------
+# modules (names mirror taming.modules.diffusionmodules.model so state dicts line up)
+
+
+def _swish(x: torch.Tensor) -> torch.Tensor:
+    return F.silu(x)
+
+
+def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, groups: int) -> None:
+        super().__init__()
+        self.norm1 = _group_norm(in_channels, groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = _group_norm(out_channels, groups)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        # taming names the 1x1 projection of the skip path "nin_shortcut" (only when widths differ)
+        self.nin_shortcut: nn.Module | None = (
+            nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(_swish(self.norm1(x)))
+        h = self.conv2(_swish(self.norm2(h)))  # dropout is 0 in every released config
+        skip = self.nin_shortcut(x) if self.nin_shortcut is not None else x
+        return skip + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head spatial self-attention with 1x1-conv q/k/v/proj_out, scale 1/sqrt(C)."""
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.norm = _group_norm(channels, groups)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, hgt, wid = x.shape
+        h = self.norm(x)
+
+        def tokens(t: torch.Tensor) -> torch.Tensor:  # [B,C,H,W] -> [B,1,HW,C]
+            # contiguous, so that CPU SDPA takes its flash kernel instead of the slow math path
+            return t.flatten(2).transpose(1, 2).contiguous().unsqueeze(1)
+
+        out = F.scaled_dot_product_attention(tokens(self.q(h)), tokens(self.k(h)), tokens(self.v(h)))
+        out = out.squeeze(1).transpose(1, 2).reshape(b, c, hgt, wid)
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # taming pads only right and bottom before the stride-2 conv
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _Level(nn.Module):
+    """One resolution level: ``block`` (ResnetBlocks), ``attn`` (AttnBlocks, maybe empty), resampler."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.ModuleList()
+        self.attn = nn.ModuleList()
+
+    def run_blocks(self, h: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(self.block):
+            h = block(h)
+            if len(self.attn) > 0:
+                h = self.attn[i](h)
+        return h
+
+
+class _Middle(nn.Module):
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, groups)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(h)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VQConfig) -> None:
+        super().__init__()
+        g = cfg.norm_groups
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        in_mult = (1, *cfg.ch_mult)
+        res = cfg.resolution
+        self.down = nn.ModuleList()
+        width = cfg.ch
+        for level, mult in enumerate(cfg.ch_mult):
+            stage = _Level()
+            width = cfg.ch * in_mult[level]
+            out = cfg.ch * mult
+            for _ in range(cfg.num_res_blocks):
+                stage.block.append(ResnetBlock(width, out, g))
+                width = out
+                if res in cfg.attn_resolutions:
+                    stage.attn.append(AttnBlock(width, g))
+            if level != len(cfg.ch_mult) - 1:
+                stage.downsample = Downsample(width)
+                res //= 2
+            self.down.append(stage)
+        self.mid = _Middle(width, g)
+        self.norm_out = _group_norm(width, g)
+        self.conv_out = nn.Conv2d(width, cfg.z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for stage in self.down:
+            h = stage.run_blocks(h)
+            if hasattr(stage, "downsample"):
+                h = stage.downsample(h)
+        h = self.mid(h)
+        return self.conv_out(_swish(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VQConfig) -> None:
+        super().__init__()
+        g = cfg.norm_groups
+        levels = len(cfg.ch_mult)
+        width = cfg.ch * cfg.ch_mult[-1]
+        res = cfg.grid
+        self.conv_in = nn.Conv2d(cfg.z_channels, width, 3, padding=1)
+        self.mid = _Middle(width, g)
+        stages: list[_Level] = []
+        for level in reversed(range(levels)):
+            stage = _Level()
+            out = cfg.ch * cfg.ch_mult[level]
+            for _ in range(cfg.num_res_blocks + 1):
+                stage.block.append(ResnetBlock(width, out, g))
+                width = out
+                if res in cfg.attn_resolutions:
+                    stage.attn.append(AttnBlock(width, g))
+            if level != 0:
+                stage.upsample = Upsample(width)
+                res *= 2
+            stages.append(stage)
+        # taming indexes decoder levels by resolution level (up.0 is the full-resolution one)
+        self.up = nn.ModuleList(reversed(stages))
+        self.norm_out = _group_norm(width, g)
+        self.conv_out = nn.Conv2d(width, cfg.out_ch, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))
+        for stage in reversed(self.up):
+            h = stage.run_blocks(h)
+            if hasattr(stage, "upsample"):
+                h = stage.upsample(h)
+        return self.conv_out(_swish(self.norm_out(h)))
+
+
+class GumbelQuantizer(nn.Module):
+    """Inference half of taming's ``GumbelQuantize``: logits ``proj`` and codebook ``embed``."""
+
+    def __init__(self, dim: int, n_embed: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(dim, n_embed, 1)
+        self.embed = nn.Embedding(n_embed, dim)
+
+    def codes(self, z: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+        """Noise-free argmax of ``proj(z)`` over the codebook: [B,D,H,W] -> int64 [B,H*W].
+
+        The full logits tensor is B*H*W*n_embed floats (1 GiB for 32 images), so rows are scored
+        in chunks that stay cache-resident; the result equals ``proj(z).argmax(1)``.
+        """
+        b, d, hgt, wid = z.shape
+        rows = z.permute(0, 2, 3, 1).reshape(-1, d)
+        weight = self.proj.weight.reshape(self.proj.out_channels, d).t()
+        bias = self.proj.bias
+        out = torch.empty(rows.shape[0], dtype=torch.long, device=z.device)
+        for start in range(0, rows.shape[0], chunk_rows):
+            part = rows[start : start + chunk_rows]
+            logits = torch.addmm(bias, part, weight) if bias is not None else part @ weight
+            out[start : start + chunk_rows] = _first_argmax(logits)
+        return out.reshape(b, hgt * wid)
+
+
+def _first_argmax(scores: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """``scores.argmax(1)`` (first index of the maximum) for a 2-D float tensor, computed blockwise.
+
+    On CPU ``argmax`` is a scalar loop while ``amax`` is vectorised: taking the per-block maxima,
+    the first block holding the row maximum, and the argmax inside that block gives the same index
+    (blocks are scanned in order, so ties resolve to the first occurrence) about ten times faster.
+    """
+    rows, n = scores.shape
+    if scores.device.type != "cpu" or n % block or n <= block:
+        return scores.argmax(dim=1)
+    blocks = scores.reshape(rows, n // block, block)
+    best_block = blocks.amax(dim=2).argmax(dim=1)
+    inside = blocks[torch.arange(rows, device=scores.device), best_block].argmax(dim=1)
+    return best_block * block + inside
+
+
+class VQGAN(nn.Module):
+    """taming ``GumbelVQ`` without its training parts; ``state_dict()`` keys match the checkpoint."""
+
+    def __init__(self, cfg: VQConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.embed_dim, 1)
+        self.quantize = GumbelQuantizer(cfg.embed_dim, cfg.n_embed)
+        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+        self._encode_format = torch.contiguous_format
+        self._decode_format = torch.contiguous_format
+
+    def use_memory_formats(self, encode: torch.memory_format, decode: torch.memory_format) -> VQGAN:
+        """Pick activation layouts (oneDNN convs are faster channels-last, GroupNorm is not)."""
+        self._encode_format, self._decode_format = encode, decode
+        for module in (self.encoder, self.quant_conv):
+            module.to(memory_format=encode)
+        for module in (self.post_quant_conv, self.decoder):
+            module.to(memory_format=decode)
+        return self
+
+    def encode_codes(self, x: torch.Tensor, chunk_rows: int = 512) -> torch.Tensor:
+        """x: float [B,3,R,R] in [-1,1] -> int64 [B, grid*grid] (row-major)."""
+        x = x.contiguous(memory_format=self._encode_format)
+        return self.quantize.codes(self.quant_conv(self.encoder(x)), chunk_rows)
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes: int64 [B, grid*grid] -> float [B,3,R,R], roughly in [-1,1]."""
+        grid = self.config.grid
+        z = self.quantize.embed(codes).reshape(codes.shape[0], grid, grid, -1).permute(0, 3, 1, 2)
+        return self.decoder(self.post_quant_conv(z.contiguous(memory_format=self._decode_format)))
+
+
+# --------------------------------------------------------------------------------------------
+# seeded random weights for the tiny model
+
+
+def _seeded_uniform(seed: int, name: str, shape: tuple[int, ...], bound: float) -> torch.Tensor:
+    """Uniform(-bound, bound) drawn from PCG64 keyed by (seed, parameter name).
+
+    ``Generator.random`` maps raw 64-bit draws to doubles by a fixed rule, so the same seed gives
+    the same weights on every machine and numpy version; keying by name keeps each tensor stable
+    when others change.
+    """
+    key = int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
+    draws = np.random.Generator(np.random.PCG64(key)).random(int(np.prod(shape)))
+    return torch.from_numpy(((draws * 2.0 - 1.0) * bound).astype(np.float32).reshape(shape))
+
+
+def _init_seeded(model: VQGAN, seed: int) -> None:
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".weight") and ("norm" in name.rsplit(".", 2)[-2]):
+                param.fill_(1.0)  # GroupNorm scale
+            elif "norm" in name.rsplit(".", 2)[-2] and name.endswith(".bias"):
+                param.zero_()
+            elif name == "quantize.embed.weight":
+                param.copy_(_seeded_uniform(seed, name, tuple(param.shape), 1.0))
+            elif name.startswith("quantize.proj"):
+                # unit-scale code directions and no bias: the argmax then follows the direction of z,
+                # so different images pick different codes instead of one bias-dominated index
+                bound = 1.0 if name.endswith("weight") else 0.0
+                param.copy_(_seeded_uniform(seed, name, tuple(param.shape), bound))
+            elif name.endswith(".weight"):
+                fan_in = int(np.prod(param.shape[1:]))
+                param.copy_(_seeded_uniform(seed, name, tuple(param.shape), math.sqrt(3.0 / fan_in)))
+            else:
+                param.copy_(_seeded_uniform(seed, name, tuple(param.shape), 0.05))
+
+
+# --------------------------------------------------------------------------------------------
+# loading and conversion
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _sidecar_config(path: Path) -> VQConfig | None:
+    """A config stored next to a checkpoint: ``<stem>.json``, ``config.json`` or taming's ``model.yaml``."""
+    for candidate in (path.with_suffix(".json"), path.parent / "config.json"):
+        if candidate.is_file():
+            return VQConfig.from_dict(json.loads(candidate.read_text()))
+    yaml_path = path.parent / "model.yaml"
+    if yaml_path.is_file():
+        import yaml
+
+        return VQConfig.from_dict(yaml.safe_load(yaml_path.read_text()))
+    return None
+
+
+def load_state_dict_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], VQConfig | None]:
+    """Read weights from a Lightning ``.ckpt`` (its ``state_dict``), a bare state dict, or safetensors.
+
+    Returns the tensors and the config stored with them (safetensors metadata or a sidecar file),
+    if any. Pickles are opened with ``weights_only=True``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"VQGAN weights not found: {path.name}")
+    config: VQConfig | None = None
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+        except Exception as exc:  # safetensors raises several error types for corrupt files
+            raise VQCheckpointError(f"{path.name}: not a readable safetensors file ({exc})") from exc
+        if _CONFIG_METADATA_KEY in meta:
+            config = VQConfig.from_dict(json.loads(meta[_CONFIG_METADATA_KEY]))
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise VQCheckpointError(f"{path.name}: cannot be read as a weights-only torch checkpoint ({exc})") from exc
+        if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+            obj = obj["state_dict"]
+        if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise VQCheckpointError(f"{path.name}: expected a Lightning checkpoint or a state dict of tensors")
+        tensors = dict(obj)
+    if config is None:
+        config = _sidecar_config(path)
+    return tensors, config
+
+
+def _listing(items: list[str], limit: int = 8) -> str:
+    return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def _fit_state_dict(model: VQGAN, tensors: Mapping[str, torch.Tensor], source: str) -> list[str]:
+    """Load ``tensors`` into ``model`` strictly; return the ignored (training-only) keys."""
+    expected = model.state_dict()
+    ignored = sorted(k for k in tensors if k.startswith(_IGNORED_PREFIXES))
+    unknown = sorted(k for k in tensors if k not in expected and not k.startswith(_IGNORED_PREFIXES))
+    missing = sorted(k for k in expected if k not in tensors)
+    wrong = [
+        f"{k} (file {tuple(tensors[k].shape)}, model {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in tensors and tuple(tensors[k].shape) != tuple(v.shape)
+    ]
+    if missing or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys: {_listing(missing)}")
+        if wrong:
+            parts.append(f"{len(wrong)} shape mismatches: {_listing(wrong)}")
+        raise VQCheckpointError(f"{source}: does not fit the VQGAN config: " + "; ".join(parts))
+    if unknown:
+        log.warning("%s: %d unexpected keys ignored: %s", source, len(unknown), ", ".join(unknown[:8]))
+    if ignored:
+        log.info("%s: %d training-only keys (loss/discriminator) ignored", source, len(ignored))
+    model.load_state_dict({k: tensors[k].float() for k in expected}, strict=True)
+    return ignored + unknown
+
+
+def convert_checkpoint(
+    ckpt_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    config: VQConfig | Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the VQGAN weights of ``ckpt_path`` (Lightning .ckpt or safetensors) as safetensors.
+
+    Training-only keys are dropped; the config goes into the safetensors metadata (``vq_config``)
+    and into a JSON file beside the output. Returns a summary dict.
+    """
+    from safetensors.torch import save_file
+
+    ckpt_path, out_path = Path(ckpt_path), Path(out_path)
+    tensors, stored = load_state_dict_file(ckpt_path)
+    cfg = _as_config(config) or stored or GUMBEL_F8_CONFIG
+    model = VQGAN(cfg)
+    dropped = _fit_state_dict(model, tensors, ckpt_path.name)
+    weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    cfg_json = json.dumps(cfg.to_dict(), sort_keys=True)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(out_path), metadata={_CONFIG_METADATA_KEY: cfg_json, "format": "taming-gumbelvq"})
+    out_path.with_suffix(".json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    return {
+        "source": ckpt_path.name,
+        "out": out_path.name,
+        "tensors": len(weights),
+        "parameters": int(sum(v.numel() for v in weights.values())),
+        "dropped_keys": len(dropped),
+        "config": cfg.to_dict(),
+        "sha256": _sha256_file(out_path),
+    }
+
+
+def _as_config(config: VQConfig | Mapping[str, Any] | None) -> VQConfig | None:
+    if config is None or isinstance(config, VQConfig):
+        return config
+    return VQConfig.from_dict(config)
+
+
+# --------------------------------------------------------------------------------------------
+# the tokenizer
+
+
+def _batches(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+class VQTokenizer:
+    """numpy in, numpy out: ``encode`` uint8 images -> int16 codes, ``decode`` codes -> uint8 RGB."""
+
+    def __init__(
+        self,
+        model: VQGAN,
+        *,
+        name: str,
+        sha256: str,
+        random_weights: bool,
+        device: str = "cpu",
+        batch_size: int = 32,
+        ignored_keys: list[str] | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.model = model.eval().requires_grad_(False).to(self.device)
+        self.config = model.config
+        self.name = name
+        self.sha256 = sha256
+        self.random_weights = random_weights
+        self.batch_size = batch_size
+        self.ignored_keys = list(ignored_keys or [])
+        # rows of quantiser logits scored at once: cache-sized on CPU, large on accelerators
+        self._chunk_rows = 32 if self.device.type == "cpu" else 16384
+        if self.device.type == "cpu":
+            # measured on the tiny model (benchmarks/vq_throughput.py --layouts)
+            self.model.use_memory_formats(torch.channels_last, torch.channels_last)
+
+    @property
+    def image_size(self) -> int:
+        return self.config.resolution
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.config.grid**2
+
+    def _check_images(self, images: np.ndarray) -> np.ndarray:
+        arr = np.asarray(images)
+        size = self.image_size
+        if arr.dtype != np.uint8:
+            raise ValueError(f"VQ encode expects uint8 images, got dtype {arr.dtype}")
+        if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] == 3 and arr.shape[:2] == (size, size)):
+            arr = arr[None]  # a single image
+        if arr.ndim == 3:
+            arr = arr[..., None]
+        if arr.ndim != 4 or arr.shape[1:3] != (size, size) or arr.shape[3] not in (1, 3):
+            raise ValueError(
+                f"VQ encode expects images shaped [N,{size},{size}] or [N,{size},{size},3] "
+                f"(or one such image), got {tuple(np.shape(images))}"
+            )
+        return arr
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [N,R,R] (grey) or [N,R,R,3] -> int16 [N, grid*grid] codes (row-major)."""
+        arr = self._check_images(images)
+        out = np.empty((arr.shape[0], self.tokens_per_image), dtype=np.int16)
+        with torch.inference_mode():
+            for part in _batches(arr.shape[0], self.batch_size):
+                x = torch.from_numpy(np.ascontiguousarray(arr[part])).to(self.device)
+                x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+                if x.shape[1] == 1:
+                    x = x.expand(-1, 3, -1, -1)
+                codes = self.model.encode_codes(x, self._chunk_rows)
+                out[part] = codes.to("cpu", torch.int16).numpy()
+        return out
+
+    def decode(self, indices: np.ndarray) -> np.ndarray:
+        """int codes [N, grid*grid] (or [N,grid,grid], or one row) -> uint8 RGB [N,R,R,3]."""
+        arr = np.asarray(indices)
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"VQ decode expects integer indices, got dtype {arr.dtype}")
+        tokens, grid = self.tokens_per_image, self.config.grid
+        if arr.ndim == 1:
+            arr = arr[None]  # one image's codes
+        elif arr.ndim == 3 and arr.shape[1:] == (grid, grid):
+            arr = arr.reshape(arr.shape[0], tokens)
+        if arr.ndim != 2 or arr.shape[1] != tokens:
+            raise ValueError(f"VQ decode expects indices shaped [N,{tokens}], got {tuple(np.shape(indices))}")
+        if arr.size:
+            lo, hi = int(arr.min()), int(arr.max())
+            if lo < 0 or hi >= self.config.n_embed:
+                raise ValueError(f"VQ indices must lie in [0, {self.config.n_embed - 1}], got values in [{lo}, {hi}]")
+        size = self.image_size
+        out = np.empty((arr.shape[0], size, size, 3), dtype=np.uint8)
+        with torch.inference_mode():
+            for part in _batches(arr.shape[0], self.batch_size):
+                codes = torch.from_numpy(arr[part].astype(np.int64)).to(self.device)
+                x = self.model.decode_codes(codes)
+                # [-1,1] -> [0,255], rounded to the nearest level
+                x = x.clamp_(-1.0, 1.0).add_(1.0).mul_(127.5).round_()
+                out[part] = x.permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy()
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """Provenance for build.json: never an absolute path."""
+        info: dict[str, Any] = {
+            "name": self.name,
+            "config": self.config.to_dict(),
+            "sha256": self.sha256,
+            "random_weights": self.random_weights,
+        }
+        if self.random_weights:
+            info["note"] = TINY_NOTE
+        if self.ignored_keys:
+            info["ignored_checkpoint_keys"] = len(self.ignored_keys)
+        return info
+
+
+def _tiny_tokenizer(device: str, batch_size: int, seed: int = TINY_SEED) -> VQTokenizer:
+    model = VQGAN(TINY_CONFIG)
+    _init_seeded(model, seed)
+    ident = json.dumps({"seed": seed, "config": TINY_CONFIG.to_dict()}, sort_keys=True)
+    return VQTokenizer(
+        model,
+        name="tiny",
+        sha256=hashlib.sha256(ident.encode()).hexdigest(),
+        random_weights=True,
+        device=device,
+        batch_size=batch_size,
+    )
+
+
+def load_vq(
+    spec: str | os.PathLike[str] = "tiny",
+    device: str = "cpu",
+    batch_size: int = 32,
+    *,
+    config: VQConfig | Mapping[str, Any] | None = None,
+) -> VQTokenizer:
+    """``"tiny"`` (seeded random weights) or a path to taming ``last.ckpt`` / converted safetensors.
+
+    The architecture of a file comes from ``config`` if given, else from the file (safetensors
+    metadata) or a config beside it (``<stem>.json``, ``config.json``, taming's ``model.yaml``),
+    else the released Gumbel f8 config.
+    """
+    if isinstance(spec, str) and spec == "tiny":
+        if config is not None:
+            raise ValueError("load_vq('tiny') has a fixed config; pass a weights file to use another")
+        return _tiny_tokenizer(device, batch_size)
+    path = Path(spec)
+    tensors, stored = load_state_dict_file(path)
+    cfg = _as_config(config) or stored or GUMBEL_F8_CONFIG
+    model = VQGAN(cfg)
+    ignored = _fit_state_dict(model, tensors, path.name)
+    return VQTokenizer(
+        model,
+        name=path.name,
+        sha256=_sha256_file(path),
+        random_weights=False,
+        device=device,
+        batch_size=batch_size,
+        ignored_keys=ignored,
+    )
