@@ -66,7 +66,7 @@ def _parser(split: str, file: str) -> Any:
             image = image[len("files/"):]
         idx = normalise_text(row.get("idx", i))
         qa = QA(id=f"{split}-{idx}", question=normalise_text(row["question"]), answer=answer,
-                answer_type="closed" if semantic == "verify" else "open", split=split, modality="X-Ray",
+                answer_type="closed" if semantic == "verify" else "open", split=split, modality="X-ray",
                 body_part="chest", provenance={"file": file, "idx": idx},
                 extra={k: normalise_text(row[k]) for k in ("semantic_type", "content_type", "template") if k in row})
         return f"files/{image}", qa

@@ -155,7 +155,8 @@ def test_slake(demo: Path, built: dict, tmp_path: Path) -> None:
              for r in json.loads((demo / "slake" / f).read_text()) if r["q_lang"] == "en")
     assert summary.samples == en
     s = next(iter(samples.values()))
-    assert s.record.modality in ("CT", "MRI", "X-Ray") and s.record.body_part
+    assert {s.record.modality for s in samples.values()} == {"CT", "MRI", "X-ray"}  # upstream "X-Ray"
+    assert s.record.body_part and s.record.body_part == s.record.body_part.lower()
     assert s.record.group.startswith("imgs_xmlab")
     # validation.json spelling, --lang all
     root = copy_source(demo, "slake", tmp_path)
@@ -272,6 +273,8 @@ def test_omnimedvqa(demo: Path, built: dict, tmp_path: Path) -> None:
     by_part = {s.record.provenance["file"].split("/")[1]: s.record.modality for s in samples.values()}
     assert by_part["Open-access"] and by_part["Restricted-access"]
     assert any(len(s.record.options) == 2 for s in samples.values())
+    assert {s.record.modality for s in samples.values()} <= {"CT", "MRI", "X-ray"}
+    assert any(s.record.extra.get("modality_upstream") == "CT(Computed Tomography)" for s in samples.values())
     formats = {s.input_format for s in samples.values()}
     assert formats == {"jpg", "png"}
     _s, only_open, _r = build("omnimedvqa", demo / "omnimedvqa", tmp_path / "open", access="open")

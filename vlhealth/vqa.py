@@ -16,7 +16,11 @@ Every comprehension builder in ``builders/`` reads its upstream rows, turns each
   its perceptual hashes (``extra.phash``/``extra.dhash``) are stored with every sample so that
   ``vlhealth check-leaks`` never needs to decode it again.
 * **leak guard at build time** (``--drop-leaks SHARDS``): train/val images that near-duplicate a
-  test image of the given shard folders are refused with reason ``leak``.
+  test image of the given shard folders are refused with reason ``leak``. Against a source's own
+  test split (VQA-RAD asks test questions about training images), build it once, then rebuild
+  into another folder with ``--drop-leaks`` pointing at the first build.
+* **modality names** are made canonical (``Computed Tomography`` -> ``CT``, ...; the upstream
+  spelling stays in ``extra.modality_upstream``), body parts lower-cased.
 * **conversations**: roles ``user``/``assistant`` map to ``human``/``gpt``; the misspelt
   ``conversatons`` key is accepted; ``<image>`` is added to the first human turn where missing.
 * **pickles** (PathVQA) are opened with :func:`load_pickle`, a restricted unpickler that admits
@@ -124,6 +128,24 @@ def choice_instruction(question: str, options: list[str], suffix: str = DEFAULT_
     lines += [f"{LETTERS[i]}. {opt}" for i, opt in enumerate(options)]
     lines.append(suffix)
     return "\n".join(lines)
+
+
+# Upstream spellings of the same modality -> one name, so that `vlhealth stats` counts them together
+# (the upstream value is kept in ``extra.modality_upstream`` when it differs).
+MODALITY_NAMES = {
+    "ct": "CT", "computed tomography": "CT", "ct(computed tomography)": "CT",
+    "mri": "MRI", "mr": "MRI", "magnetic resonance imaging": "MRI", "mr (mag-netic resonance imaging)": "MRI",
+    "x-ray": "X-ray", "xray": "X-ray", "x ray": "X-ray", "digital radiography": "X-ray", "radiograph": "X-ray",
+    "ultrasound": "ultrasound", "us": "ultrasound", "pathology": "pathology", "microscopy images": "microscopy",
+    "microscopy": "microscopy", "dermoscopy": "dermoscopy", "fundus photography": "fundus", "oct": "OCT",
+    "optical coherence tomography": "OCT", "endoscopy": "endoscopy", "pet": "PET",
+}
+
+
+def canonical_modality(value: str | None) -> str | None:
+    if not value:
+        return None
+    return MODALITY_NAMES.get(re.sub(r"\s+", " ", value).strip().lower(), value.strip())
 
 
 # -- the units builders hand over ----------------------------------------------------------------
@@ -439,6 +461,9 @@ def emit(
         if loaded is not None and loaded.converted_from:
             provenance["converted_from"] = loaded.converted_from
         extra = {**unit.extra, **hashes}
+        modality = canonical_modality(unit.modality)
+        if modality and unit.modality and modality != unit.modality:
+            extra["modality_upstream"] = unit.modality
         base_key = safe_key(source, unit.id)
         if isinstance(unit, Chat):
             answer_type = "open"
@@ -456,7 +481,7 @@ def emit(
             record = Record(
                 task="comprehension", subtask=unit.subtask, source=source, split=unit.split,
                 conversations=conv, group=group, license=ctx.license, answer_type=answer_type,
-                options=options, modality=unit.modality or None, body_part=unit.body_part or None,
+                options=options, modality=modality, body_part=(unit.body_part or "").strip().lower() or None,
                 provenance=provenance, extra=extra,
             )
             yield Sample(key=key, record=record, input_image=loaded.data if loaded is not None else None)
