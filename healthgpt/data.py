@@ -1,0 +1,642 @@
+"""Streaming training data: WebDataset shard folders -> task-homogeneous, padded/packed batches.
+
+Reading
+    Shards are the project's WebDataset tars (``vlhealth.shards``). Instead of streaming every
+    byte of every tar through a shuffle buffer, each tar's member offsets are indexed once (tar
+    headers only) and samples are read by seeking to the members they need. That gives three
+    things a plain ``webdataset`` pipeline cannot: exact, cheap resume (the data position is a
+    few counters, fast-forwarded arithmetically from the sample counts in ``index.json``); exact
+    node/worker splitting (disjoint data on every rank); and member-level laziness (a generation
+    sample reads ``json``, ``input.*`` and ``target.vq.npy`` and never touches ``target.png``; a
+    comprehension sample reads ``json`` and ``input.*``). Only local shard folders are supported.
+
+Order ("resampled and shuffled")
+    Each ``--shards`` folder is a *source* with a mixing weight. Its shards are split over the
+    ``world_size x num_workers`` reading *slots*: whole shards per slot when there are at least as
+    many shards as slots, else every ``n_slots``-th sample. A slot reads its part forever, in
+    passes (epochs); every pass draws a new shard order and a new sample order inside each shard
+    from ``(seed, source, slot, pass)``. Samples of another split (default: only ``train``) or
+    another task are skipped.
+
+Batches
+    A micro-batch is all one task. Micro-batch ``m`` (counted over a rank's stream) draws its
+    (source, task) stream by weight from ``(seed, m)``, the same on every rank, so in ``mixed``
+    training every rank runs the same task at the same step (no idle DDP buckets). ``pack=False``
+    right-pads ``batch_size`` samples to the longest; ``pack=True`` fills ``batch_size`` rows of up
+    to ``max_len`` positions with whole samples (an ``<image>`` counts as ``image_tokens``
+    positions; samples attend across their row, positions run on: "naive" packing).
+
+Tokenisation
+    ``healthgpt.conversation.encode_conversation`` with the preset's template: labels only on gpt
+    responses, ``<target_image>`` expanded from ``target.vq.npy``. A generation sample whose
+    target would be cut by ``max_len`` is skipped (a cut image is no target); comprehension
+    samples are truncated. Images go through the model's own pre-processing
+    (``HierarchicalVision.preprocess``: pad to square + CLIP processor).
+
+Resume
+    ``TaskBatchStream`` yields dicts with ``state`` (the producing worker's position *after* the
+    batch) and ``worker``; :class:`LoaderState` tracks what the trainer consumed and rebuilds the
+    loader at exactly the next batch (workers are rotated so that the round-robin order of the
+    DataLoader continues where it stopped).
+
+Public API::
+
+    parse_shard_spec("DIR[:WEIGHT]") -> ShardSpec
+    DataConfig(shards, task, batch_size, max_len=2048, pack=False, split="train", seed=0,
+               num_workers=0, template="chatml", image_tokens=576)
+    VisionPreprocessor(processor) / VisionPreprocessor.from_model(model)
+    TaskBatchStream(cfg, tokenizer, preprocess, rank=0, world_size=1, state=None)
+    make_loader(cfg, tokenizer, preprocess, rank=0, world_size=1, state=None) -> (DataLoader, LoaderState)
+    LoaderState.update(batch) / .to_dict() / .from_dict()
+    source_sample_counts(specs, split) -> dict[(source_index, task), int]
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tarfile
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from healthgpt.conversation import IGNORE_INDEX, IMAGE_TOKEN_ID, encode_conversation
+from vlhealth.schema import SUBTASKS, TASKS
+from vlhealth.shards import BUILD_NAME, INDEX_NAME, ShardError, check_member, list_shards, load_index
+
+__all__ = [
+    "DataConfig",
+    "LoaderState",
+    "ShardSpec",
+    "TaskBatchStream",
+    "VisionPreprocessor",
+    "make_loader",
+    "parse_shard_spec",
+    "source_sample_counts",
+]
+
+log = logging.getLogger(__name__)
+
+TRAIN_TASKS = ("comprehension", "generation", "mixed")
+_SUBTASK_TASK = {sub: task for task, subs in SUBTASKS.items() for sub in subs}
+_MAX_OPEN_FILES = 16
+
+
+# ------------------------------------------------------------------------------------ config
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """One ``--shards`` argument: a shard folder (or a single ``.tar``) and its mixing weight."""
+
+    path: Path
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (self.weight > 0 and np.isfinite(self.weight)):
+            raise ValueError(f"shards {self.path.name}: mixing weight must be a positive number, got {self.weight}")
+
+
+def parse_shard_spec(text: str | os.PathLike[str] | ShardSpec) -> ShardSpec:
+    """``"demo/shards/vqa_rad"`` or ``"demo/shards/vqa_rad:2.5"`` (weight after the last colon)."""
+    if isinstance(text, ShardSpec):
+        return text
+    raw = os.fspath(text)
+    head, sep, tail = raw.rpartition(":")
+    if sep and head:
+        try:
+            return ShardSpec(Path(head), float(tail))
+        except ValueError:
+            pass  # the colon belongs to the path
+    return ShardSpec(Path(raw), 1.0)
+
+
+@dataclass
+class DataConfig:
+    shards: Sequence[ShardSpec | str]
+    task: str  # comprehension | generation | mixed
+    batch_size: int
+    max_len: int = 2048
+    pack: bool = False
+    split: str = "train"
+    seed: int = 0
+    num_workers: int = 0
+    template: str = "chatml"
+    image_tokens: int = 576  # positions one <image> occupies in the model (vision.num_patches)
+    pixel_newline: bool = False
+    specs: list[ShardSpec] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.task not in TRAIN_TASKS:
+            raise ValueError(f"task must be one of {TRAIN_TASKS}, got {self.task!r}")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if not self.shards:
+            raise ValueError("no shard folders given (--shards DIR[:WEIGHT], may repeat)")
+        self.specs = [parse_shard_spec(s) for s in self.shards]
+
+
+# ------------------------------------------------------------------------------------ images
+
+
+class VisionPreprocessor:
+    """Picklable image pre-processing for loader workers: the model's own
+    ``HierarchicalVision.preprocess`` (pad to square + CLIP processor) without the vision tower."""
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+
+    @classmethod
+    def from_model(cls, model: Any) -> VisionPreprocessor:
+        return cls(model.vision.processor)
+
+    def __call__(self, images: Sequence[Any]) -> torch.Tensor:
+        from healthgpt.vision import HierarchicalVision
+
+        return HierarchicalVision.preprocess(self, list(images))  # type: ignore[arg-type]
+
+
+def decode_input_image(data: bytes, where: str) -> Image.Image:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return img.convert("RGB") if img.mode != "RGB" else img.copy()
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{where}: cannot decode input image ({err})") from err
+
+
+# ------------------------------------------------------------------------------------ tar access
+
+
+class TarIndex:
+    """Member offsets of one tar: ``keys`` in file order, ``members[key][suffix] = (offset, size)``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.keys: list[str] = []
+        self.members: dict[str, dict[str, tuple[int, int]]] = {}
+        try:
+            with tarfile.open(path, mode="r:") as tar:
+                for info in tar:  # reads headers only; data is skipped by seeking
+                    key, suffix = check_member(path, info)
+                    entry = self.members.get(key)
+                    if entry is None:
+                        entry = self.members[key] = {}
+                        self.keys.append(key)
+                    elif self.keys[-1] != key:
+                        raise ShardError(path, f"members of sample {key!r} are not contiguous", info.name)
+                    if suffix in entry:
+                        raise ShardError(path, "duplicate member", info.name)
+                    entry[suffix] = (info.offset_data, info.size)
+        except tarfile.TarError as exc:
+            raise ShardError(path, f"unreadable tar ({exc})") from exc
+        except OSError as exc:
+            raise ShardError(path, f"cannot read ({exc.strerror or exc})") from exc
+
+
+class TarReader:
+    """Random access to members, with a few open file handles and member indexes cached."""
+
+    def __init__(self) -> None:
+        self._indexes: dict[Path, TarIndex] = {}
+        self._files: OrderedDict[Path, Any] = OrderedDict()
+
+    def index(self, path: Path) -> TarIndex:
+        idx = self._indexes.get(path)
+        if idx is None:
+            idx = self._indexes[path] = TarIndex(path)
+        return idx
+
+    def _file(self, path: Path) -> Any:
+        fh = self._files.get(path)
+        if fh is None:
+            fh = self._files[path] = open(path, "rb")  # noqa: SIM115 - cached handle
+            if len(self._files) > _MAX_OPEN_FILES:
+                _, old = self._files.popitem(last=False)
+                old.close()
+        else:
+            self._files.move_to_end(path)
+        return fh
+
+    def read(self, path: Path, key: str, suffixes: Sequence[str]) -> dict[str, bytes]:
+        """The wanted members of one sample (missing ones are left out)."""
+        entry = self.index(path).members[key]
+        fh = self._file(path)
+        out: dict[str, bytes] = {}
+        for suffix in suffixes:
+            loc = entry.get(suffix)
+            if loc is None:
+                continue
+            fh.seek(loc[0])
+            data = fh.read(loc[1])
+            if len(data) != loc[1]:
+                raise ShardError(path, "member truncated", f"{key}.{suffix}")
+            out[suffix] = data
+        return out
+
+    def close(self) -> None:
+        for fh in self._files.values():
+            fh.close()
+        self._files.clear()
+
+
+# ------------------------------------------------------------------------------------ sources
+
+
+@dataclass
+class _Shard:
+    path: Path
+    samples: int
+    first: int  # index of its first sample within the source
+
+
+def _source_shards(spec: ShardSpec) -> list[_Shard]:
+    path = spec.path
+    if not path.exists():
+        raise FileNotFoundError(f"--shards {path.name}: no such folder or tar")
+    counts: dict[str, int] = {}
+    if path.is_dir() and (path / INDEX_NAME).is_file():
+        counts = {s["name"]: int(s["samples"]) for s in load_index(path)["shards"]}
+    tars = list_shards(path)
+    if not tars:
+        raise ShardError(path, "no .tar shards found")
+    out: list[_Shard] = []
+    first = 0
+    for tar in tars:
+        n = counts.get(tar.name)
+        if n is None:  # no index.json: count from the tar headers
+            n = len(TarIndex(tar).keys)
+        if not tar.is_file():
+            raise ShardError(tar, "listed in index.json but missing")
+        out.append(_Shard(tar, n, first))
+        first += n
+    if first == 0:
+        raise ShardError(path, "the shards hold no samples")
+    return out
+
+
+def _task_counts_from_build(spec: ShardSpec, split: str) -> dict[str, int] | None:
+    """Samples per task of one split, from ``build.json``'s ``by_split_subtask`` counts."""
+    path = spec.path / BUILD_NAME if spec.path.is_dir() else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        counts = json.loads(path.read_text("utf-8"))["counts"]["by_split_subtask"]
+    except (KeyError, TypeError, json.JSONDecodeError):
+        return None
+    out = dict.fromkeys(TASKS, 0)
+    for label, n in counts.items():
+        sp, _, sub = str(label).partition("/")
+        if sp == split and sub in _SUBTASK_TASK:
+            out[_SUBTASK_TASK[sub]] += int(n)
+    return out
+
+
+def _task_counts_by_scan(shards: Sequence[_Shard], split: str, reader: TarReader) -> dict[str, int]:
+    out = dict.fromkeys(TASKS, 0)
+    for shard in shards:
+        for key in reader.index(shard.path).keys:
+            rec = _load_json(reader.read(shard.path, key, ("json",)), shard.path, key)
+            if rec.get("split") == split and rec.get("task") in out:
+                out[rec["task"]] += 1
+    return out
+
+
+def source_sample_counts(specs: Sequence[ShardSpec | str], split: str = "train") -> dict[tuple[int, str], int]:
+    """``{(source index, task): samples of split}`` (from build.json, else by reading the jsons)."""
+    reader = TarReader()
+    out: dict[tuple[int, str], int] = {}
+    try:
+        for i, raw in enumerate(specs):
+            spec = parse_shard_spec(raw)
+            counts = _task_counts_from_build(spec, split)
+            if counts is None:
+                counts = _task_counts_by_scan(_source_shards(spec), split, reader)
+            for task, n in counts.items():
+                out[(i, task)] = n
+    finally:
+        reader.close()
+    return out
+
+
+def _load_json(members: Mapping[str, bytes], path: Path, key: str) -> dict[str, Any]:
+    if "json" not in members:
+        raise ShardError(path, "sample has no json member", key)
+    try:
+        rec = json.loads(members["json"])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ShardError(path, f"json member is not valid JSON ({exc})", key) from exc
+    if not isinstance(rec, dict):
+        raise ShardError(path, "json member is not an object", key)
+    return rec
+
+
+def _rng(*parts: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts])))
+
+
+class _SlotView:
+    """The part of one source that one reading slot owns, as an infinite shuffled sequence."""
+
+    def __init__(self, shards: list[_Shard], source: int, slot: int, n_slots: int, seed: int) -> None:
+        self.source, self.slot, self.seed = source, slot, seed
+        self.whole_shards = len(shards) >= n_slots
+        self.parts: list[tuple[_Shard, np.ndarray]] = []  # (shard, local sample indices owned)
+        if self.whole_shards:
+            for shard in shards[slot::n_slots]:
+                self.parts.append((shard, np.arange(shard.samples)))
+        else:
+            for shard in shards:
+                local = np.arange(shard.samples)
+                mine = local[(shard.first + local) % n_slots == slot]
+                if len(mine):
+                    self.parts.append((shard, mine))
+        self.per_pass = int(sum(len(m) for _, m in self.parts))
+        self._cache: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._perm_cache: dict[tuple[int, int], np.ndarray] = {}
+
+    def _pass_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._cache is None or self._cache[0] != epoch:
+            order = _rng(self.seed, 1, self.source, self.slot, epoch).permutation(len(self.parts))
+            sizes = np.array([len(self.parts[i][1]) for i in order], dtype=np.int64)
+            self._cache = (epoch, order, np.cumsum(sizes))
+            self._perm_cache.clear()
+        return self._cache[1], self._cache[2]
+
+    def locate(self, position: int) -> tuple[Path, int]:
+        """(tar, sample index in the tar) at ``position`` of the infinite sequence."""
+        epoch, within = divmod(position, self.per_pass)
+        order, ends = self._pass_layout(epoch)
+        j = int(np.searchsorted(ends, within, side="right"))
+        part = int(order[j])
+        start = int(ends[j - 1]) if j else 0
+        perm = self._perm_cache.get((epoch, part))
+        if perm is None:
+            shard, mine = self.parts[part]
+            perm = mine[_rng(self.seed, 2, self.source, self.slot, epoch, part).permutation(len(mine))]
+            self._perm_cache[(epoch, part)] = perm
+        return self.parts[part][0].path, int(perm[within - start])
+
+
+@dataclass
+class _Example:
+    task: str
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    image: Image.Image | None
+    positions: int  # sequence positions in the model (images expanded)
+    key: str = ""
+
+
+# ------------------------------------------------------------------------------------ the stream
+
+
+class TaskBatchStream(IterableDataset):
+    """Infinite task-homogeneous micro-batches for one rank (see the module docstring)."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        tokenizer: Any,
+        preprocess: Callable[[Sequence[Any]], torch.Tensor] | None,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        state: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+        self.rank, self.world_size = rank, world_size
+        self.n_workers = max(1, cfg.num_workers)
+        self.state = dict(state) if state else {}
+        pad = getattr(tokenizer, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(tokenizer, "eos_token_id", None)
+        self.pad_id = int(pad) if pad is not None else 0
+        self.sources = [_source_shards(spec) for spec in cfg.specs]
+        counts = source_sample_counts(cfg.specs, cfg.split)
+        wanted = TASKS if cfg.task == "mixed" else (cfg.task,)
+        self.streams: list[tuple[int, str]] = []
+        weights: list[float] = []
+        for i, spec in enumerate(cfg.specs):
+            total = sum(counts.get((i, t), 0) for t in TASKS)
+            for task in wanted:
+                n = counts.get((i, task), 0)
+                if n:
+                    self.streams.append((i, task))
+                    weights.append(spec.weight * n / total)
+        if not self.streams:
+            names = ", ".join(s.path.name for s in cfg.specs)
+            raise ValueError(f"no {cfg.split!r} samples of task {cfg.task!r} in the shards ({names})")
+        self.weights = np.asarray(weights) / sum(weights)
+        self.members = {
+            "comprehension": ("json", "input.png", "input.jpg"),
+            "generation": ("json", "input.png", "input.jpg", "target.vq.npy"),
+        }
+
+    # -- worker identity ---------------------------------------------------------------------
+    def _logical_worker(self) -> int:
+        info = get_worker_info()
+        wid = info.id if info is not None else 0
+        offset = int(self.state.get("rotate", 0))
+        return (wid + offset) % self.n_workers
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker = self._logical_worker()
+        n_slots = self.world_size * self.n_workers
+        slot = self.rank * self.n_workers + worker
+        views = []
+        for i, shards in enumerate(self.sources):
+            view = _SlotView(shards, i, slot, n_slots, self.cfg.seed)
+            if view.per_pass == 0:
+                raise ValueError(f"--shards {self.cfg.specs[i].path.name}: {sum(s.samples for s in shards)} "
+                                 f"samples are fewer than the {n_slots} reading slots (ranks x workers)")
+            views.append(view)
+        wstate = (self.state.get("workers") or {}).get(str(worker), {})
+        cursors: dict[str, int] = {k: int(v) for k, v in wstate.get("cursors", {}).items()}
+        local_batch = int(wstate.get("batches", 0))
+        stats = {k: int(v) for k, v in wstate.get("skipped", {}).items()}
+        reader = TarReader()
+        try:
+            while True:
+                m = local_batch * self.n_workers + worker  # rank-independent micro-batch number
+                choice = int(_rng(self.cfg.seed, 3, m).choice(len(self.streams), p=self.weights))
+                source, task = self.streams[choice]
+                name = f"{source}:{task}"
+                examples = self._fill(views[source], reader, name, task, cursors, stats)
+                batch = self._collate(task, examples)
+                local_batch += 1
+                batch["worker"] = worker
+                batch["state"] = {"batches": local_batch, "cursors": dict(cursors), "skipped": dict(stats)}
+                yield batch
+        finally:
+            reader.close()
+
+    # -- reading -----------------------------------------------------------------------------
+    def _next_example(self, view: _SlotView, reader: TarReader, name: str, task: str,
+                      cursors: dict[str, int], stats: dict[str, int]) -> tuple[_Example, int]:
+        """The next usable example of ``task`` from ``view``; returns it and the cursor before it."""
+        scanned = 0
+        while True:
+            pos = cursors.get(name, 0)
+            cursors[name] = pos + 1
+            scanned += 1
+            if scanned > view.per_pass + 1:
+                raise ValueError(f"--shards {self.cfg.specs[view.source].path.name}: reading slot {view.slot} "
+                                 f"found no usable {self.cfg.split!r} {task} sample in a whole pass")
+            tar, idx = view.locate(pos)
+            key = reader.index(tar).keys[idx]
+            rec = _load_json(reader.read(tar, key, ("json",)), tar, key)
+            if rec.get("split") != self.cfg.split or rec.get("task") != task:
+                continue
+            try:
+                ex = self._encode(tar, key, rec, reader.read(tar, key, self.members[task][1:]))
+            except (ValueError, KeyError, TypeError) as err:
+                stats["bad"] = stats.get("bad", 0) + 1
+                log.warning("skipping sample %s in %s: %s", key, tar.name, err)
+                continue
+            if ex is None:
+                stats["too_long"] = stats.get("too_long", 0) + 1
+                continue
+            return ex, pos
+
+    def _encode(self, tar: Path, key: str, rec: Mapping[str, Any], members: Mapping[str, bytes]) -> _Example | None:
+        task = rec["task"]
+        vq = None
+        if task == "generation":
+            if "target.vq.npy" not in members:
+                raise ValueError("generation sample without target.vq.npy")
+            vq = np.load(io.BytesIO(members["target.vq.npy"]), allow_pickle=False)
+        enc = encode_conversation(
+            self.tokenizer, rec["conversations"], template=self.cfg.template, vq_indices=vq,
+            max_len=self.cfg.max_len, image_tokens=self.cfg.image_tokens, pixel_newline=self.cfg.pixel_newline,
+        )
+        labels = enc["labels"]
+        if (task == "generation" and enc["truncated"]) or not bool((labels != IGNORE_INDEX).any()):
+            return None
+        ids = enc["input_ids"]
+        n_img = int((ids == IMAGE_TOKEN_ID).sum())
+        image = None
+        if n_img:
+            data = members.get("input.png", members.get("input.jpg"))
+            if data is None:
+                raise ValueError("<image> in the conversation but no input image member")
+            if n_img != 1:
+                raise ValueError(f"{n_img} <image> placeholders; one input image per sample is supported")
+            image = decode_input_image(data, f"{tar.name}:{key}")
+        return _Example(task, ids, labels, image, len(ids) + n_img * (self.cfg.image_tokens - 1), key)
+
+    def _fill(self, view: _SlotView, reader: TarReader, name: str, task: str, cursors: dict[str, int],
+              stats: dict[str, int]) -> list[list[_Example]]:
+        """Rows of examples: one example per row (padding) or whole examples packed per row."""
+        rows: list[list[_Example]] = []
+        if not self.cfg.pack:
+            for _ in range(self.cfg.batch_size):
+                ex, _ = self._next_example(view, reader, name, task, cursors, stats)
+                rows.append([ex])
+            return rows
+        used = 0
+        while True:
+            ex, before = self._next_example(view, reader, name, task, cursors, stats)
+            if rows and used + ex.positions <= self.cfg.max_len:
+                rows[-1].append(ex)
+                used += ex.positions
+                continue
+            if len(rows) == self.cfg.batch_size:
+                cursors[name] = before  # does not fit: it opens the next batch instead
+                return rows
+            rows.append([ex])
+            used = ex.positions
+
+    def _collate(self, task: str, rows: list[list[_Example]]) -> dict[str, Any]:
+        seqs = [torch.cat([e.input_ids for e in row]) for row in rows]
+        labs = [torch.cat([e.labels for e in row]) for row in rows]
+        n = max(len(s) for s in seqs)
+        ids = torch.full((len(rows), n), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), n), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rows), n), dtype=torch.long)
+        for i, (s, lab) in enumerate(zip(seqs, labs, strict=True)):
+            ids[i, : len(s)] = s
+            labels[i, : len(s)] = lab
+            mask[i, : len(s)] = 1
+        images = [e.image for row in rows for e in row if e.image is not None]
+        pixel_values = None
+        if images:
+            if self.preprocess is None:
+                raise ValueError("samples have images but no image pre-processing was given")
+            pixel_values = self.preprocess(images)
+        return {
+            "task": task,
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": labels,
+            "pixel_values": pixel_values,
+            "keys": [e.key for row in rows for e in row],
+            "n_samples": sum(len(r) for r in rows),
+            "n_tokens": int(sum(e.positions for row in rows for e in row)),
+            "n_label_tokens": int((labels != IGNORE_INDEX).sum()),
+        }
+
+
+# ------------------------------------------------------------------------------------ loader + state
+
+
+class LoaderState:
+    """What the trainer consumed: per logical worker its position after its last consumed batch."""
+
+    def __init__(self, num_workers: int, consumed: int = 0, workers: Mapping[str, Any] | None = None) -> None:
+        self.num_workers = max(1, num_workers)
+        self.consumed = consumed
+        self.workers: dict[str, Any] = dict(workers or {})
+
+    def update(self, batch: Mapping[str, Any]) -> None:
+        self.workers[str(batch["worker"])] = batch["state"]
+        self.consumed += 1
+
+    def stream_state(self) -> dict[str, Any]:
+        """The ``state`` argument for a new ``TaskBatchStream`` that continues at the next batch."""
+        return {"rotate": self.consumed % self.num_workers, "workers": dict(self.workers)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"num_workers": self.num_workers, "consumed": self.consumed, "workers": self.workers}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], num_workers: int) -> LoaderState:
+        saved = max(1, int(data.get("num_workers", 1)))
+        if saved != max(1, num_workers):
+            raise ValueError(f"the checkpoint's data position was recorded with {saved} loader worker(s); "
+                             f"resume with --num-workers {saved if saved > 1 else 0} to continue at the same "
+                             "data position")
+        return cls(num_workers, int(data.get("consumed", 0)), data.get("workers"))
+
+
+def make_loader(
+    cfg: DataConfig,
+    tokenizer: Any,
+    preprocess: Callable[[Sequence[Any]], torch.Tensor] | None,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    state: LoaderState | None = None,
+    prefetch_factor: int = 4,
+) -> tuple[DataLoader, LoaderState]:
+    """A DataLoader over :class:`TaskBatchStream` (batches come collated from the workers)."""
+    state = state or LoaderState(cfg.num_workers)
+    stream = TaskBatchStream(cfg, tokenizer, preprocess, rank=rank, world_size=world_size,
+                             state=state.stream_state())
+    kwargs: dict[str, Any] = {}
+    if cfg.num_workers > 0:
+        kwargs = {"prefetch_factor": prefetch_factor, "persistent_workers": False}
+    loader = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers, **kwargs)
+    return loader, state
