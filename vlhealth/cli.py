@@ -295,6 +295,56 @@ def make_build_command(name: str, module: Any):
     return command
 
 
+vq_app = typer.Typer(
+    help="VQGAN image tokenizer (taming GumbelVQ f8, 8192 codes).\n\nExample:\n\n"
+    "    vlhealth vq convert ckpt/last.ckpt weights/vqgan_f8_8192.safetensors",
+    no_args_is_help=True,
+)
+app.add_typer(vq_app, name="vq")
+
+
+@vq_app.command("convert")
+def vq_convert(
+    ckpt: Annotated[Path, typer.Argument(help="taming last.ckpt (Lightning) or a .safetensors file.")],
+    out: Annotated[Path, typer.Argument(help="Output .safetensors (the config is also written beside it as JSON).")],
+) -> None:
+    """Convert released VQGAN weights to safetensors (training-only loss/discriminator keys dropped).
+
+    Example:
+
+        vlhealth vq convert ckpt/last.ckpt weights/vqgan_f8_8192.safetensors
+    """
+    from vlhealth.vq import convert_checkpoint
+
+    summary = convert_checkpoint(ckpt, out)
+    print(json.dumps(summary, indent=2))
+
+
+@vq_app.command("encode")
+def vq_encode(
+    image: Annotated[Path, typer.Argument(help="An image file (resized to 256x256).")],
+    vqgan: Annotated[str, typer.Option(help="VQGAN weights (last.ckpt or .safetensors) or 'tiny'.")] = "tiny",
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Encode one image to its 1024 VQ codes and print a summary.
+
+    Example:
+
+        vlhealth vq encode scan.png --vqgan weights/vqgan_f8_8192.safetensors
+    """
+    import numpy as np
+    from PIL import Image
+
+    from vlhealth.vq import load_vq
+
+    tok = load_vq(vqgan, device=device)
+    with Image.open(image) as img:
+        arr = np.asarray(img.convert("RGB").resize((tok.image_size, tok.image_size), Image.Resampling.LANCZOS))
+    codes = tok.encode(arr)[0]
+    print(json.dumps({"image": image.name, "tokens": int(codes.size), "distinct": int(np.unique(codes).size),
+                      "first": codes[:16].tolist(), "vq": tok.describe()}, indent=2))
+
+
 for _name, _module in builder_modules().items():
     build_app.command(_name)(make_build_command(_name, _module))
 

@@ -642,7 +642,7 @@ class VQTokenizer:
         out = np.empty((arr.shape[0], self.tokens_per_image), dtype=np.int16)
         with torch.inference_mode():
             for part in _batches(arr.shape[0], self.batch_size):
-                x = torch.from_numpy(np.ascontiguousarray(arr[part])).to(self.device)
+                x = torch.tensor(arr[part]).to(self.device)  # a copy: inputs may be read-only views
                 x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
                 if x.shape[1] == 1:
                     x = x.expand(-1, 3, -1, -1)
