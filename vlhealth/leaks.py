@@ -98,7 +98,7 @@ def similarity(a: np.ndarray, b: np.ndarray) -> float:
         return 1.0
     if na < 1e-6 or nb < 1e-6:
         return 0.0
-    return float(np.dot(a, b))
+    return float(np.dot(a.astype(np.float32), b.astype(np.float32)))
 
 
 def image_hashes(grey: np.ndarray) -> dict[str, str]:
@@ -155,7 +155,7 @@ class LeakIndex:
             self._seen[digest] = n
         self.keys.append((key, source, group))
         self.hashes.append(h)
-        self.thumbs.append(thumb)
+        self.thumbs.append(np.asarray(thumb, dtype=np.float16))  # 2 KB per test image
         for i, part in self._parts(h):
             self._tables[i].setdefault(part, []).append(n)
 
