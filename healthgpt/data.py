@@ -114,9 +114,11 @@ def parse_shard_spec(text: str | os.PathLike[str] | ShardSpec) -> ShardSpec:
     head, sep, tail = raw.rpartition(":")
     if sep and head:
         try:
-            return ShardSpec(Path(head), float(tail))
+            weight = float(tail)
         except ValueError:
-            pass  # the colon belongs to the path
+            weight = None  # the colon belongs to the path
+        if weight is not None:
+            return ShardSpec(Path(head), weight)
     return ShardSpec(Path(raw), 1.0)
 
 

@@ -43,7 +43,7 @@ Public API::
     STAGE_GROUPS, ADAPTER_GROUPS, stage_groups(stage, task) -> tuple[str, ...]
     load_hparams(preset, stage, overrides=None) -> HParams
     TrainConfig(...);  train(cfg, model=None, batch_hook=None) -> TrainResult
-    save_trainable(model, path, groups, metadata=None);  load_trainable(model, path) -> list[str]
+    save_trainable(model, path, groups);  load_trainable(model, path) -> list[str]   (healthgpt.checkpoints format)
     latest_checkpoint(out_dir) -> Path | None
 """
 
@@ -94,7 +94,6 @@ log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 TRAINABLE_NAME = "trainable.safetensors"
-TRAINABLE_FORMAT = "healthgpt-trainable/1"
 CHECKPOINTS = "checkpoints"
 
 _COMP = ("abstract_adapter",)
@@ -221,40 +220,16 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
 # ------------------------------------------------------------------------------------ weights IO
 
 
-def _named_params(model: nn.Module) -> dict[int, str]:
-    return {id(p): n for n, p in model.named_parameters()}
+def save_trainable(model: Any, path: Path, groups: Sequence[str]) -> None:
+    """``healthgpt.checkpoints.save_trainable`` for ``groups``, written atomically (temporary name,
+    fsync, rename), so a killed run never leaves a half-written weights file."""
+    from healthgpt.checkpoints import save_trainable as _save
 
-
-def _group_tensors(model: Any, groups: Sequence[str]) -> dict[str, torch.Tensor]:
-    names = _named_params(model)
-    all_groups = model.parameter_groups()
-    out: dict[str, torch.Tensor] = {}
-    for g in groups:
-        if g not in all_groups:
-            raise KeyError(f"unknown parameter group {g!r}")
-        for p in all_groups[g]:
-            out[names[id(p)]] = p.detach()
-    return out
-
-
-def save_trainable(model: Any, path: Path, groups: Sequence[str], metadata: Mapping[str, Any] | None = None) -> None:
-    """Save the parameters of ``groups`` (by parameter name) as safetensors, atomically."""
-    from safetensors.torch import save_file
-
-    tensors = {k: v.contiguous().cpu() for k, v in _group_tensors(model, groups).items()}
-    meta = {"format": TRAINABLE_FORMAT, "groups": json.dumps(sorted(set(groups)))}
-    meta.update({k: str(v) for k, v in (metadata or {}).items()})
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=meta)
+    _save(model, tmp, list(groups))
     _fsync(tmp)
     os.replace(tmp, path)
-
-
-def read_trainable_meta(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as fh:
-        return dict(fh.metadata() or {})
 
 
 def _resolve_weights(path: Path) -> Path:
@@ -273,26 +248,14 @@ def _resolve_weights(path: Path) -> Path:
 
 
 def load_trainable(model: Any, path: Path) -> list[str]:
-    """Load a trainable-weights file into ``model``; every key must match a parameter in name and
-    shape. Returns the parameter groups the file says it holds."""
-    from safetensors.torch import load_file
+    """Load a trainable-weights file (``healthgpt.checkpoints`` format; every key must fit the model)
+    into ``model``; returns the parameter groups it holds."""
+    from healthgpt.checkpoints import load_trainable as _load
+    from healthgpt.checkpoints import read_metadata
 
     path = _resolve_weights(Path(path))
-    meta = read_trainable_meta(path)
-    if meta.get("format") != TRAINABLE_FORMAT:
-        raise ValueError(f"{path.name}: not a HealthGPT trainable-weights file (format {meta.get('format')!r})")
-    state = load_file(str(path))
-    params = dict(model.named_parameters())
-    problems = [k for k in state if k not in params]
-    problems += [f"{k} shape {tuple(v.shape)} != {tuple(params[k].shape)}" for k, v in state.items()
-                 if k in params and v.shape != params[k].shape]
-    if problems:
-        raise ValueError(f"{path.name}: does not fit this model (preset {meta.get('preset', '?')}): "
-                         f"{problems[:5]}{' ...' if len(problems) > 5 else ''}")
-    with torch.no_grad():
-        for k, v in state.items():
-            params[k].copy_(v.to(params[k].dtype))
-    return json.loads(meta.get("groups", "[]"))
+    _load(model, path)
+    return list(read_metadata(path).get("groups", []))
 
 
 def _fsync(path: Path) -> None:
@@ -775,7 +738,7 @@ def _train(cfg: TrainConfig, dd: _Dist, device_kind: str, model: Any,
             final_dir = out / "final"
             final_dir.mkdir(parents=True, exist_ok=True)
             final = final_dir / TRAINABLE_NAME
-            save_trainable(model, final, saved_groups, _meta(cfg, step))
+            save_trainable(model, final, saved_groups)
             (final_dir / "train_summary.json").write_text(json.dumps({
                 "preset": cfg.preset, "stage": cfg.stage, "task": cfg.task, "steps": step,
                 "groups": list(groups), "saved_groups": saved_groups, "trainable": summary,
@@ -794,10 +757,6 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _meta(cfg: TrainConfig, step: int) -> dict[str, Any]:
-    return {"preset": cfg.preset, "stage": cfg.stage, "task": cfg.task, "step": step}
-
-
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
@@ -813,7 +772,7 @@ def _write_checkpoint(out: Path, step: int, cfg: TrainConfig, hp: HParams, model
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_trainable(model, tmp / TRAINABLE_NAME, saved_groups, _meta(cfg, step))
+    save_trainable(model, tmp / TRAINABLE_NAME, saved_groups)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     state = {
         "preset": cfg.preset, "stage": cfg.stage, "task": cfg.task, "step": step, "world_size": world,
