@@ -28,7 +28,7 @@ def test_compute_stats_counts(tmp_path):
     assert stats["images"] == 6 + 3 * 2
     assert stats["vq_tokens"] == 3 * 1024
     assert stats["by"]["task"] == {"comprehension": 6, "generation": 3}
-    assert stats["by"]["answer_type"] == {"-": 3, "closed": 3, "open": 3}
+    assert stats["by"]["answer_type"] == {"closed": 3, "open": 3, "unspecified": 3}
     assert stats["by_task_subtask_split"] == {
         "comprehension/vqa/test": 2, "comprehension/vqa/train": 4, "generation/ct2mri/train": 3}
 

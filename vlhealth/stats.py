@@ -26,7 +26,7 @@ def compute_stats(sources: Iterable[os.PathLike | str]) -> dict[str, Any]:
         samples += 1
         for f in FACETS:
             value = record.get(f)
-            facets[f][str(value) if value is not None else "-"] += 1
+            facets[f][str(value) if value is not None else "unspecified"] += 1
         by_task_subtask_split[f"{record['task']}/{record['subtask']}/{record['split']}"] += 1
         images += sum(1 for m in IMAGE_MEMBERS if m in sizes)
         if "target.vq.npy" in sizes:
