@@ -32,9 +32,10 @@ from types import ModuleType
 from typing import Any
 
 from vlhealth.manifests import load_manifest, pick_template
-from vlhealth.schema import Sample, SchemaError
+from vlhealth.schema import Sample, SchemaError, encode_png
 from vlhealth.shards import (
     BUILD_NAME,
+    INDEX_NAME,
     REJECTS_NAME,
     ShardWriter,
     write_atomic,
@@ -66,6 +67,14 @@ class Reject:
         return {"file": self.file, "reason": self.reason, "item": self.item}
 
 
+@dataclass(frozen=True)
+class ItemReport:
+    """Yield from ``process`` to record facts about the item in build.json under ``items.<item id>``
+    (e.g. registration metrics); merged per item, never written into the shards."""
+
+    data: dict[str, Any]
+
+
 class Rejected(Exception):
     """Raise from a builder to refuse an item (or a row) with a reason."""
 
@@ -82,6 +91,7 @@ class BuildContext:
     manifest: dict[str, Any]
     seed: int = 0
     splits: dict[str, str] = field(default_factory=dict)
+    out: Path | None = None  # the shard folder (builders may write side files, e.g. figures, under it)
 
     def rel(self, path: os.PathLike | str) -> str:
         """Path relative to the source root, POSIX style (never absolute in outputs)."""
@@ -189,6 +199,177 @@ def options_to_json(options: Any) -> dict[str, Any]:
     return {k: (v.name if isinstance(v, Path) else v) for k, v in raw.items()}
 
 
+def parse_partition(text: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """``"i/n"`` (0-based i, as SLURM_ARRAY_TASK_ID / JOB_COMPLETION_INDEX give it) -> ``(i, n)``."""
+    if text is None or text == "":
+        return None
+    if isinstance(text, tuple):
+        i, n = text
+    else:
+        try:
+            a, b = str(text).split("/")
+            i, n = int(a), int(b)
+        except ValueError as exc:
+            raise ValueError(f"partition must look like i/n (e.g. 0/4), got {text!r}") from exc
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"partition {i}/{n}: need n >= 1 and 0 <= i < n")
+    return int(i), int(n)
+
+
+def partition_suffix(partition: tuple[int, int] | None) -> str:
+    return "" if partition is None else f"-p{partition[0]:04d}of{partition[1]:04d}"
+
+
+def partition_groups(groups: Iterable[str], n: int) -> dict[str, int]:
+    """Group -> partition number: round-robin over the sorted groups (balanced, same on every machine)."""
+    return {g: i % n for i, g in enumerate(sorted(set(groups)))}
+
+
+def _meta_name(name: str, suffix: str) -> str:
+    """``index.json`` -> ``index-p0001of0004.json`` for a partition's own metadata files."""
+    stem, _, ext = name.partition(".")
+    return f"{stem}{suffix}.{ext}" if suffix else name
+
+
+# Flags that change how a build runs, never what it writes: left out of build.json's command so a
+# resumed or parallel build records the same build.json as a plain one.
+_EXECUTION_FLAGS = {"--workers": True, "-j": True, "--resume": False, "--no-resume": False}
+
+
+def _recorded_command(command: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    skip = False
+    for arg in command:
+        if skip:
+            skip = False
+            continue
+        flag = arg.split("=", 1)[0]
+        if flag in _EXECUTION_FLAGS:
+            skip = _EXECUTION_FLAGS[flag] and "=" not in arg
+            continue
+        # Command lines can carry absolute paths of the building machine: keep only their names.
+        out.append(Path(arg).name if os.path.isabs(arg) else arg)
+    return out
+
+
+@dataclass
+class _Written:
+    """One sample as it travels from a worker to the writer: encoded members + target for VQ."""
+
+    key: str
+    members: dict[str, bytes]
+    target: Any  # np.ndarray | None, the 256x256 target still to be VQ-encoded
+    label: str  # "<split>/<subtask>" for the counts
+
+
+@dataclass
+class _ItemResult:
+    samples: list[_Written]
+    rejects: list[Reject]
+    reports: dict[str, Any]
+
+
+def _encode_item(builder: ModuleType, item: Item, ctx: BuildContext, encode_vq: bool) -> _ItemResult:
+    """Run the builder on one item and serialise its samples (PNG encoding happens here, in the worker)."""
+    good, bad, reports = process_item(builder, item, ctx, None, with_reports=True)
+    written = []
+    pngs: dict[bytes, bytes] = {}  # the same slice is often input of one sample and target of others
+
+    def png(array: Any) -> bytes:
+        digest = hashlib.sha256(array.tobytes() + f"{array.shape}{array.dtype}".encode()).digest()
+        if digest not in pngs:
+            pngs[digest] = encode_png(array)
+        return pngs[digest]
+
+    for sample in good:
+        target, image = sample.target, sample.input_image
+        pending_vq = encode_vq and target is not None and sample.target_vq is None
+        # Serialise through Sample.to_members (the one definition of the format), with the image
+        # arrays swapped for their PNG bytes from the per-item cache (encode_png is deterministic).
+        sample.target = None
+        if image is not None and not isinstance(image, bytes):
+            sample.input_image = png(image)
+        try:
+            members = sample.to_members()
+        finally:
+            sample.target, sample.input_image = target, image
+        if target is not None:
+            members["target.png"] = png(target)
+        written.append(_Written(sample.key, members, target if pending_vq else None,
+                                f"{sample.record.split}/{sample.record.subtask}"))
+    return _ItemResult(written, bad, reports)
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(builder: ModuleType | str, ctx: BuildContext, encode_vq: bool) -> None:
+    import importlib
+
+    _WORKER["builder"] = importlib.import_module(builder) if isinstance(builder, str) else builder
+    _WORKER["ctx"] = ctx
+    _WORKER["encode_vq"] = encode_vq
+    try:  # one ITK thread per worker process: the pool already uses the cores
+        import SimpleITK as sitk
+
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _worker_run(item: Item) -> _ItemResult:
+    return _encode_item(_WORKER["builder"], item, _WORKER["ctx"], _WORKER["encode_vq"])
+
+
+def _make_pool(builder: ModuleType, ctx: BuildContext, encode_vq: bool, workers: int):
+    import importlib
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    try:
+        importable = importlib.import_module(builder.__name__) is builder
+    except ImportError:
+        importable = False
+    if importable:  # a clean interpreter per worker: safe with torch/ITK thread pools in the parent
+        return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                                   initargs=(builder.__name__, ctx, encode_vq))
+    # Builders made on the fly (tests) cannot be imported by name: fork inherits them.
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_worker_init,
+                               initargs=(builder, ctx, encode_vq))
+
+
+def _ordered_results(builder: ModuleType, items: Sequence[Item], ctx: BuildContext, encode_vq: bool,
+                     workers: int) -> Iterable[_ItemResult]:
+    """Results in item order; at most ``2 * workers`` items in flight so memory stays bounded."""
+    if workers <= 1 or len(items) <= 1:
+        for item in items:
+            yield _encode_item(builder, item, ctx, encode_vq)
+        return
+    from collections import deque
+
+    with _make_pool(builder, ctx, encode_vq, workers) as pool:
+        pending: deque = deque()
+        todo = iter(items)
+        for item in todo:
+            pending.append(pool.submit(_worker_run, item))
+            if len(pending) >= 2 * workers:
+                break
+        while pending:
+            result = pending.popleft().result()
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append(pool.submit(_worker_run, nxt))
+            yield result
+
+
+class ResumeError(RuntimeError):
+    """A resume that cannot give the output of an uninterrupted build (other options, lost shards)."""
+
+
+def _fingerprint(**parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def run_build(
     builder: ModuleType,
     root: os.PathLike | str,
@@ -202,8 +383,26 @@ def run_build(
     command: Sequence[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
     manifest: dict[str, Any] | None = None,
+    workers: int = 1,
+    partition: tuple[int, int] | str | None = None,
+    resume: bool = False,
 ) -> BuildSummary:
-    """Build one source into a shard folder. ``vq`` is a VQ tokenizer (see ``vlhealth.vq``) or None."""
+    """Build one source into a shard folder. ``vq`` is a VQ tokenizer (see ``vlhealth.vq``) or None.
+
+    ``workers`` > 1 runs ``builder.process`` in a process pool (0 = one per CPU); samples are
+    still written in item-id order, so the shards are byte-identical for any worker count. VQ
+    encoding stays in this process (one batch per item, on ``vq``'s device).
+
+    ``partition=(i, n)`` (or ``"i/n"``, 0-based) builds only the groups (patients) of partition i
+    of n — round-robin over the sorted groups, after the splits were assigned on all of them — and
+    names its tars ``<NAME>-p<iiii>of<nnnn>-NNNNNN.tar`` and its metadata ``index-p<iiii>of<nnnn>.json``,
+    ``rejects-…jsonl``, ``build-…json``; :func:`merge_partitions` joins finished partitions.
+
+    ``resume`` continues a killed build from its journal (``.progress[-pXofN].json``, written
+    after every finished tar): finished tars are kept (their sha256 is checked), the item that was
+    cut in the middle is processed again and its already written samples skipped, so the result
+    is byte-identical to an uninterrupted build. The journal is removed when the build completes.
+    """
     start = time.perf_counter()
     root = Path(root)
     out = Path(out)
@@ -211,7 +410,13 @@ def run_build(
         raise FileNotFoundError(f"source root {root} is not a folder")
     manifest = manifest if manifest is not None else load_manifest(builder.MANIFEST)
     options = options if options is not None else builder.Options()
-    ctx = BuildContext(root=root, options=options, manifest=manifest, seed=seed)
+    part = parse_partition(partition)
+    suffix = partition_suffix(part)
+    if workers == 0:
+        workers = os.cpu_count() or 1
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    ctx = BuildContext(root=root, options=options, manifest=manifest, seed=seed, out=out)
 
     items: list[Item] = []
     rejects: list[Reject] = []
@@ -220,36 +425,77 @@ def run_build(
     items.sort(key=lambda it: it.id)
     if len({it.id for it in items}) != len(items):
         raise ValueError(f"builder {builder.NAME} produced duplicate item ids")
-    strata = getattr(builder, "split_strata", None)
-    ctx.splits = assign_splits(
-        [it.group for it in items],
-        manifest.get("splits", {}).get("fractions"),
-        seed=seed,
-        strata=strata(items) if strata else None,
-    )
+    ctx.splits = _splits_for(builder, items, ctx, manifest, seed)
+    if part is not None:
+        owner = partition_groups((it.group for it in items), part[1])
+        items = [it for it in items if owner[it.group] == part[0]]
+        if part[0] != 0:  # discovery rejects are listed once, by partition 0
+            rejects = []
 
-    counts: Counter[str] = Counter()
-    n_samples = 0
     out.mkdir(parents=True, exist_ok=True)
-    with ShardWriter(out, prefix=builder.NAME, max_count=max_count, max_bytes=max_bytes) as writer:
-        for done, item in enumerate(items, 1):
-            good, bad = process_item(builder, item, ctx, vq)
-            rejects.extend(bad)
-            for sample in good:
-                writer.write(sample)
-                rec = sample.record
-                counts[f"{rec.split}/{rec.subtask}"] += 1
-            n_samples += len(good)
-            if progress:
-                progress(done, len(items))
-        shards = writer.close()
+    journal_path = out / f".progress{suffix}.json"
+    fingerprint = _fingerprint(
+        source=builder.NAME, manifest=manifest.get("sha256"), options=options_to_json(options), seed=seed,
+        max_count=max_count, max_bytes=max_bytes, partition=part, vq=vq.describe() if vq is not None else None,
+        items=hashlib.sha256("\n".join(it.id for it in items).encode()).hexdigest(),
+    )
+    state = {"next_item": 0, "next_sample": 0, "shards": [], "rejects": [], "reports": {}, "counts": {},
+             "samples": 0}
+    if resume and journal_path.is_file():
+        state = _load_journal(journal_path, out, fingerprint, items)
+    elif journal_path.exists():
+        journal_path.unlink()  # a fresh build: an old journal describes other output
 
-    write_index(out, shards, source=builder.NAME)
-    write_atomic(out / REJECTS_NAME, "".join(json.dumps(r.to_json(), sort_keys=True) + "\n" for r in rejects).encode())
+    counts: Counter[str] = Counter(state["counts"])
+    n_samples = int(state["samples"])
+    reports: dict[str, Any] = dict(state["reports"])
+    item_rejects: list[Reject] = [Reject(**r) for r in state["rejects"]]
+    first, skip = int(state["next_item"]), int(state["next_sample"])
+    position = [first, skip]  # (item index, sample index within it) of the next sample to write
+
+    def journal(_info: Any) -> None:
+        write_json_atomic(journal_path, {
+            "fingerprint": fingerprint, "next_item": position[0], "next_sample": position[1],
+            "next_item_id": items[position[0]].id if position[0] < len(items) else None,
+            "shards": [dataclasses.asdict(s) for s in writer.shards],
+            "rejects": [r.to_json() for r in item_rejects], "reports": reports,
+            "counts": dict(counts), "samples": n_samples,
+        })
+
+    from vlhealth.shards import ShardInfo
+
+    writer = ShardWriter(out, prefix=builder.NAME + suffix, max_count=max_count, max_bytes=max_bytes,
+                         start_number=len(state["shards"]), shards=[ShardInfo(**s) for s in state["shards"]],
+                         on_shard=journal)
+    with writer:
+        results = _ordered_results(builder, items[first:], ctx, vq is not None, workers)
+        for idx, result in enumerate(results, first):
+            _encode_written_targets(result.samples, vq)
+            for j, w in enumerate(result.samples):
+                if idx == first and j < skip:
+                    continue  # written into a finished tar before the interruption
+                position[:] = [idx, j]
+                writer.write_members(w.key, w.members)
+                counts[w.label] += 1
+                n_samples += 1
+            item_rejects.extend(result.rejects)
+            if result.reports:
+                reports[items[idx].id] = result.reports
+            if progress:
+                progress(idx + 1, len(items))
+        position[:] = [len(items), 0]
+        shards = writer.close()
+    if progress and not items:
+        progress(0, 0)
+    rejects.extend(item_rejects)
+
+    write_index(out, shards, index_name=_meta_name(INDEX_NAME, suffix), source=builder.NAME,
+                **({"partition": list(part)} if part else {}))
+    write_atomic(out / _meta_name(REJECTS_NAME, suffix),
+                 "".join(json.dumps(r.to_json(), sort_keys=True) + "\n" for r in rejects).encode())
     write_json_atomic(out / SPLITS_NAME, {"seed": seed, "groups": dict(sorted(ctx.splits.items()))})
-    reasons = Counter(r.reason.split(":")[0] for r in rejects)
     build_info = {
-        "command": list(command) if command is not None else [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "command": _recorded_command(command if command is not None else [Path(sys.argv[0]).name, *sys.argv[1:]]),
         "source": builder.NAME,
         "manifest": {"name": manifest["name"], "sha256": manifest["sha256"], "access": manifest["access"],
                      "license": manifest["license"]},
@@ -259,45 +505,193 @@ def run_build(
         "vq": vq.describe() if vq is not None else None,
         "counts": {"items": len(items), "samples": n_samples, "rejects": len(rejects), "by_split_subtask": dict(sorted(counts.items()))},
     }
-    # Command lines can carry absolute paths of the building machine: keep only their names.
-    build_info["command"] = [Path(a).name if os.path.isabs(a) else a for a in build_info["command"]]
-    write_json_atomic(out / BUILD_NAME, build_info)
+    if part is not None:
+        build_info["partition"] = list(part)
+    if reports:
+        build_info["items"] = dict(sorted(reports.items()))
+    write_json_atomic(out / _meta_name(BUILD_NAME, suffix), build_info)
+    journal_path.unlink(missing_ok=True)
+    reasons = Counter(r.reason.split(":")[0] for r in rejects)
     return BuildSummary(out, n_samples, len(rejects), len(items), len(shards), dict(counts), dict(reasons),
                         time.perf_counter() - start)
 
 
-def process_item(builder: ModuleType, item: Item, ctx: BuildContext, vq: Any) -> tuple[list[Sample], list[Reject]]:
-    """All samples of one item, or a reject for the whole item if anything in it fails."""
+def _splits_for(builder: ModuleType, items: list[Item], ctx: BuildContext, manifest: dict[str, Any],
+                seed: int) -> dict[str, str]:
+    """Upstream (official) splits from ``builder.preset_splits`` where given, seeded ones for the rest."""
+    preset_fn = getattr(builder, "preset_splits", None)
+    preset = dict(preset_fn(items, ctx) or {}) if preset_fn else {}
+    strata = getattr(builder, "split_strata", None)
+    rest = [it for it in items if it.group not in preset]
+    assigned = assign_splits(
+        [it.group for it in rest],
+        manifest.get("splits", {}).get("fractions"),
+        seed=seed,
+        strata=strata(rest) if strata and rest else None,
+    )
+    present = {it.group for it in items}
+    return {**assigned, **{g: s for g, s in preset.items() if g in present}}
+
+
+def _load_journal(path: Path, out: Path, fingerprint: str, items: list[Item]) -> dict[str, Any]:
+    try:
+        state = json.loads(path.read_text("utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ResumeError(f"{path.name}: unreadable resume journal ({exc}); delete it to build from scratch") from exc
+    if state.get("fingerprint") != fingerprint:
+        raise ResumeError(f"{path.name}: the interrupted build used other inputs or options; "
+                          "rerun with the same ones, or without --resume to start again")
+    nxt = int(state["next_item"])
+    if nxt < len(items) and state.get("next_item_id") != items[nxt].id:
+        raise ResumeError(f"{path.name}: the item list changed since the interrupted build")
+    for shard in state["shards"]:
+        tar = out / shard["name"]
+        if not tar.is_file() or hashlib.sha256(tar.read_bytes()).hexdigest() != shard["sha256"]:
+            raise ResumeError(f"{shard['name']}: missing or changed since the interrupted build; "
+                              "rerun without --resume")
+    return state
+
+
+def merge_partitions(out: os.PathLike | str, expect: int | None = None, *, allow_partial: bool = False) -> dict[str, Any]:
+    """Join the partition indexes of ``out`` (``index-pXXXXofNNNN.json``) into ``index.json``.
+
+    Also concatenates the partitions' rejects into ``rejects.jsonl`` and writes a ``build.json``
+    whose counts are the sums and which lists the partitions. Refuses when a partition of the
+    ``n`` is missing (unless ``allow_partial``), or when partitions disagree (source, splits file).
+    Returns the merged index.
+    """
+    out = Path(out)
+    found: dict[tuple[int, int], dict[str, Any]] = {}
+    for path in sorted(out.glob("index-p*of*.json")):
+        index = json.loads(path.read_text("utf-8"))
+        if "partition" not in index:
+            raise ValueError(f"{path.name}: not a partition index")
+        found[tuple(index["partition"])] = index  # type: ignore[index]
+    if not found:
+        raise FileNotFoundError(f"{out.name}: no partition indexes (index-pXXXXofNNNN.json) to merge")
+    totals = {n for _, n in found}
+    if len(totals) != 1:
+        raise ValueError(f"{out.name}: partitions of different counts {sorted(totals)} in one folder")
+    n = totals.pop()
+    if expect is not None and expect != n:
+        raise ValueError(f"{out.name}: partitions are i/{n}, expected /{expect}")
+    missing = [i for i in range(n) if (i, n) not in found]
+    if missing and not allow_partial:
+        raise ValueError(f"{out.name}: partitions {missing} of {n} are not finished (no index-p….json)")
+    sources = {idx.get("source") for idx in found.values()}
+    if len(sources) != 1:
+        raise ValueError(f"{out.name}: partitions of different sources {sorted(map(str, sources))}")
+    from vlhealth.shards import ShardInfo
+
+    shards = [ShardInfo(**s) for key in sorted(found) for s in found[key]["shards"]]
+    index = write_index(out, shards, source=sources.pop(), partitions=[i for i, _ in sorted(found)], of=n)
+    rejects: list[str] = []
+    builds: list[dict[str, Any]] = []
+    for i, _ in sorted(found):
+        suffix = partition_suffix((i, n))
+        rj = out / _meta_name(REJECTS_NAME, suffix)
+        if rj.is_file():
+            rejects.extend(line for line in rj.read_text("utf-8").splitlines() if line.strip())
+        bj = out / _meta_name(BUILD_NAME, suffix)
+        if bj.is_file():
+            builds.append(json.loads(bj.read_text("utf-8")))
+    write_atomic(out / REJECTS_NAME, "".join(line + "\n" for line in rejects).encode())
+    if builds:
+        merged = {k: v for k, v in builds[0].items() if k not in ("counts", "partition", "items", "command")}
+        by: Counter[str] = Counter()
+        for b in builds:
+            by.update(b["counts"]["by_split_subtask"])
+        merged["counts"] = {
+            "items": sum(b["counts"]["items"] for b in builds),
+            "samples": sum(b["counts"]["samples"] for b in builds),
+            "rejects": len(rejects),
+            "by_split_subtask": dict(sorted(by.items())),
+        }
+        merged["partitions"] = {f"{b['partition'][0]}/{n}": {"command": b["command"], "counts": b["counts"]}
+                                for b in builds}
+        item_reports = {k: v for b in builds for k, v in b.get("items", {}).items()}
+        if item_reports:
+            merged["items"] = dict(sorted(item_reports.items()))
+        write_json_atomic(out / BUILD_NAME, merged)
+    return index
+
+
+def process_item(builder: ModuleType, item: Item, ctx: BuildContext, vq: Any, *, with_reports: bool = False):
+    """All samples of one item, or a reject for the whole item if anything in it fails.
+
+    Returns ``(samples, rejects)``, or ``(samples, rejects, reports)`` with ``with_reports``
+    (the merged ``data`` of the :class:`ItemReport` entries the builder yielded).
+    """
     good: list[Sample] = []
     bad: list[Reject] = []
+    reports: dict[str, Any] = {}
+
+    def done(g: list[Sample], b: list[Reject]):
+        return (g, b, reports if g or not b else {}) if with_reports else (g, b)
+
     try:
         for entry in builder.process(item, ctx):
             if isinstance(entry, Reject):
                 bad.append(entry)
+            elif isinstance(entry, ItemReport):
+                reports.update(entry.data)
             else:
                 good.append(entry)
         encode_targets(good, vq)
     except Rejected as exc:
-        return [], [Reject(ctx.scrub(exc.file), ctx.scrub(exc.reason), item.id)]
+        return done([], [Reject(ctx.scrub(exc.file), ctx.scrub(exc.reason), item.id)])
     except SchemaError as exc:
-        return [], [Reject(item.files[0] if item.files else item.id, f"schema: {ctx.scrub(str(exc))}", item.id)]
+        return done([], [Reject(item.files[0] if item.files else item.id, f"schema: {ctx.scrub(str(exc))}", item.id)])
     except Exception as exc:  # noqa: BLE001 - any failure refuses the item, never the build
         file = getattr(exc, "path", None) or (item.files[0] if item.files else item.id)
-        return [], [Reject(ctx.rel(file) if os.path.isabs(str(file)) else str(file),
-                           f"{type(exc).__name__}: {ctx.scrub(str(exc))}", item.id)]
-    return good, bad
+        return done([], [Reject(ctx.rel(file) if os.path.isabs(str(file)) else str(file),
+                                f"{type(exc).__name__}: {ctx.scrub(str(exc))}", item.id)])
+    return done(good, bad)
+
+
+def _target_batch(targets: list[Any]):
+    import numpy as np
+
+    return np.stack([t if t.ndim == 3 else np.repeat(t[..., None], 3, -1) for t in targets])
+
+
+def _unique_targets(targets: list[Any]) -> tuple[list[Any], list[int]]:
+    """Distinct targets (by bytes) and, per input, the position of its distinct one."""
+    seen: dict[bytes, int] = {}
+    unique: list[Any] = []
+    where: list[int] = []
+    for t in targets:
+        digest = hashlib.sha256(t.tobytes() + str(t.shape).encode()).digest()
+        if digest not in seen:
+            seen[digest] = len(unique)
+            unique.append(t)
+        where.append(seen[digest])
+    return unique, where
 
 
 def encode_targets(samples: list[Sample], vq: Any) -> None:
-    """Fill ``target_vq`` of generation samples in one batch."""
+    """Fill ``target_vq`` of generation samples in one batch (identical targets are encoded once)."""
     if vq is None:
         return
     todo = [s for s in samples if s.target is not None and s.target_vq is None]
     if not todo:
         return
-    import numpy as np
+    unique, where = _unique_targets([s.target for s in todo])
+    codes = vq.encode(_target_batch(unique))
+    for sample, k in zip(todo, where, strict=True):
+        sample.target_vq = codes[k].astype("int16")
 
-    batch = np.stack([s.target if s.target.ndim == 3 else np.repeat(s.target[..., None], 3, -1) for s in todo])
-    codes = vq.encode(batch)
-    for sample, row in zip(todo, codes, strict=True):
-        sample.target_vq = row.astype(np.int16)
+
+def _encode_written_targets(samples: list[_Written], vq: Any) -> None:
+    if vq is None:
+        return
+    from vlhealth.schema import check_vq, npy_bytes
+
+    todo = [w for w in samples if w.target is not None]
+    if not todo:
+        return
+    unique, where = _unique_targets([w.target for w in todo])
+    codes = vq.encode(_target_batch(unique))
+    for w, k in zip(todo, where, strict=True):
+        w.members["target.vq.npy"] = npy_bytes(check_vq(codes[k], w.key))
+        w.target = None

@@ -144,6 +144,29 @@ def publish_cmd(
             console.print(f"  {dst}")
 
 
+@app.command("merge-index")
+def merge_index_cmd(
+    folder: Annotated[Path, typer.Argument(help="Shard folder the partitions were built into.")],
+    expect: Annotated[int | None, typer.Option(help="Number of partitions n that must all be present.")] = None,
+    allow_partial: Annotated[bool, typer.Option(help="Merge even if some partitions are missing.")] = False,
+) -> None:
+    """Join the indexes of `vlhealth build --partition i/n` runs into one index.json (+ rejects, build.json).
+
+    Example:
+
+        vlhealth merge-index shards/synthrad --expect 8
+    """
+    from vlhealth.build import merge_partitions
+
+    try:
+        index = merge_partitions(folder, expect, allow_partial=allow_partial)
+    except (ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]error[/]: {exc}")
+        raise typer.Exit(2) from exc
+    console.print(f"[green]merged[/] {len(index['partitions'])}/{index['of']} partitions: "
+                  f"{len(index['shards'])} shards, {index['total_samples']} samples -> {folder / 'index.json'}")
+
+
 @app.command("check-leaks")
 def check_leaks_cmd(
     shards: Annotated[list[Path], typer.Argument(help="Shard folders or .tar files to check (all sources).")],
@@ -250,6 +273,17 @@ def make_build_command(name: str, module: Any):
                           annotation=Annotated[int, typer.Option(help="Maximum payload bytes per tar.")]),
         inspect.Parameter("strict", inspect.Parameter.KEYWORD_ONLY, default=False,
                           annotation=Annotated[bool, typer.Option(help="Exit non-zero if any input was refused.")]),
+        inspect.Parameter("workers", inspect.Parameter.KEYWORD_ONLY, default=1,
+                          annotation=Annotated[int, typer.Option("--workers", "-j", help=(
+                              "Worker processes (0 = one per CPU); the output is identical for any value."))]),
+        inspect.Parameter("partition", inspect.Parameter.KEYWORD_ONLY, default=None,
+                          annotation=Annotated[str | None, typer.Option(help=(
+                              "Build only partition i/n (0-based, by patient/group), e.g. "
+                              "--partition $SLURM_ARRAY_TASK_ID/8; join with `vlhealth merge-index`."))]),
+        inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, default=False,
+                          annotation=Annotated[bool, typer.Option(help=(
+                              "Continue a killed build of the same command (finished tars are kept; "
+                              "the result equals an uninterrupted build)."))]),
     ]
     if generates:
         common += [
@@ -269,13 +303,20 @@ def make_build_command(name: str, module: Any):
             from vlhealth.vq import load_vq
 
             vq = load_vq(kwargs.pop("vqgan"), device=kwargs.pop("device"))
-        with _progress(f"build {name}") as bar:
-            task = bar.add_task(name, total=None)
-            summary = run_build(
-                module, kwargs["root"], kwargs["out"], options=opts, vq=vq, seed=kwargs["seed"],
-                max_count=kwargs["shard_size"], max_bytes=kwargs["shard_bytes"],
-                progress=lambda done, total: bar.update(task, completed=done, total=total),
-            )
+        from vlhealth.build import ResumeError
+
+        try:
+            with _progress(f"build {name}") as bar:
+                task = bar.add_task(name, total=None)
+                summary = run_build(
+                    module, kwargs["root"], kwargs["out"], options=opts, vq=vq, seed=kwargs["seed"],
+                    max_count=kwargs["shard_size"], max_bytes=kwargs["shard_bytes"],
+                    progress=lambda done, total: bar.update(task, completed=done, total=total),
+                    workers=kwargs["workers"], partition=kwargs["partition"], resume=kwargs["resume"],
+                )
+        except (ResumeError, ValueError) as exc:
+            console.print(f"[red]error[/]: {exc}")
+            raise typer.Exit(2) from exc
         console.print(
             f"[bold]{module.NAME}[/]: {summary.samples} samples in {summary.shards} shard(s) from {summary.items} "
             f"items, {summary.rejects} rejected, {summary.seconds:.1f}s -> {summary.out}"

@@ -20,7 +20,7 @@ import json
 import os
 import re
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -134,7 +134,11 @@ class ShardWriter:
         max_count: int = DEFAULT_MAX_COUNT,
         max_bytes: int = DEFAULT_MAX_BYTES,
         start_number: int = 0,
+        shards: Iterable[ShardInfo] = (),
+        on_shard: Callable[[ShardInfo], None] | None = None,
     ):
+        """``shards`` lists tars already finished by an earlier (resumed) run; ``on_shard`` is called
+        after each tar is renamed into place (the build runner journals its progress there)."""
         if max_count < 1 or max_bytes < 1:
             raise ValueError("max_count and max_bytes must be positive")
         if not re.match(r"^[A-Za-z0-9_-]+$", prefix):
@@ -145,7 +149,8 @@ class ShardWriter:
         self.max_count = max_count
         self.max_bytes = max_bytes
         self.number = start_number
-        self.shards: list[ShardInfo] = []
+        self.shards: list[ShardInfo] = list(shards)
+        self.on_shard = on_shard
         self._keys: set[str] = set()
         self._fh: io.BufferedWriter | None = None
         self._hashing: _HashingFile | None = None
@@ -183,9 +188,12 @@ class ShardWriter:
         final = self.out_dir / shard_name(self.prefix, self.number)
         os.replace(final.with_name(f".{final.name}{TMP_SUFFIX}"), final)
         fsync_dir(self.out_dir)
-        self.shards.append(ShardInfo(final.name, self._count, self._hashing.size, self._hashing.sha.hexdigest()))
+        info = ShardInfo(final.name, self._count, self._hashing.size, self._hashing.sha.hexdigest())
+        self.shards.append(info)
         self._tar = self._fh = self._hashing = None
         self.number += 1
+        if self.on_shard is not None:
+            self.on_shard(info)
 
     def abort(self) -> None:
         """Drop the shard being written (its temporary file is removed)."""
@@ -224,7 +232,9 @@ class ShardWriter:
 
 
 # -- index ---------------------------------------------------------------------------------
-def write_index(out_dir: os.PathLike | str, shards: Iterable[ShardInfo], **extra: Any) -> dict[str, Any]:
+def write_index(out_dir: os.PathLike | str, shards: Iterable[ShardInfo], *, index_name: str = INDEX_NAME,
+                **extra: Any) -> dict[str, Any]:
+    """Write ``index.json`` (or ``index_name``, e.g. a partition's ``index-p0000of0004.json``)."""
     shards = sorted(shards, key=lambda s: s.name)
     index = {
         "format": INDEX_FORMAT,
@@ -233,7 +243,7 @@ def write_index(out_dir: os.PathLike | str, shards: Iterable[ShardInfo], **extra
         "total_bytes": sum(s.bytes for s in shards),
         **extra,
     }
-    write_json_atomic(Path(out_dir) / INDEX_NAME, index)
+    write_json_atomic(Path(out_dir) / index_name, index)
     return index
 
 

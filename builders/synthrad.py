@@ -1,0 +1,210 @@
+"""SynthRAD2023 Task 1 (brain and pelvis MR/CT pairs) -> CT<->MRI conversion and reconstruction.
+
+Layout (as released): ``Task1/{brain,pelvis}/<ID>/{ct,mr,mask}.nii.gz`` (the root may be the
+folder holding ``Task1/`` or ``Task1/`` itself). Per patient, every axial slice whose body-mask
+coverage reaches ``--min-coverage`` gives
+
+* ``ct2mri``  input the CT slice (modality CT) -> target the MR slice,
+* ``mri2ct``  input the MR slice (modality MR) -> target the CT slice,
+* ``recon``   input a slice -> the same slice (``--recon mr|ct|both|none``, default both),
+
+with body_part ``brain`` or ``pelvis``. CT uses the [-1024, 3000] HU window, MR the 0.5-99.5
+percentile window of the voxels inside the mask (one window per volume). Outside the body mask
+both are set to the window's low end (``--no-mask-background`` keeps the couch and air).
+Slices are fitted to 256x256 (aspect kept, padded); input and target are pixel-aligned.
+
+Members of every sample, in every split (one member set per folder, which the Hugging Face
+``datasets`` WebDataset loader requires):
+
+* ``input.png``     8-bit input slice, 256x256;
+* ``target.png``    8-bit target slice, 256x256 (``round(reference / 257)``);
+* ``target.vq.npy`` its 1024 VQ indices;
+* ``reference.png`` the target slice at 16 bits, 256x256: ``value = lo + v / 65535 * (hi - lo)``
+  with ``[lo, hi]`` = ``provenance.target_window`` (CT: HU in [-1024, 3000], so HU metrics —
+  masked MAE/PSNR/SSIM — are computed from it; MR: scanner units of the percentile window);
+* ``mask.png``      the body mask on the same 256x256 grid, 0/255.
+
+Pairs must share one geometry; with ``--register`` the MR is registered to the CT (centred
+rigid then affine, Mattes MI, multi-resolution; :mod:`vlhealth.registration`), resampled on the
+CT grid, a before/after figure is written to ``<out>/registration/<ID>.png`` and the numbers go to
+build.json (``items.<item>.registration``). Without it, a geometry mismatch refuses the patient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vlhealth.build import BuildContext, Item, ItemReport, Reject, Rejected
+from vlhealth.schema import Record, Sample, encode_png
+from vlhealth.volumes import (
+    Volume,
+    apply_window,
+    ct_window,
+    fit_square,
+    mr_window,
+    read_volume,
+    same_geometry,
+)
+
+NAME = "synthrad2023"
+MANIFEST = "synthrad2023"
+GENERATES = True
+EXAMPLE = "vlhealth build synthrad /data/SynthRAD2023 --out shards/synthrad --workers 4"
+
+ANATOMIES = ("brain", "pelvis")
+FILES = ("ct", "mr", "mask")
+SIZE = 256
+
+
+@dataclass
+class Options:
+    min_coverage: float = field(default=0.15, metadata={
+        "help": "Keep axial slices whose body mask covers at least this fraction of the slice."})
+    slice_step: int = field(default=1, metadata={"help": "Use every n-th kept slice."})
+    recon: str = field(default="both", metadata={
+        "help": "Reconstruction samples from the mr, ct, both or none of the slices."})
+    register: bool = field(default=False, metadata={
+        "help": "Register MR to CT (rigid then affine, Mattes MI) instead of requiring identical geometry."})
+    mask_background: bool = field(default=True, metadata={
+        "help": "Set voxels outside the body mask to the window's low end."})
+    anatomy: str = field(default="brain,pelvis", metadata={"help": "Comma-separated anatomies to build."})
+
+
+def _task_root(root: Path) -> Path:
+    return root / "Task1" if (root / "Task1").is_dir() else root
+
+
+def discover(ctx: BuildContext) -> Iterator[Item | Reject]:
+    task = _task_root(ctx.root)
+    wanted = [a.strip() for a in ctx.options.anatomy.split(",") if a.strip()]
+    bad = [a for a in wanted if a not in ANATOMIES]
+    if bad:
+        raise ValueError(f"--anatomy: unknown {bad}; choose from {list(ANATOMIES)}")
+    if ctx.options.recon not in ("mr", "ct", "both", "none"):
+        raise ValueError(f"--recon must be mr, ct, both or none, got {ctx.options.recon!r}")
+    for anatomy in wanted:
+        folder = task / anatomy
+        if not folder.is_dir():
+            continue
+        for patient in sorted(p for p in folder.iterdir() if p.is_dir()):
+            paths = {}
+            missing = []
+            for name in FILES:
+                found = [patient / f"{name}{suf}" for suf in (".nii.gz", ".nii", ".mha")
+                         if (patient / f"{name}{suf}").is_file()]
+                if found:
+                    paths[name] = found[0]
+                else:
+                    missing.append(name)
+            item_id = f"{anatomy}-{patient.name}"
+            if missing:
+                yield Reject(ctx.rel(patient / f"{missing[0]}.nii.gz"),
+                             f"missing {' and '.join(m + '.nii.gz' for m in missing)} for patient {patient.name}",
+                             item_id)
+                continue
+            yield Item(id=item_id, group=patient.name, files=tuple(ctx.rel(paths[n]) for n in FILES),
+                       data={"anatomy": anatomy, "patient": patient.name})
+
+
+def split_strata(items: Iterable[Item]) -> dict[str, str]:
+    return {it.group: it.data["anatomy"] for it in items}
+
+
+def _geometry_problem(ct: Volume, other: Volume, what: str) -> str | None:
+    if ct.shape != other.shape:
+        return f"CT/{what} shape mismatch: CT {ct.shape} vs {what} {other.shape} (z, y, x)"
+    if not np.allclose(ct.spacing, other.spacing, atol=1e-3):
+        return (f"CT/{what} spacing mismatch: CT {tuple(round(s, 4) for s in ct.spacing)} vs "
+                f"{what} {tuple(round(s, 4) for s in other.spacing)} mm")
+    if not same_geometry(ct, other):
+        return f"CT/{what} origin or direction mismatch (same shape and spacing)"
+    return None
+
+
+def _fit16(slice2d: np.ndarray) -> np.ndarray:
+    return fit_square(slice2d, SIZE, order=1, pad_value=0)
+
+
+def process(item: Item, ctx: BuildContext) -> Iterator[Sample | ItemReport]:
+    opts: Options = ctx.options
+    ct_file, mr_file, mask_file = item.files
+    anatomy, patient = item.data["anatomy"], item.data["patient"]
+    ct = read_volume(ctx.root / ct_file, root=ctx.root)
+    mr = read_volume(ctx.root / mr_file, root=ctx.root)
+    mask_vol = read_volume(ctx.root / mask_file, root=ctx.root, allow_empty=True)
+    problem = _geometry_problem(ct, mask_vol, "mask")
+    if problem:
+        raise Rejected(mask_file, problem)
+    mask = mask_vol.array > 0
+    if not mask.any():
+        raise Rejected(mask_file, "empty body mask (no voxel > 0)")
+    registered = False
+    problem = _geometry_problem(ct, mr, "MR")
+    if opts.register:
+        from vlhealth.registration import register_mr_to_ct, resample_to, similarity_figure
+
+        reg = register_mr_to_ct(ct, mr, mask=mask)
+        report = reg.summary()
+        if ctx.out is not None:
+            fig = similarity_figure(ct, resample_to(mr, ct), reg.moved, ctx.out / "registration" / f"{patient}.png",
+                                    title=f"{patient} MR -> CT", before=reg.before, after=reg.after)
+            report["figure"] = fig.relative_to(ctx.out).as_posix()
+        yield ItemReport({"registration": report})
+        mr, registered = reg.moved, True
+    elif problem:
+        raise Rejected(mr_file, problem)
+
+    ctw = ct_window()
+    try:
+        mrw = mr_window(mr.array, mask)
+    except ValueError as exc:
+        raise Rejected(mr_file, f"MR window: {exc}") from exc
+    ct16 = apply_window(ct.array, ctw, np.uint16)
+    mr16 = apply_window(mr.array, mrw, np.uint16)
+    if opts.mask_background:
+        ct16[~mask] = 0
+        mr16[~mask] = 0
+    coverage = mask.reshape(mask.shape[0], -1).mean(axis=1)
+    kept = [int(k) for k in np.flatnonzero(coverage >= opts.min_coverage)][:: max(1, opts.slice_step)]
+    if not kept:
+        raise Rejected(mask_file, f"no axial slice has body-mask coverage >= {opts.min_coverage}")
+    split = ctx.split_of(item.group)
+    windows = {"CT": ctw.as_dict(), "MR": mrw.as_dict()}
+    files = {"ct": ct_file, "mr": mr_file, "mask": mask_file}
+    for k in kept:
+        images = {"CT": _fit16(ct16[k]), "MR": _fit16(mr16[k])}
+        eight = {m: np.rint(a / 257.0).astype(np.uint8) for m, a in images.items()}
+        mask_png = encode_png(fit_square(mask[k].astype(np.uint8) * 255, SIZE, order=0, pad_value=0))
+        refs = {m: encode_png(a) for m, a in images.items()}
+        pairs = [("ct2mri", "CT", "MR"), ("mri2ct", "MR", "CT")]
+        if opts.recon in ("mr", "both"):
+            pairs.append(("recon", "MR", "MR"))
+        if opts.recon in ("ct", "both"):
+            pairs.append(("recon", "CT", "CT"))
+        for subtask, src, dst in pairs:
+            tag = subtask if subtask != "recon" else f"recon_{src.lower()}"
+            key = f"{NAME}-{patient}-{tag}-{k:04d}"
+            prompt = ctx.template(subtask, key)
+            record = Record(
+                task="generation", subtask=subtask, source=NAME, split=split,
+                conversations=[{"from": "human", "value": f"<image>\n{prompt}"},
+                               {"from": "gpt", "value": "<target_image>"}],
+                group=item.group, license=ctx.license, modality=src, body_part=anatomy,
+                provenance={
+                    "files": files, "axis": "axial", "slice": k, "n_slices": int(ct.shape[0]),
+                    "mask_coverage": round(float(coverage[k]), 4),
+                    "input_modality": src, "target_modality": dst,
+                    "input_window": windows[src], "target_window": windows[dst],
+                    "reference": {"member": "reference.png", "dtype": "uint16", "modality": dst,
+                                  "mask_member": "mask.png",
+                                  "decode": "value = lo + v / 65535 * (hi - lo) with target_window"},
+                    "registered": registered,
+                },
+                extra={"center": patient[2] if len(patient) > 2 else None},
+            )
+            yield Sample(key=key, record=record, input_image=eight[src], target=eight[dst],
+                         extras={"reference.png": refs[dst], "mask.png": mask_png})
