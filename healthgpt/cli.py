@@ -66,11 +66,16 @@ def infer(
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for random (tiny) weights.")] = 0,
+    threads: Annotated[int, typer.Option(help="CPU threads for torch (0: torch's default).")] = 0,
 ) -> None:
     from healthgpt.checkpoints import CheckpointError
     from healthgpt.infer import VQUnavailableError, answer, generate_image, load_model, load_vq_decoder
     from healthgpt.presets import MissingWeightsError
 
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
     if task not in ("comprehension", "generation"):
         raise typer.BadParameter(f"--task must be comprehension or generation, got {task!r}")
     if image is not None and not image.is_file():

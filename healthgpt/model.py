@@ -364,17 +364,19 @@ class HealthGPT(nn.Module):
         attention_mask = attention_mask.to(self.device)
         is_image = input_ids == IMAGE_TOKEN_ID
         n_placeholders = int(is_image.sum())
-        if n_placeholders == 0:
+        already_packed = pad_side == "right" or bool(attention_mask[:, -1].all())
+        if n_placeholders == 0 and already_packed:
             embeds = self.embed(input_ids)
             pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             return embeds, attention_mask, labels, pos
-        if pixel_values is None:
-            raise ValueError(f"input_ids hold {n_placeholders} <image> placeholder(s) but no pixel_values")
-        if pixel_values.shape[0] != n_placeholders:
-            raise ValueError(f"{n_placeholders} <image> placeholders but {pixel_values.shape[0]} images")
-        feats = self.vision.features(pixel_values.to(self.device), task)  # [N, P, d]
         text_embeds = self.embed(input_ids.masked_fill(is_image, 0))
-        feats = feats.to(text_embeds.dtype)
+        feats = text_embeds.new_zeros((0, 0, text_embeds.shape[-1]))
+        if n_placeholders:
+            if pixel_values is None:
+                raise ValueError(f"input_ids hold {n_placeholders} <image> placeholder(s) but no pixel_values")
+            if pixel_values.shape[0] != n_placeholders:
+                raise ValueError(f"{n_placeholders} <image> placeholders but {pixel_values.shape[0]} images")
+            feats = self.vision.features(pixel_values.to(self.device), task).to(text_embeds.dtype)  # [N, P, d]
         seqs: list[torch.Tensor] = []
         seq_labels: list[torch.Tensor] = []
         image_i = 0

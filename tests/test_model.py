@@ -297,6 +297,13 @@ def test_generate_with_cache_equals_full_recompute() -> None:
                 nxt = model(ids, pixel_values=pv[i:i + 1]).logits[0, -1].argmax()
             ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
         assert ids[0, len(p):].tolist() == out[i].tolist()
+    # text-only prompts, right-padded by collate, are re-packed too
+    text_prompts = [encode_prompt(tok, q, template="chatml", image=False) for q in ("Hi?", "Hello there, doctor?")]
+    batch = model.collate([{"input_ids": torch.tensor(p)} for p in text_prompts])
+    out = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=4, stop_token_ids=[])
+    for i, p in enumerate(text_prompts):
+        single = model.generate(torch.tensor([p]), max_new_tokens=4, stop_token_ids=[])
+        assert single[0].tolist() == out[i].tolist()
 
 
 def test_generate_image_tokens_constrained_is_well_formed() -> None:
