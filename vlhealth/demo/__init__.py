@@ -37,7 +37,8 @@ import numpy as np
 
 # Module names (in this package) of the registered layouts, in writing order.
 MODULES: tuple[str, ...] = ("synthrad", "ixi", "vqa_rad", "slake", "pathvqa",
-                           "mimic_cxr_vqa", "llava_med", "pubmedvision", "llava_instruct", "omnimedvqa")
+                           "mimic_cxr_vqa", "llava_med", "pubmedvision", "llava_instruct", "omnimedvqa",
+                           "mimic_cxr", "llava_pretrain")
 
 
 def registry() -> dict[str, ModuleType]:
