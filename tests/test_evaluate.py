@@ -248,3 +248,37 @@ def test_torchrun_two_ranks(shards: list[Path], tmp_path: Path) -> None:
     keys = [set(json.loads(x)["key"] for x in p.read_text().splitlines()) for p in parts]
     assert not keys[0] & keys[1] and len(keys[0] | keys[1]) == 12
     assert json.loads((out / "report.json").read_text())["counts"] == {"comprehension": 8, "generation": 4}
+
+
+def test_eval_on_demo_builds(components: tuple, tmp_path: Path) -> None:
+    """The builders' real output (demo SynthRAD2023, VQA-RAD, OmniMedVQA) through the evaluator."""
+    import builders.omnimedvqa as omnimedvqa
+    import builders.synthrad as synthrad
+    import builders.vqa_rad as vqa_rad
+    from vlhealth.build import run_build
+    from vlhealth.demo import write_demo_data
+
+    model, vq = components
+    roots = write_demo_data(tmp_path / "raw", sources=["synthrad2023", "vqa_rad", "omnimedvqa"])
+    shards = []
+    for module, name, options, partition in [
+        (vqa_rad, "vqa_rad", vqa_rad.Options(), None),
+        (omnimedvqa, "omnimedvqa", omnimedvqa.Options(), None),
+        (synthrad, "synthrad2023", synthrad.Options(slice_step=8), (0, 4)),  # a few slices of one patient
+    ]:
+        run_build(module, roots[name], tmp_path / name, options=options, partition=partition)
+        shards.append(tmp_path / name)
+    out = tmp_path / "eval"
+    result = run_evaluation(_config(shards, out, batch_size=8, max_new_tokens=4, max_image_tokens=2,
+                                    grids_per_task=1), model=model, vq=vq)
+    assert result.complete
+    report = json.loads((out / "report.json").read_text())
+    assert {"VQA-RAD", "OMVQA"} <= set(report["comprehension"])
+    assert report["comprehension"]["OMVQA"]["n_choice"] > 0
+    gen = report["generation"]
+    assert any(k.startswith("ct2mri/") for k in gen) and any(k.startswith("mri2ct/") for k in gen)
+    # the builder's 16-bit CT references give the SynthRAD HU metrics, MR targets none
+    assert all(v["hu"] is not None for k, v in gen.items() if k.startswith(("mri2ct/", "recon_ct/")))
+    assert all(v["hu"] is None for k, v in gen.items() if k.startswith(("ct2mri/", "recon_mr/")))
+    assert len(report["grids"]) == 3  # one per subtask: ct2mri, mri2ct, recon
+    assert (out / "report.md").is_file() and (out / "predictions.jsonl").is_file()
