@@ -563,6 +563,7 @@ def _train(cfg: TrainConfig, dd: _Dist, device_kind: str, model: Any,
 
     # -- resume
     step = 0
+    resume_rng = None
     guard = LossGuard(hp)
     loader_state = LoaderState(num_workers)
     losses: list[float] = []
@@ -586,8 +587,7 @@ def _train(cfg: TrainConfig, dd: _Dist, device_kind: str, model: Any,
         step = int(st["step"])
         guard = LossGuard(hp, st["guard"]["history"], st["guard"]["consecutive"])
         loader_state = LoaderState.from_dict(st["data"][dd.rank], num_workers)
-        rng = torch.load(ckpt / f"rng-rank{dd.rank}.pt", weights_only=True)
-        _set_rng_state(rng)
+        resume_rng = torch.load(ckpt / f"rng-rank{dd.rank}.pt", weights_only=True)
         losses, skipped = list(st["losses"]), list(st["skipped"])
         if dd.main and metrics_path.is_file():  # drop what the interrupted run logged after the checkpoint
             kept = [ln for ln in metrics_path.read_text("utf-8").splitlines()
@@ -600,7 +600,9 @@ def _train(cfg: TrainConfig, dd: _Dist, device_kind: str, model: Any,
 
     loader, loader_state = make_loader(data_cfg, model.tokenizer, VisionPreprocessor.from_model(model),
                                        rank=dd.rank, world_size=dd.world, state=loader_state)
-    batches: Iterator[dict[str, Any]] = iter(loader)
+    batches: Iterator[dict[str, Any]] = iter(loader)  # draws a base seed from the torch RNG
+    if resume_rng is not None:  # so the RNG is restored only now, as it was after this point originally
+        _set_rng_state(resume_rng)
 
     writer = None
     if cfg.tensorboard and dd.main:
