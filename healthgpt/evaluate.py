@@ -365,11 +365,20 @@ class _Runner:
         self.stops = stop_token_ids_for(model)
 
     def _prompt(self, sample: Sample, task: str) -> tuple[list[int], str]:
+        """Prompt ids for the last gpt turn: the first human turn, or for a multi-turn conversation
+        every turn before the last answer (earlier answers are given as context)."""
         conv = sample.record.conversations
         question = conv[0]["value"]
-        ids = self._encode_prompt(self.model.tokenizer, question, template=self.model.template,
-                                  image=sample.input_image is not None and IMAGE_TOKEN in question, task=task)
-        return ids, question
+        if len(conv) <= 2 or task != "comprehension":
+            ids = self._encode_prompt(self.model.tokenizer, question, template=self.model.template,
+                                      image=sample.input_image is not None and IMAGE_TOKEN in question, task=task)
+            return ids, question
+        from healthgpt.conversation import encode_conversation, get_template
+
+        tok = self.model.tokenizer
+        context = encode_conversation(tok, conv[:-1], template=self.model.template, max_len=1 << 30)
+        tail = tok(get_template(self.model.template).assistant, add_special_tokens=False)["input_ids"]
+        return context["input_ids"].tolist() + list(tail), conv[-2]["value"]
 
     def _batch_inputs(self, samples: list[Sample], task: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[str]]:
         prompts = [self._prompt(s, task) for s in samples]

@@ -282,3 +282,22 @@ def test_eval_on_demo_builds(components: tuple, tmp_path: Path) -> None:
     assert all(v["hu"] is None for k, v in gen.items() if k.startswith(("ct2mri/", "recon_mr/")))
     assert len(report["grids"]) == 3  # one per subtask: ct2mri, mri2ct, recon
     assert (out / "report.md").is_file() and (out / "predictions.jsonl").is_file()
+
+
+def test_multi_turn_prompt_keeps_the_context(components: tuple) -> None:
+    from healthgpt.evaluate import _Runner
+
+    model, vq = components
+    conv = [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A CT scan."},
+            {"from": "human", "value": "Which organ?"}, {"from": "gpt", "value": "liver"}]
+    rec = Record(task="comprehension", subtask="conversation", source="llava_med", split="test",
+                 conversations=conv, group="g", license="CC0", answer_type="open")
+    sample = Sample(key="k", record=rec, input_image=np.zeros((32, 32), np.uint8))
+    runner = _Runner(_config([], Path("unused")), model, vq, None)
+    ids, question = runner._prompt(sample, "comprehension")
+    text = model.tokenizer.decode([i for i in ids if i >= 0])
+    assert question == "Which organ?"
+    assert "A CT scan." in text and text.rstrip().endswith("assistant") and "liver" not in text
+    assert ids.count(-200) == 1  # one image placeholder
+    (record,) = runner.comprehension([sample])
+    assert record["reference"] == "liver" and record["question"] == "Which organ?"
