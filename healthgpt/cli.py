@@ -131,6 +131,11 @@ from healthgpt.evaluate import EVAL_HELP, eval_command  # noqa: E402
 
 app.command(name="eval", help=EVAL_HELP)(eval_command)
 
+# `healthgpt train` lives with the trainer (healthgpt/train.py).
+from healthgpt.train import train_command  # noqa: E402
+
+app.command(name="train")(train_command)
+
 
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -884,11 +884,16 @@ def train_command(
     debug_exit_after: Annotated[int | None, typer.Option(hidden=True)] = None,
     debug_log_keys: Annotated[bool, typer.Option(hidden=True)] = False,
 ) -> None:
-    """Train one stage of HealthGPT on WebDataset shards.
+    """Train one stage of HealthGPT on WebDataset shards (stage 1 alignment, 2 plugin adaptation,
+    3 instruction tuning); each stage starts from the previous one with --init. Hyper-parameters
+    come from healthgpt/configs/train_<preset>.yaml; multi-GPU with `torchrun --nproc-per-node N -m
+    healthgpt.cli train ...`. On SIGTERM a checkpoint is written; continue with --resume.
 
-    Example (the tiny preset through stages 1 -> 2 -> 3 on the demo shards):
+    Example:
 
-        healthgpt train --preset tiny --stage 1 --task comprehension --shards demo/shards/vqa_rad --out runs/s1c
+        healthgpt train --preset tiny --stage 1 --task generation --shards demo/shards/synthrad --out runs/s1g
+
+        healthgpt train --preset tiny --stage 2 --task mixed --shards demo/shards/vqa_rad --shards demo/shards/synthrad:0.5 --init runs/s1g --out runs/s2
     """
     overrides = {"steps": steps, "epochs": epochs, "lr": lr, "adapter_lr": adapter_lr, "global_batch": global_batch,
                  "micro_batch": micro_batch, "max_len": max_len, "schedule": schedule, "warmup_steps": warmup_steps,
