@@ -6,10 +6,12 @@ Flow (one process, or one per GPU under ``torchrun``):
    (default ``test``) and cut at ``limit``. Sample *i* of that stream belongs to rank
    ``i % world_size``.
 2. Each rank groups its samples by task into fixed batches (comprehension and generation are never
-   mixed: the task picks the H-LoRA plugin and the visual features). Batches are formed from the
-   rank's whole stream before skipping finished samples, so a resumed run decodes exactly the
-   batches an uninterrupted one would (same padding, same numbers).
-3. Comprehension: the prompt is the first human turn in the model's chat template; the answer is
+   mixed: the task picks the H-LoRA plugin and the visual features). Batch boundaries count the
+   samples already finished, so a resumed run decodes exactly the batches an uninterrupted one
+   would (same padding, same numbers). Samples are streamed: at most one pending batch per task
+   is held in memory.
+3. Comprehension: the prompt is the first human turn (for a multi-turn conversation: all turns
+   before the last answer) in the model's chat template; the answer is
    greedy (KV cache) up to a stop token or ``max_new_tokens``. Generation: the prompt ends with
    ``<start_index>``; the 1024 image tokens are parsed (malformed sequences are repaired and
    counted), decoded by the VQGAN and scored against the 8-bit target (SSIM/PSNR/MSE, LPIPS when
@@ -233,11 +235,17 @@ def _iter_members(shards: Sequence[os.PathLike | str], split: str | None) -> Ite
             yield key, members, rec
 
 
-def _plan(config: EvalConfig, rank: int, world: int) -> tuple[list[list[tuple[str, dict[str, bytes]]]], int, list[str]]:
-    """This rank's batches (fixed, see the module docstring), the global sample count and all keys."""
-    pending: dict[str, list[tuple[str, dict[str, bytes]]]] = {"comprehension": [], "generation": []}
-    batches: list[list[tuple[str, dict[str, bytes]]]] = []
-    all_keys: list[str] = []
+Batch = list[tuple[str, dict[str, bytes]]]
+
+
+def _stream_batches(config: EvalConfig, rank: int, world: int, done: set[str], all_keys: list[str]) -> Iterator[Batch]:
+    """This rank's unfinished samples in fixed batches, streamed (at most one batch per task in memory).
+
+    Batch boundaries count finished samples too, so a resumed run decodes the same batches as an
+    uninterrupted one. ``all_keys`` receives every evaluated key of every rank, in stream order.
+    """
+    pending: dict[str, Batch] = {"comprehension": [], "generation": []}
+    slots = dict.fromkeys(pending, 0)
     seen: set[str] = set()
     for i, (key, members, rec) in enumerate(_iter_members(config.shards, config.split)):
         if config.limit is not None and i >= config.limit:
@@ -251,12 +259,16 @@ def _plan(config: EvalConfig, rank: int, world: int) -> tuple[list[list[tuple[st
         task = rec.get("task")
         if task not in pending:
             raise EvalError(f"sample {key!r}: unknown task {task!r}")
-        pending[task].append((key, members))
-        if len(pending[task]) == config.batch_size:
-            batches.append(pending[task])
-            pending[task] = []
-    batches.extend(b for b in pending.values() if b)
-    return batches, len(all_keys), all_keys
+        slots[task] += 1
+        if key not in done:
+            pending[task].append((key, members))
+        if slots[task] == config.batch_size:
+            if pending[task]:
+                yield pending[task]
+            pending[task], slots[task] = [], 0
+    for task in pending:
+        if pending[task]:
+            yield pending[task]
 
 
 # -------------------------------------------------------------------------------- references
@@ -538,19 +550,15 @@ def run_evaluation(config: EvalConfig, *, model: Any = None, vq: Any = None, lpi
 
         write_json_atomic(out / CONFIG_NAME, cfg_record)
 
-    batches, n_total, all_keys = _plan(config, rank, world)
-    if n_total == 0:
-        raise EvalError(f"no samples of split {config.split!r} in the given shards")
     done = set(read_predictions(out))
-    todo = [[(k, m) for k, m in b if k not in done] for b in batches]
-    todo = [b for b in todo if b]
+    all_keys: list[str] = []
     runner = _Runner(config, model, vq, lpips)
     writer = _PartWriter(out / PREDICTIONS_DIR / f"part-r{rank:03d}.jsonl")
     n_new = 0
     stopped = False
-    progress = _progress(config.progress and rank == 0, sum(len(b) for b in todo))
+    progress = _progress(config.progress and rank == 0)
     try:
-        for bi, batch in enumerate(todo):
+        for bi, batch in enumerate(_stream_batches(config, rank, world, done, all_keys)):
             if config.max_batches is not None and bi >= config.max_batches:
                 stopped = True
                 break
@@ -564,6 +572,9 @@ def run_evaluation(config: EvalConfig, *, model: Any = None, vq: Any = None, lpi
     finally:
         writer.close()
         progress(None)
+    n_total = len(all_keys)
+    if n_total == 0:
+        raise EvalError(f"no samples of split {config.split!r} in the given shards")
     _barrier(world)
     result = EvalResult(out=out, complete=False, n_new=n_new, n_total=n_total)
     if rank != 0:
@@ -601,14 +612,15 @@ def _lpips_status(config: EvalConfig, lpips: Any) -> str:
     return f"computed: AlexNet LPIPS v0.1 from {names}"
 
 
-def _progress(enabled: bool, total: int) -> Any:
+def _progress(enabled: bool) -> Any:
     if not enabled:
         return lambda n: None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    bar = Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    bar = Progress(SpinnerColumn(), TextColumn("eval: {task.completed} samples predicted (rank 0)"),
+                   TimeElapsedColumn())
     bar.start()
-    task = bar.add_task("eval", total=total)
+    task = bar.add_task("eval", total=None)
 
     def step(n: int | None) -> None:
         if n is None:
