@@ -66,6 +66,7 @@ __all__ = [
     "EvalResult",
     "hu_reference",
     "read_predictions",
+    "resolve_checkpoint",
     "eval_command",
     "run_evaluation",
     "target_modality",
@@ -475,11 +476,27 @@ class _Runner:
         return records
 
 
+def resolve_checkpoint(path: os.PathLike | str | None) -> Path | None:
+    """A checkpoint file, or a training output folder holding ``trainable.safetensors``
+    (``runs/stage3/final``, ``runs/stage3/checkpoints/step-N``)."""
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_dir():
+        for candidate in (p / "trainable.safetensors", p / "final" / "trainable.safetensors"):
+            if candidate.is_file():
+                return candidate
+        raise EvalError(f"{p.name}/: no trainable.safetensors in this folder (nor in final/)")
+    if not p.is_file():
+        raise EvalError(f"{p.name}: checkpoint not found")
+    return p
+
+
 def _load_components(config: EvalConfig, device: str, model: Any, vq: Any, lpips: Any) -> tuple[Any, Any, Any]:
     if model is None:
         from healthgpt.infer import load_model
 
-        model = load_model(config.preset, checkpoint=config.checkpoint, released=config.released,
+        model = load_model(config.preset, checkpoint=resolve_checkpoint(config.checkpoint), released=config.released,
                            device=device, **config.overrides)
     model.eval()
     if vq is None:
@@ -498,7 +515,7 @@ def _config_record(config: EvalConfig, model: Any, vq: Any, lpips: Any) -> dict[
         "format": "healthgpt-eval-config/1",
         "shards": [Path(s).name for s in config.shards],
         "preset": config.preset,
-        "checkpoint": _fingerprint(config.checkpoint),
+        "checkpoint": _fingerprint(resolve_checkpoint(config.checkpoint)),
         "released": _fingerprint(config.released),
         "template": getattr(model, "template", None),
         "vq": vq.describe() if hasattr(vq, "describe") else str(config.vq),

@@ -301,3 +301,29 @@ def test_multi_turn_prompt_keeps_the_context(components: tuple) -> None:
     assert ids.count(-200) == 1  # one image placeholder
     (record,) = runner.comprehension([sample])
     assert record["reference"] == "liver" and record["question"] == "Which organ?"
+
+
+def test_eval_loads_a_training_checkpoint(shards: list[Path], components: tuple, tmp_path: Path) -> None:
+    """A trainer output folder (final/trainable.safetensors) is found, loaded and fingerprinted."""
+    from healthgpt.checkpoints import save_trainable
+    from healthgpt.infer import load_model
+
+    base_model, vq = components
+    trained = load_model("tiny")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "plugins.comprehension.lora_B" in name or "abstract_adapter" in name:
+                p.add_(torch.randn_like(p))
+    save_trainable(trained, tmp_path / "run" / "final" / "trainable.safetensors")
+
+    base = run_evaluation(_config(shards, tmp_path / "base", limit=4, grids_per_task=0), model=base_model, vq=vq)
+    loaded = run_evaluation(_config(shards, tmp_path / "loaded", limit=4, grids_per_task=0,
+                                    checkpoint=tmp_path / "run"), vq=vq)
+    assert base.complete and loaded.complete
+    ckpt = loaded.report["model"]["checkpoint"]
+    assert ckpt["name"] == "trainable.safetensors" and len(ckpt["sha256"]) == 64
+    preds = [read_predictions(tmp_path / d) for d in ("base", "loaded")]
+    assert [p["prediction"] for p in preds[0].values()] != [p["prediction"] for p in preds[1].values()]
+    with pytest.raises(EvalError, match="no trainable.safetensors"):
+        run_evaluation(_config(shards, tmp_path / "x", limit=1, checkpoint=tmp_path), vq=vq)
