@@ -177,8 +177,12 @@ def process(item: Item, ctx: BuildContext) -> Iterator[Sample | ItemReport]:
     files = {"ct": ct_file, "mr": mr_file, "mask": mask_file}
     for k in kept:
         images = {"CT": _fit16(ct16[k]), "MR": _fit16(mr16[k])}
+        mask256 = fit_square(mask[k].astype(np.uint8) * 255, SIZE, order=0, pad_value=0)
+        if opts.mask_background:  # the resize blurs the body edge: keep outside == background exactly
+            for a in images.values():
+                a[mask256 == 0] = 0
         eight = {m: np.rint(a / 257.0).astype(np.uint8) for m, a in images.items()}
-        mask_png = encode_png(fit_square(mask[k].astype(np.uint8) * 255, SIZE, order=0, pad_value=0))
+        mask_png = encode_png(mask256)
         refs = {m: encode_png(a) for m, a in images.items()}
         pairs = [("ct2mri", "CT", "MR"), ("mri2ct", "MR", "CT")]
         if opts.recon in ("mr", "both"):
