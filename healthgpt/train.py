@@ -642,6 +642,7 @@ def _train(cfg: TrainConfig, dd: _Dist, device_kind: str, model: Any,
                       f"= {hp.micro_batch} x {dd.world} x {accum} | {device_kind} {precision}"
                       f"{' +grad-ckpt' if use_gc else ''}")
 
+    step_tasks: list[str] = []  # dominant task per step of this run (per-task loss summary)
     keys_fh = open(out / f"keys-rank{dd.rank}.txt", "a", encoding="utf-8") if cfg.debug_log_keys else None  # noqa: SIM115
     progress = _progress(console, cfg.progress and dd.main)
     status = "finished"
@@ -693,6 +694,7 @@ def _train(cfg: TrainConfig, dd: _Dist, device_kind: str, model: Any,
             scheduler.step()
             step += 1
             losses.append(step_loss)
+            step_tasks.append(max(tasks, key=tasks.get))
             dt = time.perf_counter() - t0
             tokens_all = dd.sum(tokens)
             if dd.main:
@@ -746,11 +748,27 @@ def _train(cfg: TrainConfig, dd: _Dist, device_kind: str, model: Any,
                 "groups": list(groups), "saved_groups": saved_groups, "trainable": summary,
                 "hparams": _jsonable(asdict(hp)), "first_loss": losses[0] if losses else None,
                 "last_loss": losses[-1] if losses else None, "skipped_steps": skipped,
+                "loss_by_task": loss_by_task(losses[len(losses) - len(step_tasks):], step_tasks),
             }, indent=2) + "\n", "utf-8")
         dd.barrier()
     if dd.main:
         _print_summary(console, summary, losses, skipped, status)
+        for task, v in loss_by_task(losses[len(losses) - len(step_tasks):], step_tasks).items():
+            console.print(f"  {task}: loss {v['first']:.4f} -> {v['last']:.4f} (mean of first/last {v['n']} "
+                          f"of {v['steps']} steps)")
     return TrainResult(status, step, total_steps, losses, skipped, summary, out, final)
+
+
+def loss_by_task(losses: Sequence[float], tasks: Sequence[str], n: int = 3) -> dict[str, dict[str, float]]:
+    """Per task: mean of its first and last ``n`` finite step losses (mixed runs alternate tasks,
+    so one overall first/last pair would compare different tasks)."""
+    out: dict[str, dict[str, float]] = {}
+    for task in sorted(set(tasks)):
+        vals = [x for x, t in zip(losses, tasks, strict=True) if t == task and math.isfinite(x)]
+        if vals:
+            k = min(n, len(vals))
+            out[task] = {"first": sum(vals[:k]) / k, "last": sum(vals[-k:]) / k, "n": k, "steps": len(vals)}
+    return out
 
 
 def _main_thread() -> bool:
