@@ -382,10 +382,11 @@ def load_released(
 
 def load_released_m3(model: HealthGPT, folder: str | os.PathLike[str]) -> list[ReleasedLoadReport]:
     """Load ``com_hlora_weights.bin`` (comprehension) and ``gen_hlora_weights.bin`` +
-    ``fusion_layer_weights.bin`` (generation) from a HealthGPT-M3 download, whichever exist."""
+    ``fusion_layer_weights.bin`` (generation) from a HealthGPT-M3 download, whichever exist
+    (also ``com_hlora_weights_phi4.bin`` of HealthGPT-L14)."""
     folder = Path(folder)
-    plan = [("com_hlora_weights.bin", "comprehension"), ("gen_hlora_weights.bin", "generation"),
-            ("fusion_layer_weights.bin", "generation")]
+    plan = [("com_hlora_weights.bin", "comprehension"), ("com_hlora_weights_phi4.bin", "comprehension"),
+            ("gen_hlora_weights.bin", "generation"), ("fusion_layer_weights.bin", "generation")]
     reports = [load_released(model, folder / f, t) for f, t in plan if (folder / f).is_file()]
     if not reports:
         raise ReleasedWeightsError(
