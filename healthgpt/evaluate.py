@@ -3,7 +3,7 @@
 Flow (one process, or one per GPU under ``torchrun``):
 
 1. Samples are read in shard order from one or more shard folders, filtered by ``split``
-   (default ``test``) and cut at ``limit``. Sample *i* of that stream belongs to rank
+   (default ``test``) and cut at ``limit`` samples per shard folder. Sample *i* of that stream belongs to rank
    ``i % world_size``.
 2. Each rank groups its samples by task into fixed batches (comprehension and generation are never
    mixed: the task picks the H-LoRA plugin and the visual features). Batch boundaries count the
@@ -221,19 +221,25 @@ def _record_json(members: dict[str, bytes]) -> dict[str, Any] | None:
         return None
 
 
-def _iter_members(shards: Sequence[os.PathLike | str], split: str | None) -> Iterator[tuple[str, dict[str, bytes], dict]]:
-    """(key, members, record json) of every sample of the wanted split, in shard order."""
-    tars = list_shards(list(shards))
-    if not tars:
+def _iter_members(shards: Sequence[os.PathLike | str], split: str | None,
+                  limit: int | None = None) -> Iterator[tuple[str, dict[str, bytes], dict]]:
+    """(key, members, record json) of the wanted split, in shard order; at most ``limit`` per shard folder
+    (so a quick run still covers every benchmark given)."""
+    if not list_shards(list(shards)):
         raise EvalError(f"no shards found in {', '.join(Path(s).name for s in shards)}")
-    for tar in tars:
-        for key, members in iter_tar(tar):
-            rec = _record_json(members)
-            if rec is None:
-                raise EvalError(f"{tar.name}: sample {key!r} has no readable json member")
-            if split is not None and rec.get("split") != split:
-                continue
-            yield key, members, rec
+    for folder in shards:
+        taken = 0
+        for tar in list_shards(folder):
+            for key, members in iter_tar(tar):
+                if limit is not None and taken >= limit:
+                    break
+                rec = _record_json(members)
+                if rec is None:
+                    raise EvalError(f"{tar.name}: sample {key!r} has no readable json member")
+                if split is not None and rec.get("split") != split:
+                    continue
+                taken += 1
+                yield key, members, rec
 
 
 Batch = list[tuple[str, dict[str, bytes]]]
@@ -248,9 +254,7 @@ def _stream_batches(config: EvalConfig, rank: int, world: int, done: set[str], a
     pending: dict[str, Batch] = {"comprehension": [], "generation": []}
     slots = dict.fromkeys(pending, 0)
     seen: set[str] = set()
-    for i, (key, members, rec) in enumerate(_iter_members(config.shards, config.split)):
-        if config.limit is not None and i >= config.limit:
-            break
+    for i, (key, members, rec) in enumerate(_iter_members(config.shards, config.split, config.limit)):
         if key in seen:
             raise EvalError(f"sample key {key!r} occurs twice in the evaluated shards")
         seen.add(key)
@@ -673,7 +677,7 @@ def eval_command(
     preset: Annotated[str, typer.Option(help="tiny, smollm2-135m, m3, l14, xl32.")] = "tiny",
     vq: Annotated[str, typer.Option(help="VQGAN decoder: 'tiny' or a weights file.")] = "tiny",
     split: Annotated[str, typer.Option(help="Split to evaluate (train, val, test, or 'all').")] = "test",
-    limit: Annotated[int | None, typer.Option(help="Evaluate only the first N samples.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Evaluate only the first N samples of each --shards folder.")] = None,
     batch_size: Annotated[int, typer.Option(help="Samples decoded together (per rank).")] = 8,
     max_new_tokens: Annotated[int, typer.Option(help="Answer length limit (comprehension).")] = 128,
     max_image_tokens: Annotated[int | None, typer.Option(help="Image token limit (default 1024 + slack).")] = None,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job end to end on embedded demo data: synthetic replicas of the upstream layouts ->
-# shards -> statistics (-> training and evaluation as those stages land).
+# shards -> statistics -> three-stage training of the `tiny` preset -> evaluation report.
 # Called by `make demo` with the project's virtualenv on PATH; DEMO_DIR picks the output folder.
 set -euo pipefail
 DEMO_DIR="${DEMO_DIR:-demo}"
@@ -13,6 +13,11 @@ echo "== 1. demo data (synthetic replicas of the upstream layouts) -> $RAW"
 vlhealth demo-data "$RAW"
 
 echo "== 2. build shards"
+echo "-- generation sources (tiny random VQGAN: pass --vqgan PATH for the real one)"
+vlhealth build synthrad       "$RAW/synthrad2023"   --out "$SHARDS/synthrad" --workers 2
+vlhealth build ixi            "$RAW/ixi"            --out "$SHARDS/ixi" --slices 4
+vlhealth build mimic-cxr      "$RAW/mimic_cxr"      --out "$SHARDS/mimic_cxr"
+vlhealth build llava-pretrain "$RAW/llava_pretrain" --out "$SHARDS/llava_pretrain"
 echo "-- comprehension sources (upstream splits kept)"
 vlhealth build omnimedvqa     "$RAW/omnimedvqa"     --out "$SHARDS/omnimedvqa" --image-format jpg
 vlhealth build vqa-rad        "$RAW/vqa_rad"        --out "$SHARDS/vqa_rad" --forms both
@@ -37,4 +42,24 @@ if ((${#built[@]})); then
   vlhealth stats "${built[@]}" --plot "$DEMO_DIR/stats.png"
   vlhealth stats "${built[@]}" --json > "$DEMO_DIR/stats.json"
 fi
-echo "demo finished: outputs under $DEMO_DIR/"
+
+echo "== 4. stage-2 mix (the paper's Mixed-47k, scaled down: balanced comprehension/generation)"
+mix=(); for d in "$SHARDS"/*/; do mix+=(--from "$d"); done
+vlhealth mix "${mix[@]}" --n 200 --out "$DEMO_DIR/mix"
+
+echo "== 5. train the tiny preset: stage 1 (alignment) -> 2 (plugin adaptation) -> 3 (instruction tuning)"
+RUNS="$DEMO_DIR/runs"
+train="healthgpt train --preset tiny"
+$train --stage 1 --task comprehension --shards "$SHARDS/vqa_rad" --shards "$SHARDS/slake" --out "$RUNS/stage1-comprehension"
+$train --stage 1 --task generation --shards "$SHARDS/synthrad" --out "$RUNS/stage1-generation" \
+  --micro-batch 2 --global-batch 2 --steps 20
+$train --stage 2 --task mixed --shards "$DEMO_DIR/mix" \
+  --init "$RUNS/stage1-comprehension" --init "$RUNS/stage1-generation" --out "$RUNS/stage2"
+$train --stage 3 --task mixed --shards "$SHARDS/vqa_rad" --shards "$SHARDS/slake" --shards "$SHARDS/synthrad:0.5" \
+  --init "$RUNS/stage2" --out "$RUNS/stage3"
+
+echo "== 6. evaluate on the held-out splits"
+healthgpt eval --shards "$SHARDS/vqa_rad" --shards "$SHARDS/slake" --shards "$SHARDS/omnimedvqa" \
+  --shards "$SHARDS/synthrad" --checkpoint "$RUNS/stage3" --preset tiny \
+  --out "$DEMO_DIR/eval" --limit 12 --batch-size 8 --max-new-tokens 32 --device cpu
+echo "demo finished: outputs under $DEMO_DIR/ (stats.png, shards/, runs/, eval/report.md)"
