@@ -23,6 +23,7 @@ from vlhealth.vqa import VQAOptions, discover_chats, process_chat_item
 
 NAME = "llava_instruct"
 MANIFEST = "llava_instruct"
+SPLITS = "upstream"  # records carry the source's own split
 FILES = {"blip_laion_cc_sbu_558k.json": ("llava_558k", "caption", ("images", "")),
          "llava_v1_5_mix665k.json": ("llava_665k", "conversation", ("",))}
 EXAMPLE = (f"vlhealth build llava-instruct /data/llava --out shards/{NAME} && "

@@ -19,6 +19,7 @@ from vlhealth.vqa import VQAOptions, discover_chats, process_chat_item
 
 NAME = "llava_med"
 MANIFEST = "llava_med"
+SPLITS = "upstream"  # records carry the source's own split
 PREFIX = "llava_med_"
 EXAMPLE = f"vlhealth build llava-med /data/llava_med --files llava_med_instruct_60k_inline_mention.json --out shards/{NAME}"
 

@@ -30,6 +30,7 @@ from vlhealth.vqa import (
 
 NAME = "mimic_cxr_vqa"
 MANIFEST = "mimic_cxr_vqa"
+SPLITS = "upstream"  # records carry the source's own split
 SPLIT_FILES = {"train.json": "train", "valid.json": "val", "test.json": "test"}
 EXAMPLE = (f"vlhealth build mimic-cxr-vqa /data/mimic-cxr-vqa --mimic-cxr-jpg /data/physionet.org/files/mimic-cxr-jpg/2.0.0 "
            f"--out shards/{NAME}")

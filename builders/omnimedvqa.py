@@ -19,6 +19,7 @@ from vlhealth.vqa import QA, VQAOptions, items_by_image, normalise_text, parse_r
 
 NAME = "omnimedvqa"
 MANIFEST = "omnimedvqa"
+SPLITS = "upstream"  # records carry the source's own split
 PARTS = ("Open-access", "Restricted-access")
 OPTION_KEYS = ("option_A", "option_B", "option_C", "option_D", "option_E")
 EXAMPLE = f"vlhealth build omnimedvqa /data/OmniMedVQA --out shards/{NAME}"

@@ -30,6 +30,7 @@ from vlhealth.vqa import (
 
 NAME = "pathvqa"
 MANIFEST = "pathvqa"
+SPLITS = "upstream"  # records carry the source's own split
 SPLITS = ("train", "val", "test")
 EXAMPLE = f"vlhealth build pathvqa /data/PathVQA --out shards/{NAME}"
 

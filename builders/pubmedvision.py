@@ -19,6 +19,7 @@ from vlhealth.vqa import VQAOptions, discover_chats, normalise_text, process_cha
 
 NAME = "pubmedvision"
 MANIFEST = "pubmedvision"
+SPLITS = "upstream"  # records carry the source's own split
 FILES = {"PubMedVision_Alignment_VQA.json": ("alignment", "caption"),
          "PubMedVision_InstructionTuning_VQA.json": ("instruction", "conversation")}
 EXAMPLE = f"vlhealth build pubmedvision /data/PubMedVision --out shards/{NAME}"

@@ -26,6 +26,7 @@ from vlhealth.vqa import (
 
 NAME = "slake"
 MANIFEST = "slake"
+SPLITS = "upstream"  # records carry the source's own split
 SPLIT_FILES = {"train.json": "train", "validate.json": "val", "validation.json": "val", "test.json": "test"}
 LANGS = ("en", "zh", "all")
 EXAMPLE = f"vlhealth build slake /data/Slake1.0 --out shards/{NAME} --lang en"

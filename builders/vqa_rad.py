@@ -28,6 +28,7 @@ from vlhealth.vqa import (
 
 NAME = "vqa_rad"
 MANIFEST = "vqa_rad"
+SPLITS = "upstream"  # records carry the source's own split
 JSON_NAME = "VQA_RAD Dataset Public.json"
 IMAGE_DIR = "VQA_RAD Image Folder"
 TEST_PHRASES = ("test_freeform", "test_para")

@@ -114,3 +114,12 @@ def test_assign_splits_is_stable_stratified_and_non_empty():
     big = assign_splits([f"g{i}" for i in range(1000)], {"train": 0.7, "val": 0.1, "test": 0.2})
     assert abs(sum(v == "test" for v in big.values()) - 200) <= 1
     assert assign_splits(["only"], None) == {"only": "train"}
+
+
+def test_upstream_split_builders_say_so_in_splits_json(tmp_path, toy_root):
+    builder = toy_builder()
+    builder.SPLITS = "upstream"
+    out = tmp_path / "up"
+    run_build(builder, toy_root, out, vq=FakeVQ(), manifest={**MANIFEST, "splits": {"upstream": "the source's files"}})
+    record = json.loads((out / "splits.json").read_text())
+    assert record == {"seed": 0, "upstream": True, "groups": {}, "note": "the source's files"}

@@ -7,7 +7,9 @@ A builder (``builders/<source>.py``) is a small module with
 * ``Options``   a dataclass of builder-specific options (fields may carry
   ``metadata={"help": "..."}``; the CLI turns them into ``--flags``),
 * ``discover(ctx) -> Iterable[Item | Reject]``  cheap listing of work items from ``ctx.root``,
-* ``process(item, ctx) -> Iterable[Sample | Reject]``  the samples of one item.
+* ``process(item, ctx) -> Iterable[Sample | Reject]``  the samples of one item,
+* optional ``SPLITS = "upstream"`` when records carry the source's own splits (``splits.json``
+  then says so instead of listing a seeded group assignment).
 
 Builders never touch tars, the CLI or the VQ model: they yield :class:`~vlhealth.schema.Sample`
 objects whose generation targets are 256x256 arrays; the runner fills ``target_vq`` in one batch
@@ -493,7 +495,7 @@ def run_build(
                 **({"partition": list(part)} if part else {}))
     write_atomic(out / _meta_name(REJECTS_NAME, suffix),
                  "".join(json.dumps(r.to_json(), sort_keys=True) + "\n" for r in rejects).encode())
-    write_json_atomic(out / SPLITS_NAME, {"seed": seed, "groups": dict(sorted(ctx.splits.items()))})
+    write_json_atomic(out / SPLITS_NAME, splits_record(builder, manifest, ctx.splits, seed))
     build_info = {
         "command": _recorded_command(command if command is not None else [Path(sys.argv[0]).name, *sys.argv[1:]]),
         "source": builder.NAME,
@@ -514,6 +516,15 @@ def run_build(
     reasons = Counter(r.reason.split(":")[0] for r in rejects)
     return BuildSummary(out, n_samples, len(rejects), len(items), len(shards), dict(counts), dict(reasons),
                         time.perf_counter() - start)
+
+
+def splits_record(builder: ModuleType, manifest: dict[str, Any], assigned: dict[str, str], seed: int) -> dict[str, Any]:
+    """The content of ``splits.json``: the stored group-level assignment, or, for builders whose
+    records carry the source's own splits (``SPLITS = "upstream"``), a statement saying so."""
+    if getattr(builder, "SPLITS", "assigned") == "upstream":
+        return {"seed": seed, "upstream": True, "groups": {},
+                "note": str(manifest.get("splits", {}).get("upstream", "splits are the source's own"))}
+    return {"seed": seed, "upstream": False, "groups": dict(sorted(assigned.items()))}
 
 
 def _splits_for(builder: ModuleType, items: list[Item], ctx: BuildContext, manifest: dict[str, Any],
