@@ -17,7 +17,7 @@ from vlhealth.demo import MODULES, registry, source_names, write_demo_data
 from vlhealth.volumes import read_volume, same_geometry
 
 ALL = ["synthrad2023", "ixi", "vqa_rad", "slake", "pathvqa",
-       "mimic_cxr_vqa", "llava_med", "pubmedvision", "llava_instruct", "omnimedvqa"]
+       "mimic_cxr_vqa", "llava_med", "pubmedvision", "llava_instruct", "omnimedvqa", "mimic_cxr", "llava_pretrain"]
 
 
 def _hashes(root: Path) -> dict[str, str]:
