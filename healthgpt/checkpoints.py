@@ -136,6 +136,30 @@ def save_trainable(model: HealthGPT, path: str | os.PathLike[str],
     return sorted(tensors)
 
 
+TRAINABLE_FILE = "trainable.safetensors"
+
+
+def resolve_trainable(path: str | os.PathLike[str]) -> Path:
+    """The trainable-weights file meant by ``path``: a ``.safetensors`` file, a folder holding
+    ``trainable.safetensors`` (a checkpoint ``step-N``), or a training ``--out`` folder (its
+    ``final/`` weights, else its latest ``checkpoints/step-N``). One rule for train --init, infer
+    and eval."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if p.is_dir():
+        for candidate in (p / TRAINABLE_FILE, p / "final" / TRAINABLE_FILE):
+            if candidate.is_file():
+                return candidate
+        steps = sorted((d for d in (p / "checkpoints").glob("step-*") if (d / TRAINABLE_FILE).is_file()),
+                       key=lambda d: int(d.name.split("-")[-1]) if d.name.split("-")[-1].isdigit() else -1)
+        if steps:
+            return steps[-1] / TRAINABLE_FILE
+        raise CheckpointError(f"{p.name}/: no {TRAINABLE_FILE} in this folder, in final/ or in checkpoints/step-*/ "
+                              "(expected a training --out folder, a checkpoint folder or a .safetensors file)")
+    raise CheckpointError(f"{p.name}: checkpoint not found")
+
+
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}

@@ -481,19 +481,15 @@ class _Runner:
 
 
 def resolve_checkpoint(path: os.PathLike | str | None) -> Path | None:
-    """A checkpoint file, or a training output folder holding ``trainable.safetensors``
-    (``runs/stage3/final``, ``runs/stage3/checkpoints/step-N``)."""
+    """The trainable-weights file of ``--checkpoint`` (see :func:`healthgpt.checkpoints.resolve_trainable`)."""
     if path is None:
         return None
-    p = Path(path)
-    if p.is_dir():
-        for candidate in (p / "trainable.safetensors", p / "final" / "trainable.safetensors"):
-            if candidate.is_file():
-                return candidate
-        raise EvalError(f"{p.name}/: no trainable.safetensors in this folder (nor in final/)")
-    if not p.is_file():
-        raise EvalError(f"{p.name}: checkpoint not found")
-    return p
+    from healthgpt.checkpoints import CheckpointError, resolve_trainable
+
+    try:
+        return resolve_trainable(path)
+    except CheckpointError as exc:
+        raise EvalError(str(exc)) from exc
 
 
 def _load_components(config: EvalConfig, device: str, model: Any, vq: Any, lpips: Any) -> tuple[Any, Any, Any]:

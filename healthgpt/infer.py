@@ -51,15 +51,15 @@ def load_model(
     device: str = "cpu",
     **overrides: Any,
 ) -> HealthGPT:
-    """Build a preset, then load our checkpoint and/or a released HealthGPT-M3 folder."""
-    from healthgpt.checkpoints import load_released_m3, load_trainable
+    """Build a preset, then load our checkpoint (a file or a training folder) and/or a released HealthGPT-M3 folder."""
+    from healthgpt.checkpoints import load_released_m3, load_trainable, resolve_trainable
     from healthgpt.presets import build_model
 
     model, _ = build_model(preset, **overrides)
     if released is not None:
         load_released_m3(model, released)
     if checkpoint is not None:
-        load_trainable(model, checkpoint)
+        load_trainable(model, resolve_trainable(checkpoint))
     return model.to(device).eval()
 
 

@@ -27,6 +27,7 @@ vlhealth build mimic-cxr-vqa  "$RAW/mimic_cxr_vqa"  --out "$SHARDS/mimic_cxr_vqa
 vlhealth build llava-med      "$RAW/llava_med"      --out "$SHARDS/llava_med"
 vlhealth build llava-instruct "$RAW/llava_instruct" --out "$SHARDS/llava_instruct"
 vlhealth build llava-instruct "$RAW/llava_instruct" --text-only only --out "$SHARDS/llava_instruct_text"
+vlhealth build llava-instruct "$RAW/llava_pretrain" --out "$SHARDS/llava_558k"   # captions (stage-1 alignment)
 
 echo "-- leakage guard: the demo plants a test image (recompressed, resized) in PubMedVision train"
 vlhealth build pubmedvision   "$RAW/pubmedvision"   --out "$DEMO_DIR/leaky/pubmedvision"
@@ -62,4 +63,17 @@ echo "== 6. evaluate on the held-out splits"
 healthgpt eval --shards "$SHARDS/vqa_rad" --shards "$SHARDS/slake" --shards "$SHARDS/omnimedvqa" \
   --shards "$SHARDS/synthrad" --checkpoint "$RUNS/stage3" --preset tiny \
   --out "$DEMO_DIR/eval" --limit 12 --batch-size 8 --max-new-tokens 32 --device cpu
-echo "demo finished: outputs under $DEMO_DIR/ (stats.png, shards/, runs/, eval/report.md)"
+
+echo "== 7. inference with the trained demo model"
+question_image=$(ls "$RAW/vqa_rad/VQA_RAD Image Folder/"*.jpg | head -n 1)
+healthgpt infer --preset tiny --checkpoint "$RUNS/stage3" --image "$question_image" --question "Is there a lesion?"
+ct_slice="$DEMO_DIR/eval/ct_input.png"
+python - "$SHARDS/synthrad" "$ct_slice" <<'PY'
+import sys
+from vlhealth.shards import iter_samples
+sample = next(s for s in iter_samples(sys.argv[1]) if s.record.subtask == "ct2mri")
+open(sys.argv[2], "wb").write(sample.input_image)
+PY
+healthgpt infer --preset tiny --checkpoint "$RUNS/stage3" --task generation --image "$ct_slice" \
+  --instruction "Convert this CT slice to an MRI slice." --output "$DEMO_DIR/eval/ct2mri_demo.png" --constrained
+echo "demo finished: outputs under $DEMO_DIR/ (stats.png, shards/, runs/, eval/report.md, eval/ct2mri_demo.png)"
