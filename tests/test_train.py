@@ -11,7 +11,8 @@ import torch
 
 from healthgpt.presets import build_model
 from healthgpt.train import STAGE_GROUPS, TrainConfig, TrainingDiverged, latest_checkpoint, train
-from tests.train_data import make_all
+from tests.helpers import vqa_sample
+from tests.train_data import darkness_sample, make_all, pretrain_tiny_lm, write_shards
 
 # the specification (DESIGN.md, issue 6), written out independently of healthgpt.train
 SPEC = {
@@ -61,31 +62,75 @@ def test_exactly_the_stage_groups_train(tmp_path, shards, stage, task, data) -> 
         assert changed == expected  # the adapter is used by every comprehension batch
 
 
-def test_three_stages_loss_falls(tmp_path, shards) -> None:
-    """1 (generation alignment) -> 2 (embeddings/head) -> 3 (plugins + adapters), each from the last."""
-    s1 = train(_cfg(tmp_path / "s1", 1, "generation", [shards["gen"]], 8, overrides={"micro_batch": 1,
-                                                                                    "global_batch": 1}))
-    s2 = train(_cfg(tmp_path / "s2", 2, "comprehension", [shards["comp"]], 12, init=(tmp_path / "s1",)))
-    s3 = train(_cfg(tmp_path / "s3", 3, "comprehension", [shards["bright"]], 14, init=(tmp_path / "s2",)))
-    for res in (s1, s2, s3):
-        assert res.status == "finished" and not res.skipped
-        assert res.losses[-1] <= 0.7 * res.losses[0], res.losses
+@pytest.fixture(scope="module")
+def pretrained_lm(shards) -> dict:
+    """The tiny LLM pre-trained on text (stage 1 assumes a pre-trained LLM; see pretrain_tiny_lm)."""
+    model, _ = build_model("tiny")
+    return pretrain_tiny_lm(model)
+
+
+def _pretrained_model(state: dict) -> torch.nn.Module:
+    model, _ = build_model("tiny")
+    model.llm.load_state_dict(state)
+    return model
+
+
+def test_random_tiny_lm_bounds_what_an_adapter_can_reach() -> None:
+    """Why stage 1 comprehension needs a pre-trained LLM: with the random tiny LLM the final RMSNorm
+    fixes |h| = sqrt(d) and the random head rows are short, so even the best possible hidden state
+    leaves the answer token near ln(V) — no adapter can bring the loss to 70% of its start."""
+    model, _ = build_model("tiny")
+    head = model.lm_head.weight.detach()
+    d = head.shape[1]
+    target = model.tokenizer.convert_tokens_to_ids("y")
+    best = head[target] / head[target].norm() * math.sqrt(d)  # |h| is fixed by RMSNorm (weight 1)
+    nll = -torch.log_softmax(head @ best, -1)[target].item()
+    assert nll > 0.8 * math.log(head.shape[0])
+
+
+def test_each_stage_loss_falls(tmp_path, shards, pretrained_lm) -> None:
+    """Fixed-seed 1 -> 2 -> 3 chain on a text-pre-trained tiny LLM; every stage ends at <= 70% of its
+    start (issue 6). Mixed stage 2 alternates tasks, so it is judged per task (mean of the first
+    and last 3 steps of each task)."""
+    extra = {"open": write_shards(tmp_path / "open", [vqa_sample(i, answer_type="open") for i in range(24)],
+                                  "open", 6),
+             "dark": write_shards(tmp_path / "dark", [darkness_sample(i) for i in range(24)], "dark", 6)}
+    data = {**shards, **extra}
+
+    def run(name: str, stage: int, task: str, sources: list[str], steps: int, init: tuple = (), **ov):
+        cfg = _cfg(tmp_path / name, stage, task, [data[s] for s in sources], steps,
+                   init=tuple(tmp_path / i for i in init), overrides=ov)
+        res = train(cfg, model=_pretrained_model(pretrained_lm))
+        assert res.status == "finished" and not res.skipped, res.losses
         assert (res.out / "final" / "trainable.safetensors").is_file()
+        return res
+
+    # 1 comprehension: only the abstract adapter; it must learn to read the image (bright/dark):
+    # an image-blind model cannot go below ~ln 2 per answer (~0.2 per label token here)
+    s1c = run("s1c", 1, "comprehension", ["bright"], 10)
+    assert s1c.losses[-1] <= 0.7 * s1c.losses[0], s1c.losses
+    assert max(s1c.losses[-3:]) < 0.1, s1c.losses
+    # 1 generation: concrete adapter, generation plugin, new token rows
+    s1g = run("s1g", 1, "generation", ["gen"], 8, micro_batch=1, global_batch=1)
+    assert s1g.losses[-1] <= 0.7 * s1g.losses[0], s1g.losses
+    # 2 mixed: word embeddings + lm_head, from both stage-1 runs; new answers ("answer N") + VQ codes
+    run("s2", 2, "mixed", ["open", "gen"], 16, init=("s1c", "s1g"), micro_batch=2, global_batch=2)
+    by_task = json.loads((tmp_path / "s2" / "final" / "train_summary.json").read_text())["loss_by_task"]
+    assert set(by_task) == {"comprehension", "generation"}
+    for task, v in by_task.items():
+        assert v["last"] <= 0.7 * v["first"], (task, v)
+    # 3 comprehension: plugin + adapter learn a new instruction on the same images (answers inverted)
+    s3 = run("s3", 3, "comprehension", ["dark"], 12, init=("s2",))
+    assert s3.losses[-1] <= 0.7 * s3.losses[0], s3.losses
+
     summary = json.loads((tmp_path / "s3" / "final" / "train_summary.json").read_text())
     # stage 3's weights carry everything trained so far
     assert set(summary["saved_groups"]) == {"concrete_adapter", "generation_plugin", "new_token_rows",
                                             "word_embeddings", "lm_head", "comprehension_plugin",
                                             "abstract_adapter"}
     lines = [json.loads(x) for x in (tmp_path / "s3" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in lines] == list(range(1, 15))
+    assert [r["step"] for r in lines] == list(range(1, 13))
     assert all(r["tokens_per_s"] > 0 and r["lr"] > 0 for r in lines)
-
-
-def test_stage1_comprehension_loss_falls(tmp_path, shards) -> None:
-    # Only the abstract adapter trains: with the random tiny LLM the reachable loss is bounded by
-    # its untrained head, so this stage can only fall a little (see the trainer's docs).
-    res = train(_cfg(tmp_path / "s1c", 1, "comprehension", [shards["comp"]], 10))
-    assert res.losses[-1] < res.losses[0] - 0.05
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, shards) -> None:

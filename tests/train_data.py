@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 
 from tests.helpers import generation_sample, vqa_sample
 from vlhealth.schema import Record, Sample
@@ -40,6 +42,15 @@ def brightness_sample(i: int, split: str = "train") -> Sample:
     return Sample(key=f"bright-{i:05d}", record=rec, input_image=img)
 
 
+def darkness_sample(i: int, split: str = "train") -> Sample:
+    """The brightness images with a new instruction: "Is the image dark?" (answers inverted)."""
+    s = brightness_sample(i, split)
+    bright = s.record.conversations[1]["value"] == "yes"
+    s.record.conversations = [{"from": "human", "value": "<image>\nIs the image dark?"},
+                              {"from": "gpt", "value": "no" if bright else "yes"}]
+    return Sample(key=f"dark-{i:05d}", record=s.record, input_image=s.input_image)
+
+
 def write_shards(out: Path, samples: list[Sample], prefix: str, per_shard: int) -> Path:
     with ShardWriter(out, prefix=prefix, max_count=per_shard) as w:
         for s in samples:
@@ -58,3 +69,49 @@ def make_all(root: Path) -> dict[str, Path]:
         "gen": write_shards(root / "gen", [learnable_generation_sample(i) for i in range(12)], "gen", 3),
         "gen_png": write_shards(root / "gen_png", [generation_sample(i) for i in range(6)], "genpng", 2),
     }
+
+
+def brightness_description(bright: bool, image_tokens: int) -> str:
+    """The text a tiny LM is pre-trained to read where stage 1 later puts the image: one
+    character per image position ('b' bright, 'd' dark)."""
+    return ("b" if bright else "d") * image_tokens
+
+
+def pretrain_tiny_lm(model: Any, steps: int = 60, lr: float = 1e-2, batch: int = 8, seed: int = 0) -> dict[str, Any]:
+    """Make the random ``tiny`` LLM a (very small) *pre-trained* language model, as stage 1 assumes.
+
+    Why: stage 1 comprehension trains only the abstract adapter in front of a frozen LLM. On the
+    random tiny LLM the loss sits at ~ln(V) = 9.04 and no adapter can move it far: the final
+    RMSNorm fixes the hidden norm at sqrt(d) and the random ``lm_head`` rows have norm ~0.16, so a
+    token's logit can be raised by at most ~1.3 nats (best reachable loss ~7.7, 85% of the start).
+    A real LLM has learned logits; here the LLM (all its weights; no adapter, no image) is trained
+    on the text form of the brightness task, where a 16-character description stands where the
+    image will be (``brightness_description``). Stage 1 then has to *align*: map bright/dark CLIP
+    features to embeddings that the LLM reads like those characters — it cannot guess the
+    yes/no answer from the text alone (the image-blind floor is ~ln 2 per answer).
+
+    Deterministic for a given ``seed``; returns the pre-trained LLM state (``model.llm`` keys).
+    """
+    from healthgpt.conversation import encode_conversation
+
+    image_tokens = model.vision.num_patches
+    encs = []
+    for i in range(24):
+        conv = brightness_sample(i).record.conversations
+        yes = conv[1]["value"] == "yes"
+        human = conv[0]["value"].replace("<image>", brightness_description(yes, image_tokens))
+        encs.append(encode_conversation(model.tokenizer, [{"from": "human", "value": human}, conv[1]],
+                                        template=model.template))
+    gen = torch.Generator().manual_seed(seed)
+    params = model.set_trainable("word_embeddings", "lm_head", "llm_base")
+    opt = torch.optim.AdamW(params, lr=lr)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(len(encs), (batch,), generator=gen).tolist()
+        out = model(**model.collate([encs[k] for k in idx]), task="comprehension", return_logits=False)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+    model.requires_grad_(False)
+    model.eval()
+    return {k: v.detach().clone() for k, v in model.llm.state_dict().items()}
