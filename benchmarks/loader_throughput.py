@@ -4,8 +4,11 @@ Writes small shard folders (comprehension: 256x256 PNG input + short QA; generat
 input + target.png + 1024 VQ codes), then times ``TaskBatchStream`` (in-process, one thread:
 ``torch.set_num_threads(1)``) from tar bytes to padded tensors + pre-processed pixel values, for
 the tiny preset's image pre-processing (32 px) and, with ``--clip336``, CLIP ViT-L/14-336's
-(336 px). Prints the median over ``--rounds`` rounds and the target check (>= 200 generation
-samples/s on one core).
+(336 px), both through the transformers CLIP image processor ("processor") and through the
+loader's default ``FastClipPreprocessor`` ("fast"; the same numbers to float32 rounding), side by
+side in the same run. Prints the median over ``--rounds`` rounds, the fast/processor ratio and the
+target check (>= 200 generation samples/s on one core). Note the machine load (``uptime``) with
+the numbers: on a shared machine it moves them.
 
     python benchmarks/loader_throughput.py --samples 256 --rounds 5 --clip336
 """
@@ -13,6 +16,7 @@ samples/s on one core).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -79,7 +83,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     model, tok = build_model("tiny")
-    setups = [("tiny (32 px)", VisionPreprocessor.from_model(model), model.vision.num_patches)]
+    setups = [("tiny processor", VisionPreprocessor.from_model(model, fast=False), model.vision.num_patches),
+              ("tiny fast", VisionPreprocessor.from_model(model), model.vision.num_patches)]
     if args.clip336:
         try:
             from transformers import CLIPImageProcessorPil as Proc
@@ -87,11 +92,13 @@ def main() -> None:
             from transformers import CLIPImageProcessor as Proc
         proc = Proc(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, image_mean=CLIP_MEAN,
                     image_std=CLIP_STD, do_convert_rgb=True)
-        setups.append(("CLIP-L/14-336", VisionPreprocessor(proc), 576))
+        setups.append(("CLIP-336 processor", VisionPreprocessor(proc), 576))
+        setups.append(("CLIP-336 fast", VisionPreprocessor(proc, fast=True), 576))
     with tempfile.TemporaryDirectory() as tmp:
         folders = write(Path(tmp), args.samples)
         print(f"loader throughput, 1 thread, batch {args.batch}, median of {args.rounds} rounds x {args.samples} samples")
-        print(f"{'task':<14} {'pre-processing':<15} {'samples/s':>10} {'min':>8} {'max':>8}")
+        print(f"load average before: {os.getloadavg()[0]:.2f} (1 min)")
+        print(f"{'task':<14} {'pre-processing':<19} {'samples/s':>10} {'min':>8} {'max':>8}")
         results = {}
         for name, pre, image_tokens in setups:
             for task in ("comprehension", "generation"):
@@ -99,7 +106,12 @@ def main() -> None:
                          for _ in range(args.rounds)]
                 med = statistics.median(rates)
                 results[(name, task)] = med
-                print(f"{task:<14} {name:<15} {med:>10.1f} {min(rates):>8.1f} {max(rates):>8.1f}")
+                print(f"{task:<14} {name:<19} {med:>10.1f} {min(rates):>8.1f} {max(rates):>8.1f}")
+        print(f"load average after: {os.getloadavg()[0]:.2f} (1 min)")
+        for base in sorted({n.rsplit(" ", 1)[0] for n, _, _ in setups}):
+            for task in ("comprehension", "generation"):
+                fast, slow = results[(f"{base} fast", task)], results[(f"{base} processor", task)]
+                print(f"{task} with {base}: fast {fast:.0f} vs processor {slow:.0f} samples/s = {fast / slow:.2f}x")
         for name, _, _ in setups:
             rate = results[(name, "generation")]
             verdict = "meets" if rate >= 200 else "MISSES"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -177,3 +179,35 @@ def test_collated_tensors_feed_the_model(shards, tiny) -> None:
         out = model(b["input_ids"], b["attention_mask"], b["labels"], b["pixel_values"], task=b["task"],
                     return_logits=False)
     assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("side", [32, 336])
+def test_fast_preprocessing_matches_the_clip_processor(side) -> None:
+    """FastClipPreprocessor (the loader's default) == HierarchicalVision.preprocess with the CLIP
+    processor: gray and RGB, square and not, up- and down-sampling, PNG and JPEG decoded."""
+    from PIL import Image
+    from transformers import CLIPImageProcessorPil
+
+    from healthgpt.data import FastClipPreprocessor, decode_input_image
+    from healthgpt.presets import CLIP_MEAN, CLIP_STD
+
+    proc = CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+                                 image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True)
+    slow, fast = VisionPreprocessor(proc), VisionPreprocessor(proc, fast=True)
+    assert isinstance(fast.fast, FastClipPreprocessor) and slow.fast is None
+    rng = np.random.default_rng(side)
+    arrays = [rng.integers(0, 256, (256, 256), dtype=np.uint8), rng.integers(0, 256, (120, 300), dtype=np.uint8),
+              rng.integers(0, 256, (301, 200, 3), dtype=np.uint8), rng.integers(0, 256, (512, 512, 3), dtype=np.uint8),
+              rng.integers(0, 256, (17, 23, 3), dtype=np.uint8)]
+    images = []
+    for arr in arrays:
+        for fmt in ("PNG", "JPEG"):
+            buf = io.BytesIO()
+            Image.fromarray(arr).save(buf, format=fmt)
+            images.append(decode_input_image(buf.getvalue(), f"x.{fmt.lower()}"))
+    assert {im.mode for im in images} == {"L", "RGB"}
+    want, got = slow(images), fast(images)
+    assert got.shape == want.shape == (len(images), 3, side, side) and got.dtype == want.dtype == torch.float32
+    assert torch.allclose(got, want, rtol=0, atol=1e-5), (got - want).abs().max()
+    # a setting it does not reproduce falls back to the processor
+    assert FastClipPreprocessor.from_processor(CLIPImageProcessorPil(do_normalize=False)) is None
