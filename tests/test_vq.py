@@ -155,6 +155,17 @@ def test_tiny_describe(tiny: vq.VQTokenizer) -> None:
     assert info["config"]["n_embed"] == CODEBOOK_SIZE
 
 
+def test_tiny_product_codebook_scores_like_the_full_proj(tiny: vq.VQTokenizer) -> None:
+    # the tiny quantiser scores 128 + 64 factor rows; the codes are the dense argmax of proj(z)
+    imgs = _images(6)
+    assert tiny.model.quantize.product == vq.TINY_PRODUCT
+    np.testing.assert_array_equal(tiny.encode(imgs), _reference_codes(tiny.model, imgs))
+    with pytest.raises(ValueError, match="not a product codebook"):
+        VQGAN(SMALL).quantize.use_product(128, 8)
+    with pytest.raises(ValueError, match="does not fit"):
+        VQGAN(SMALL).quantize.use_product(100, 8)
+
+
 def test_load_taming_lightning_checkpoint(taming_ckpt: tuple[Path, VQGAN]) -> None:
     path, model = taming_ckpt
     tok = load_vq(path, config=SMALL, batch_size=2)
