@@ -163,11 +163,6 @@ def process(item: Item, ctx: BuildContext) -> Iterator[Sample | ItemReport]:
         mrw = mr_window(mr.array, mask)
     except ValueError as exc:
         raise Rejected(mr_file, f"MR window: {exc}") from exc
-    ct16 = apply_window(ct.array, ctw, np.uint16)
-    mr16 = apply_window(mr.array, mrw, np.uint16)
-    if opts.mask_background:
-        ct16[~mask] = 0
-        mr16[~mask] = 0
     coverage = mask.reshape(mask.shape[0], -1).mean(axis=1)
     kept = [int(k) for k in np.flatnonzero(coverage >= opts.min_coverage)][:: max(1, opts.slice_step)]
     if not kept:
@@ -176,7 +171,12 @@ def process(item: Item, ctx: BuildContext) -> Iterator[Sample | ItemReport]:
     windows = {"CT": ctw.as_dict(), "MR": mrw.as_dict()}
     files = {"ct": ct_file, "mr": mr_file, "mask": mask_file}
     for k in kept:
-        images = {"CT": _fit16(ct16[k]), "MR": _fit16(mr16[k])}
+        # windowed slice by slice, only the kept ones (a whole float64 volume costs more than reading it)
+        ct16, mr16 = apply_window(ct.array[k], ctw, np.uint16), apply_window(mr.array[k], mrw, np.uint16)
+        if opts.mask_background:
+            ct16[~mask[k]] = 0
+            mr16[~mask[k]] = 0
+        images = {"CT": _fit16(ct16), "MR": _fit16(mr16)}
         mask256 = fit_square(mask[k].astype(np.uint8) * 255, SIZE, order=0, pad_value=0)
         if opts.mask_background:  # the resize blurs the body edge: keep outside == background exactly
             for a in images.values():

@@ -545,10 +545,13 @@ def apply_window(
     if out_dtype not in (np.dtype(np.uint8), np.dtype(np.uint16)):
         raise ValueError(f"window output dtype must be uint8 or uint16, got {out_dtype}")
     top = float(np.iinfo(out_dtype).max)
-    scaled = (np.clip(np.asarray(image, dtype=np.float64), window.lo, window.hi) - window.lo) / (
-        window.hi - window.lo
-    )
-    return np.rint(scaled * top).astype(out_dtype)
+    # (clip(x) - lo) / (hi - lo) * top, rounded: the same float64 operations in the same order,
+    # done in place on one buffer (a volume-sized temporary per step cost several passes of memory)
+    scaled = np.clip(np.asarray(image, dtype=np.float64), window.lo, window.hi)
+    scaled -= window.lo
+    scaled /= window.hi - window.lo
+    scaled *= top
+    return np.rint(scaled, out=scaled).astype(out_dtype)
 
 
 def window_ct(
