@@ -8,7 +8,25 @@ Reading
     few counters, fast-forwarded arithmetically from the sample counts in ``index.json``); exact
     node/worker splitting (disjoint data on every rank); and member-level laziness (a generation
     sample reads ``json``, ``input.*`` and ``target.vq.npy`` and never touches ``target.png``; a
-    comprehension sample reads ``json`` and ``input.*``). Only local shard folders are supported.
+    comprehension sample reads ``json`` and ``input.*``). This is the default for local shard
+    folders; shards elsewhere are read in the streaming mode below.
+
+Streaming mode (``webdataset``)
+    A ``--shards`` value that is a URL or pattern (``https://host/vqa-{000000..000099}.tar``,
+    ``pipe:curl -s https://...``, ``hf://...``, ``a.tar::b.tar``; ``file://`` = a local path; weight
+    after the last colon as usual), or any source when ``DataConfig.streaming`` is set (``healthgpt
+    train --stream``), is read by a ``webdataset`` pipeline per source and reading slot: the
+    expanded shard list is split by node and worker (``shards[slot::n_slots]``; with fewer shards
+    than slots every slot resamples all of them, not disjoint), shards are *resampled* (drawn with
+    replacement, forever) and samples pass a shuffle buffer (``shuffle_buffer``). Samples of
+    another split are skipped; decoding, tokenisation, batching (one task per micro-batch, the
+    same ``(seed, m)`` draw of the stream) and collation are the local mode's. Task weights: a
+    local folder's come from its counts as in the local mode; a URL source's task mix is unknown,
+    so in ``mixed`` training its micro-batch takes the task of its next sample (others wait in a
+    bounded buffer; ranks may then run different tasks at one step, which DDP's
+    ``find_unused_parameters`` handles). Resume: the stream *restarts* (a new shuffle seeded by
+    the batches made so far); only local shards in the default mode resume at the exact data
+    position.
 
 Order ("resampled and shuffled")
     Each ``--shards`` folder is a *source* with a mixing weight. Its shards are split over the
@@ -31,7 +49,8 @@ Tokenisation
     responses, ``<target_image>`` expanded from ``target.vq.npy``. A generation sample whose
     target would be cut by ``max_len`` is skipped (a cut image is no target); comprehension
     samples are truncated. Images go through the model's own pre-processing
-    (``HierarchicalVision.preprocess``: pad to square + CLIP processor).
+    (``HierarchicalVision.preprocess``: pad to square + CLIP processor), by default through
+    :class:`FastClipPreprocessor`, which gives the same numbers without the processor's overhead.
 
 Resume
     ``TaskBatchStream`` yields dicts with ``state`` (the producing worker's position *after* the
@@ -41,10 +60,11 @@ Resume
 
 Public API::
 
-    parse_shard_spec("DIR[:WEIGHT]") -> ShardSpec
+    parse_shard_spec("DIR[:WEIGHT]" | "URL-PATTERN[:WEIGHT]") -> ShardSpec;  is_shard_url(text) -> bool
     DataConfig(shards, task, batch_size, max_len=2048, pack=False, split="train", seed=0,
-               num_workers=0, template="chatml", image_tokens=576)
-    VisionPreprocessor(processor) / VisionPreprocessor.from_model(model)
+               num_workers=0, template="chatml", image_tokens=576, streaming=False, shuffle_buffer=1000)
+    VisionPreprocessor(processor, fast=False) / VisionPreprocessor.from_model(model, fast=True)
+    FastClipPreprocessor.from_processor(processor) -> FastClipPreprocessor | None
     TaskBatchStream(cfg, tokenizer, preprocess, rank=0, world_size=1, state=None)
     make_loader(cfg, tokenizer, preprocess, rank=0, world_size=1, state=None) -> (DataLoader, LoaderState)
     LoaderState.update(batch) / .to_dict() / .from_dict()
@@ -57,8 +77,10 @@ import io
 import json
 import logging
 import os
+import random
+import re
 import tarfile
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,8 +99,10 @@ __all__ = [
     "DataConfig",
     "LoaderState",
     "ShardSpec",
+    "FastClipPreprocessor",
     "TaskBatchStream",
     "VisionPreprocessor",
+    "is_shard_url",
     "make_loader",
     "parse_shard_spec",
     "source_sample_counts",
@@ -96,30 +120,55 @@ _MAX_OPEN_FILES = 16
 
 @dataclass(frozen=True)
 class ShardSpec:
-    """One ``--shards`` argument: a shard folder (or a single ``.tar``) and its mixing weight."""
+    """One ``--shards`` argument: a shard folder (or a single ``.tar``) and its mixing weight, or
+    (``url`` set) a shard URL pattern read in streaming mode; ``path`` then only names it."""
 
     path: Path
     weight: float = 1.0
+    url: str | None = None
 
     def __post_init__(self) -> None:
         if not (self.weight > 0 and np.isfinite(self.weight)):
             raise ValueError(f"shards {self.path.name}: mixing weight must be a positive number, got {self.weight}")
 
+    @property
+    def remote(self) -> bool:
+        return self.url is not None
+
+
+_BRACE = re.compile(r"\{[^{}]*\.\.[^{}]*\}")
+
+
+def is_shard_url(text: str) -> bool:
+    """A URL or pattern for streaming mode: ``pipe:...``, ``scheme://...`` (``file://`` included),
+    a brace range ``{000000..000099}`` or a ``::``-separated list."""
+    return text.startswith("pipe:") or "://" in text or bool(_BRACE.search(text)) or "::" in text
+
+
+def _url_name(url: str) -> str:
+    """A short display name of a shard URL (no host, no command)."""
+    tail = url.rstrip("/").rsplit("/", 1)[-1]
+    return tail.split()[-1] if tail.split() else url
+
 
 def parse_shard_spec(text: str | os.PathLike[str] | ShardSpec) -> ShardSpec:
-    """``"demo/shards/vqa_rad"`` or ``"demo/shards/vqa_rad:2.5"`` (weight after the last colon)."""
+    """``"demo/shards/vqa_rad"`` or ``"demo/shards/vqa_rad:2.5"`` (weight after the last colon);
+    URLs and patterns (:func:`is_shard_url`) become streaming sources, e.g.
+    ``"https://host/data/vqa-{000000..000009}.tar:0.5"`` or ``"pipe:curl -s https://host/x.tar"``."""
     if isinstance(text, ShardSpec):
         return text
     raw = os.fspath(text)
+    weight = 1.0
     head, sep, tail = raw.rpartition(":")
     if sep and head:
         try:
             weight = float(tail)
+            raw = head
         except ValueError:
-            weight = None  # the colon belongs to the path
-        if weight is not None:
-            return ShardSpec(Path(head), weight)
-    return ShardSpec(Path(raw), 1.0)
+            pass  # the colon belongs to the path / URL
+    if is_shard_url(raw):
+        return ShardSpec(Path(_url_name(raw)), weight, url=raw)
+    return ShardSpec(Path(raw), weight)
 
 
 @dataclass
@@ -135,6 +184,8 @@ class DataConfig:
     template: str = "chatml"
     image_tokens: int = 576  # positions one <image> occupies in the model (vision.num_patches)
     pixel_newline: bool = False
+    streaming: bool = False  # force the webdataset streaming mode (URLs always stream)
+    shuffle_buffer: int = 1000  # streaming mode: samples in the shuffle buffer
     specs: list[ShardSpec] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -145,6 +196,8 @@ class DataConfig:
         if not self.shards:
             raise ValueError("no shard folders given (--shards DIR[:WEIGHT], may repeat)")
         self.specs = [parse_shard_spec(s) for s in self.shards]
+        if any(s.remote for s in self.specs):
+            self.streaming = True
 
 
 # ------------------------------------------------------------------------------------ images
@@ -417,6 +470,9 @@ def source_sample_counts(specs: Sequence[ShardSpec | str], split: str = "train")
     try:
         for i, raw in enumerate(specs):
             spec = parse_shard_spec(raw)
+            if spec.remote:
+                raise ValueError(f"--shards {spec.path.name}: sample counts of a streamed URL source are not "
+                                 "known in advance; give --steps")
             counts = _task_counts_from_build(spec, split)
             if counts is None:
                 counts = _task_counts_by_scan(_source_shards(spec), split, reader)
@@ -496,6 +552,86 @@ class _Example:
     key: str = ""
 
 
+def _stream_urls(spec: ShardSpec, shards: Sequence[_Shard]) -> list[str]:
+    """The shard URLs of a source in streaming mode (braces and ``::`` lists expanded;
+    ``file://`` made a plain path; a local folder gives its tars)."""
+    if not spec.remote:
+        return [str(s.path) for s in shards]
+    from webdataset.shardlists import expand_urls
+
+    urls = [u[len("file://"):] if u.startswith("file://") else u for u in expand_urls(spec.url)]
+    if not urls:
+        raise ValueError(f"--shards {spec.path.name}: the pattern expands to no shard")
+    return urls
+
+
+class _StreamSource:
+    """One source in streaming mode for one reading slot: a ``webdataset`` pipeline (resampled
+    shards of this slot, tar samples, shuffle buffer) plus the samples that were read while
+    looking for another task (kept in order, bounded)."""
+
+    MAX_PENDING = 4096  # samples kept for the other task before the oldest are dropped
+    MAX_SCAN = 100_000  # samples read without finding a usable one -> the source cannot serve
+
+    def __init__(self, urls: Sequence[str], name: str, slot: int, n_slots: int, seed: int, source: int,
+                 restart: int, shuffle_buffer: int) -> None:
+        import webdataset as wds
+
+        self.name = name
+        # split by node and worker: whole shards per reading slot when there are enough shards;
+        # otherwise every slot resamples all shards in its own random order (not disjoint)
+        mine = list(urls[slot::n_slots]) if len(urls) >= n_slots else list(urls)
+        parts = [int(seed), 4, source, slot, restart]
+        shard_seed = int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+        pipeline = [
+            wds.ResampledShards(mine, seed=shard_seed, worker_seed=lambda: 0, deterministic=True),
+            wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        ]
+        if shuffle_buffer > 1:
+            pipeline.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100),
+                                        rng=random.Random(shard_seed + 1)))
+        self.samples = iter(wds.DataPipeline(*pipeline))
+        self.pending: deque[tuple[dict[str, Any], dict[str, Any]]] = deque()
+
+    def _read(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """The next (raw sample, json record) from the pipeline; None for an unreadable json."""
+        sample = next(self.samples)
+        key = str(sample.get("__key__", "?"))
+        where = Path(_url_name(str(sample.get("__url__", self.name))))
+        members = {k: v for k, v in sample.items() if not k.startswith("__")}
+        try:
+            return sample, _load_json(members, where, key)
+        except ShardError as err:
+            log.warning("skipping sample: %s", err)
+            return None
+
+    def take(self, task: str | None, split: str, stats: dict[str, int]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The next sample of ``split`` and ``task`` (None: any task), pending ones first."""
+        for i, (sample, rec) in enumerate(self.pending):
+            if task is None or rec.get("task") == task:
+                del self.pending[i]
+                return sample, rec
+        for _ in range(self.MAX_SCAN):
+            got = self._read()
+            if got is None:
+                stats["bad"] = stats.get("bad", 0) + 1
+                continue
+            sample, rec = got
+            if rec.get("split") != split or rec.get("task") not in TASKS:
+                continue
+            if task is None or rec["task"] == task:
+                return sample, rec
+            self.pending.append((sample, rec))
+            if len(self.pending) > self.MAX_PENDING:
+                self.pending.popleft()
+                stats["dropped"] = stats.get("dropped", 0) + 1
+        raise ValueError(f"--shards {self.name}: no usable {split!r} {task or ''} sample in {self.MAX_SCAN} "
+                         "streamed samples")
+
+    def push_back(self, sample: dict[str, Any], rec: dict[str, Any]) -> None:
+        self.pending.appendleft((sample, rec))
+
+
 # ------------------------------------------------------------------------------------ the stream
 
 
@@ -523,15 +659,27 @@ class TaskBatchStream(IterableDataset):
         if pad is None:
             pad = getattr(tokenizer, "eos_token_id", None)
         self.pad_id = int(pad) if pad is not None else 0
-        self.sources = [_source_shards(spec) for spec in cfg.specs]
-        counts = source_sample_counts(cfg.specs, cfg.split)
+        self.streaming = cfg.streaming
+        self.sources = [[] if spec.remote else _source_shards(spec) for spec in cfg.specs]
+        self.urls = [_stream_urls(spec, shards) for spec, shards in zip(cfg.specs, self.sources, strict=True)] \
+            if self.streaming else []
+        local = [s for s in cfg.specs if not s.remote]
+        counts = source_sample_counts(local, cfg.split) if local else {}
+        local_index = {id(s): j for j, s in enumerate(local)}
         wanted = TASKS if cfg.task == "mixed" else (cfg.task,)
-        self.streams: list[tuple[int, str]] = []
+        # (source, task); task None: a streamed URL source in mixed training, whose task mix is not
+        # known in advance -> each of its micro-batches takes the task of its next sample
+        self.streams: list[tuple[int, str | None]] = []
         weights: list[float] = []
         for i, spec in enumerate(cfg.specs):
-            total = sum(counts.get((i, t), 0) for t in TASKS)
+            if spec.remote:
+                self.streams.append((i, cfg.task if cfg.task != "mixed" else None))
+                weights.append(spec.weight)
+                continue
+            j = local_index[id(spec)]
+            total = sum(counts.get((j, t), 0) for t in TASKS)
             for task in wanted:
-                n = counts.get((i, task), 0)
+                n = counts.get((j, task), 0)
                 if n:
                     self.streams.append((i, task))
                     weights.append(spec.weight * n / total)
@@ -552,6 +700,11 @@ class TaskBatchStream(IterableDataset):
         return (wid + offset) % self.n_workers
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.streaming:
+            return self._iter_streaming()
+        return self._iter_local()
+
+    def _iter_local(self) -> Iterator[dict[str, Any]]:
         worker = self._logical_worker()
         n_slots = self.world_size * self.n_workers
         slot = self.rank * self.n_workers + worker
@@ -655,6 +808,72 @@ class TaskBatchStream(IterableDataset):
             if len(rows) == self.cfg.batch_size:
                 cursors[name] = before  # does not fit: it opens the next batch instead
                 return rows
+            rows.append([ex])
+            used = ex.positions
+
+    # -- streaming mode -------------------------------------------------------------------------
+    def _iter_streaming(self) -> Iterator[dict[str, Any]]:
+        """Batches from ``webdataset`` pipelines (see "Streaming mode" in the module docstring)."""
+        worker = self._logical_worker()
+        n_slots = self.world_size * self.n_workers
+        slot = self.rank * self.n_workers + worker
+        wstate = (self.state.get("workers") or {}).get(str(worker), {})
+        local_batch = int(wstate.get("batches", 0))
+        stats = {k: int(v) for k, v in wstate.get("skipped", {}).items()}
+        # a resumed stream restarts with a new shuffle: seeded by the batches this worker made before
+        sources = [_StreamSource(urls, spec.path.name, slot, n_slots, self.cfg.seed, i, local_batch,
+                                 self.cfg.shuffle_buffer)
+                   for i, (spec, urls) in enumerate(zip(self.cfg.specs, self.urls, strict=True))]
+        while True:
+            m = local_batch * self.n_workers + worker
+            choice = int(_rng(self.cfg.seed, 3, m).choice(len(self.streams), p=self.weights))
+            source, task = self.streams[choice]
+            task, rows = self._fill_streaming(sources[source], task, stats)
+            batch = self._collate(task, rows)
+            local_batch += 1
+            batch["worker"] = worker
+            batch["state"] = {"batches": local_batch, "cursors": {}, "skipped": dict(stats), "streaming": True}
+            yield batch
+
+    def _next_streamed(self, src: _StreamSource, task: str | None,
+                       stats: dict[str, int]) -> tuple[_Example, dict[str, Any], dict[str, Any]]:
+        while True:
+            sample, rec = src.take(task, self.cfg.split, stats)
+            key = str(sample.get("__key__", "?"))
+            where = Path(_url_name(str(sample.get("__url__", src.name))))
+            members = {k: v for k, v in sample.items() if not k.startswith("__")}
+            try:
+                ex = self._encode(where, key, rec, members)
+            except (ValueError, KeyError, TypeError) as err:
+                stats["bad"] = stats.get("bad", 0) + 1
+                log.warning("skipping sample %s in %s: %s", key, where.name, err)
+                continue
+            if ex is None:
+                stats["too_long"] = stats.get("too_long", 0) + 1
+                continue
+            return ex, sample, rec
+
+    def _fill_streaming(self, src: _StreamSource, task: str | None,
+                        stats: dict[str, int]) -> tuple[str, list[list[_Example]]]:
+        """Like :meth:`_fill`; ``task`` None takes the task of the source's next sample."""
+        first, _, _ = self._next_streamed(src, task, stats)
+        task = first.task
+        rows: list[list[_Example]] = [[first]]
+        used = first.positions
+        while True:
+            if not self.cfg.pack:
+                if len(rows) == self.cfg.batch_size:
+                    return task, rows
+                rows.append([self._next_streamed(src, task, stats)[0]])
+                continue
+            ex, sample, rec = self._next_streamed(src, task, stats)
+            if used + ex.positions <= self.cfg.max_len:
+                rows[-1].append(ex)
+                used += ex.positions
+                continue
+            if len(rows) == self.cfg.batch_size:
+                src.push_back(sample, rec)  # does not fit: it opens the next batch instead
+                return task, rows
             rows.append([ex])
             used = ex.positions
 

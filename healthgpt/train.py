@@ -27,6 +27,11 @@ Hardware: CUDA (bf16 autocast, gradient checkpointing) when available, else CPU 
 and multi-node through ``torchrun`` (DDP; ``--fsdp`` for presets that do not fit one device);
 gloo on CPU.
 
+Data: local shard folders are read by random access with an exact data position; shard URLs
+(``https://.../x-{000000..000099}.tar``, ``pipe:curl -s ...``, ``hf://...``; ``--stream`` forces
+it for local folders too) go through the ``webdataset`` streaming mode of ``healthgpt.data``, where
+``--resume`` restores the weights, optimizer and step but restarts the data stream.
+
 Fault tolerance: a checkpoint every ``--save-every`` steps (trainable weights as safetensors,
 optimizer, scheduler, RNG states and every rank's data position) written to a temporary folder
 and renamed; the last ``--keep`` are kept; ``--resume`` continues at the same step and data
@@ -298,6 +303,7 @@ class TrainConfig:
     seed: int = 0
     split: str = "train"
     pack: bool = False
+    stream: bool = False  # webdataset streaming mode even for local shard folders (URLs always stream)
     num_workers: int | None = None
     save_every: int = 100
     keep: int = 3
@@ -551,9 +557,11 @@ def _train(cfg: TrainConfig, dd: _Dist, device_kind: str, model: Any,
     # -- data
     data_cfg = DataConfig(cfg.shards, cfg.task, hp.micro_batch, max_len=hp.max_len, pack=cfg.pack,
                           split=cfg.split, seed=cfg.seed, num_workers=num_workers, template=model.template,
-                          image_tokens=model.vision.num_patches)
+                          image_tokens=model.vision.num_patches, streaming=cfg.stream)
     total_steps = hp.steps
     if total_steps is None:
+        if any(s.remote for s in data_cfg.specs):
+            raise ValueError("streaming from URLs: the number of samples is not known in advance; give --steps")
         counts = source_sample_counts(data_cfg.specs, cfg.split)
         wanted = ("comprehension", "generation") if cfg.task == "mixed" else (cfg.task,)
         n = sum(v for (_, t), v in counts.items() if t in wanted)
@@ -594,6 +602,9 @@ def _train(cfg: TrainConfig, dd: _Dist, device_kind: str, model: Any,
                     if ln.strip() and json.loads(ln).get("step", 0) <= step]
             metrics_path.write_text("".join(k + "\n" for k in kept), "utf-8")
         console.print(f"resumed from {ckpt.name} (step {step}/{total_steps})")
+        if data_cfg.streaming:
+            console.print("streaming mode: the data stream restarts with a new shuffle (the exact data position "
+                          "is kept only for local shard folders read without --stream)")
     elif dd.main:
         metrics_path.write_text("", "utf-8")
     saved_groups = sorted(set(trained_before) | set(groups))
@@ -866,7 +877,7 @@ def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
 
 
 def train_command(
-    shards: Annotated[list[str], typer.Option("--shards", help="Shard folder, optionally DIR:WEIGHT (mixing weight). Repeat for several.")],
+    shards: Annotated[list[str], typer.Option("--shards", help="Shard folder, optionally DIR:WEIGHT (mixing weight), or a shard URL pattern (streamed; URL:WEIGHT). Repeat for several.")],
     stage: Annotated[int, typer.Option(help="1 alignment, 2 plugin adaptation, 3 instruction tuning.", min=1, max=3)],
     task: Annotated[str, typer.Option(help="comprehension, generation or mixed.")],
     out: Annotated[Path, typer.Option(help="Output folder (metrics.jsonl, checkpoints/, final/).")],
@@ -889,6 +900,7 @@ def train_command(
     seed: Annotated[int, typer.Option()] = 0,
     split: Annotated[str, typer.Option(help="Split to train on.")] = "train",
     pack: Annotated[bool, typer.Option(help="Pack several samples per row up to --max-len.")] = False,
+    stream: Annotated[bool, typer.Option(help="Read local shard folders in webdataset streaming mode too (URLs such as https://host/x-{000000..000099}.tar or 'pipe:curl -s ...' always stream). --resume then restarts the stream: the exact data position is kept only for local shards read in the default mode.")] = False,
     num_workers: Annotated[int | None, typer.Option(help="Loader worker processes (default 0 on CPU, 4 on CUDA).")] = None,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (0: only at the end/SIGTERM).")] = 100,
     keep: Annotated[int, typer.Option(help="Checkpoints to keep.")] = 3,
@@ -922,7 +934,7 @@ def train_command(
     cfg = TrainConfig(
         preset=preset, stage=stage, task=task, shards=shards, out=out, init=tuple(init or ()), resume=resume,
         overrides={k: v for k, v in overrides.items() if v is not None}, config=config, seed=seed, split=split,
-        pack=pack, num_workers=num_workers, save_every=save_every, keep=keep, device=device, precision=precision,
+        pack=pack, stream=stream, num_workers=num_workers, save_every=save_every, keep=keep, device=device, precision=precision,
         gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, tensorboard=tensorboard, progress=progress,
         debug_nan_at=tuple(debug_nan_at or ()), debug_exit_after=debug_exit_after, debug_log_keys=debug_log_keys,
     )

@@ -179,3 +179,25 @@ def test_repeated_spikes_stop_the_run(tmp_path, shards) -> None:
     with pytest.raises(TrainingDiverged, match="3 consecutive steps skipped"):
         train(_cfg(tmp_path / "div", 3, "comprehension", [shards["comp"]], 10, overrides={"max_spikes": 3}),
               batch_hook=poison)
+
+
+def test_streaming_mode_trains_and_resumes_by_restarting(tmp_path, shards) -> None:
+    tars = sorted(p.name for p in shards["bright"].glob("bright-*.tar"))
+    url = f"file://{shards['bright']}/bright-{{{tars[0][7:13]}..{tars[-1][7:13]}}}.tar"
+    kw = {"save_every": 2, "overrides": {"micro_batch": 2, "global_batch": 2}}
+    res = train(_cfg(tmp_path / "st", 3, "comprehension", [url], 4, **kw))
+    assert res.status == "finished" and len(res.losses) == 4 and all(math.isfinite(x) for x in res.losses)
+    state = json.loads((tmp_path / "st" / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
+    assert state["data"][0]["workers"]["0"]["streaming"]
+    assert "/" not in "".join(state["shards"]).replace("{", "")  # names only, no local paths
+    more = train(_cfg(tmp_path / "st", 3, "comprehension", [url], 6, resume=True, **kw))
+    assert more.step == 6 and more.losses[:4] == res.losses
+    no_steps = tmp_path / "no_steps.yaml"  # epochs-based length needs sample counts a URL cannot give
+    no_steps.write_text("defaults: {epochs: 1, micro_batch: 2}\nstages: {3: {adapter_lr: 1.0e-3, lr: 1.0e-3, "
+                        "global_batch: 2}}\n")
+    with pytest.raises(ValueError, match="give --steps"):
+        train(TrainConfig(preset="tiny", stage=3, task="comprehension", shards=[url], out=tmp_path / "x",
+                          config=no_steps, progress=False))
+    # local folders forced through the streaming mode
+    forced = train(_cfg(tmp_path / "f", 1, "comprehension", [shards["bright"]], 2, stream=True))
+    assert forced.status == "finished"
