@@ -835,21 +835,10 @@ def _write_checkpoint(out: Path, step: int, cfg: TrainConfig, hp: HParams, model
 
 
 def _progress(console: Any, enabled: bool) -> Any:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from vlhealth.progress import progress_bar
 
-    return Progress(
-        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
-        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-        console=console, disable=not enabled or not console.is_terminal,
-    )
+    return progress_bar("train", "loss {task.fields[loss]:.4f}", "{task.fields[tps]:,.0f} tok/s",
+                        console=console, enabled=enabled and console.is_terminal)
 
 
 def _print_summary(console: Any, summary: Mapping[str, int], losses: Sequence[float], skipped: Sequence[int],

@@ -38,17 +38,9 @@ app.add_typer(build_app, name="build")
 
 
 def _progress(description: str):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from vlhealth.progress import progress_bar
 
-    return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=console, transient=False)
+    return progress_bar(description, console=console)
 
 
 @app.command("demo-data")
