@@ -245,17 +245,12 @@ def save_trainable(model: Any, path: Path, groups: Sequence[str]) -> None:
 
 def _resolve_weights(path: Path) -> Path:
     """A ``.safetensors`` file, a checkpoint folder, or a training ``--out`` folder (its final weights)."""
-    if path.is_file():
-        return path
-    for cand in (path / TRAINABLE_NAME, path / "final" / TRAINABLE_NAME):
-        if cand.is_file():
-            return cand
-    if path.is_dir():
-        latest = latest_checkpoint(path)
-        if latest is not None:
-            return latest / TRAINABLE_NAME
-    raise FileNotFoundError(f"--init {path.name}: no {TRAINABLE_NAME} there (expected a previous stage's --out "
-                            "folder, a checkpoint folder or a .safetensors file)")
+    from healthgpt.checkpoints import CheckpointError, resolve_trainable
+
+    try:
+        return resolve_trainable(path)
+    except CheckpointError as exc:
+        raise FileNotFoundError(f"--init {exc}") from exc
 
 
 def load_trainable(model: Any, path: Path) -> list[str]:
