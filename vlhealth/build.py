@@ -276,11 +276,16 @@ def _encode_item(builder: ModuleType, item: Item, ctx: BuildContext, encode_vq: 
     good, bad, reports = process_item(builder, item, ctx, None, with_reports=True)
     written = []
     pngs: dict[bytes, bytes] = {}  # the same slice is often input of one sample and target of others
+    by_object: dict[int, tuple[Any, bytes]] = {}  # builders usually pass the very same array object
 
     def png(array: Any) -> bytes:
+        hit = by_object.get(id(array))
+        if hit is not None and hit[0] is array:
+            return hit[1]
         digest = hashlib.sha256(array.tobytes() + f"{array.shape}{array.dtype}".encode()).digest()
         if digest not in pngs:
             pngs[digest] = encode_png(array)
+        by_object[id(array)] = (array, pngs[digest])  # keeps the array alive, so its id stays unique
         return pngs[digest]
 
     for sample in good:
@@ -669,14 +674,17 @@ def _target_batch(targets: list[Any]):
 def _unique_targets(targets: list[Any]) -> tuple[list[Any], list[int]]:
     """Distinct targets (by bytes) and, per input, the position of its distinct one."""
     seen: dict[bytes, int] = {}
+    by_object: dict[int, int] = {}  # the same array object needs no hashing (targets stay alive here)
     unique: list[Any] = []
     where: list[int] = []
     for t in targets:
-        digest = hashlib.sha256(t.tobytes() + str(t.shape).encode()).digest()
-        if digest not in seen:
-            seen[digest] = len(unique)
-            unique.append(t)
-        where.append(seen[digest])
+        if id(t) not in by_object:
+            digest = hashlib.sha256(t.tobytes() + str(t.shape).encode()).digest()
+            if digest not in seen:
+                seen[digest] = len(unique)
+                unique.append(t)
+            by_object[id(t)] = seen[digest]
+        where.append(by_object[id(t)])
     return unique, where
 
 
