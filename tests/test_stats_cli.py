@@ -31,6 +31,8 @@ def test_compute_stats_counts(tmp_path):
     assert stats["by"]["answer_type"] == {"closed": 3, "open": 3, "unspecified": 3}
     assert stats["by_task_subtask_split"] == {
         "comprehension/vqa/test": 2, "comprehension/vqa/train": 4, "generation/ct2mri/train": 3}
+    assert stats["by_task_subtask_anatomy_split"] == {
+        "comprehension/vqa/all/test": 2, "comprehension/vqa/all/train": 4, "generation/ct2mri/brain/train": 3}
 
 
 def test_stats_command_json_table_and_plot(tmp_path):
@@ -41,7 +43,7 @@ def test_stats_command_json_table_and_plot(tmp_path):
     plot = tmp_path / "stats.png"
     result = runner.invoke(app, ["stats", *shards, "--plot", str(plot)])
     assert result.exit_code == 0, result.output
-    assert "ct2mri" in result.stdout and "comprehension" in result.stdout
+    assert "ct2mri" in result.stdout and "comprehension" in result.stdout and "brain" in result.stdout
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
 
 

@@ -21,6 +21,7 @@ def compute_stats(sources: Iterable[os.PathLike | str]) -> dict[str, Any]:
     tars = list_shards(sources)
     facets: dict[str, Counter[str]] = {f: Counter() for f in FACETS}
     by_task_subtask_split: Counter[str] = Counter()
+    by_task_subtask_anatomy_split: Counter[str] = Counter()
     samples = images = vq_tokens = total_bytes = 0
     for _key, record, sizes in iter_records(tars):
         samples += 1
@@ -28,6 +29,9 @@ def compute_stats(sources: Iterable[os.PathLike | str]) -> dict[str, Any]:
             value = record.get(f)
             facets[f][str(value) if value is not None else "unspecified"] += 1
         by_task_subtask_split[f"{record['task']}/{record['subtask']}/{record['split']}"] += 1
+        # generation subtasks are defined per anatomy in the paper (CT2MRI-Brain, MRI2CT-Pelvis, ...)
+        anatomy = (record.get("body_part") or "unspecified") if record["task"] == "generation" else "all"
+        by_task_subtask_anatomy_split[f"{record['task']}/{record['subtask']}/{anatomy}/{record['split']}"] += 1
         images += sum(1 for m in IMAGE_MEMBERS if m in sizes)
         if "target.vq.npy" in sizes:
             vq_tokens += VQ_LENGTH
@@ -41,6 +45,7 @@ def compute_stats(sources: Iterable[os.PathLike | str]) -> dict[str, Any]:
         "vq_tokens": vq_tokens,
         "by": {f: dict(sorted(c.items())) for f, c in facets.items()},
         "by_task_subtask_split": dict(sorted(by_task_subtask_split.items())),
+        "by_task_subtask_anatomy_split": dict(sorted(by_task_subtask_anatomy_split.items())),
     }
 
 
@@ -54,19 +59,20 @@ def render_table(stats: dict[str, Any], console: Any = None) -> None:
                        ("VQ tokens", "vq_tokens"), ("bytes (tars)", "tar_bytes")):
         head.add_row(label, f"{stats[key]:,}")
     console.print(head)
-    table = Table(title="samples by task / subtask / split")
+    table = Table(title="samples by task / subtask / anatomy (generation) / split")
     table.add_column("task")
     table.add_column("subtask")
+    table.add_column("anatomy")
     splits = ("train", "val", "test")
     for s in splits:
         table.add_column(s, justify="right")
     table.add_column("total", justify="right")
-    rows: dict[tuple[str, str], Counter[str]] = {}
-    for name, n in stats["by_task_subtask_split"].items():
-        task, subtask, split = name.split("/")
-        rows.setdefault((task, subtask), Counter())[split] += n
-    for (task, subtask), c in sorted(rows.items()):
-        table.add_row(task, subtask, *(f"{c.get(s, 0):,}" for s in splits), f"{sum(c.values()):,}")
+    rows: dict[tuple[str, str, str], Counter[str]] = {}
+    for name, n in stats["by_task_subtask_anatomy_split"].items():
+        task, subtask, anatomy, split = name.split("/")
+        rows.setdefault((task, subtask, anatomy), Counter())[split] += n
+    for (task, subtask, anatomy), c in sorted(rows.items()):
+        table.add_row(task, subtask, anatomy, *(f"{c.get(s, 0):,}" for s in splits), f"{sum(c.values()):,}")
     console.print(table)
     for facet in ("source", "modality", "body_part", "answer_type"):
         t = Table(title=f"samples by {facet}")
