@@ -123,3 +123,24 @@ def test_upstream_split_builders_say_so_in_splits_json(tmp_path, toy_root):
     run_build(builder, toy_root, out, vq=FakeVQ(), manifest={**MANIFEST, "splits": {"upstream": "the source's files"}})
     record = json.loads((out / "splits.json").read_text())
     assert record == {"seed": 0, "upstream": True, "groups": {}, "note": "the source's files"}
+
+
+def test_scrub_removes_the_absolute_root_whatever_the_hash_seed(tmp_path):
+    # BuildContext.scrub once looped over a set of prefixes: with a relative root, the order
+    # (PYTHONHASHSEED) decided whether "/abs/<root>/x" became "x" or "/abs/x" (a leaked path).
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "data" / "src").mkdir(parents=True)
+    code = ("from pathlib import Path; from vlhealth.build import BuildContext; "
+            "ctx = BuildContext(root=Path('data/src'), options=None, manifest={}); "
+            "print(ctx.scrub(str(Path('data/src').absolute()) + '/Task1/ct.nii.gz: bad'))")
+    repo = str(__import__("pathlib").Path(__file__).resolve().parents[1])
+    outs = set()
+    for seed in range(8):
+        env = {**os.environ, "PYTHONHASHSEED": str(seed), "PYTHONPATH": repo}
+        res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, check=True)
+        outs.add(res.stdout.strip())
+    assert outs == {"Task1/ct.nii.gz: bad"}

@@ -105,7 +105,10 @@ class BuildContext:
 
     def scrub(self, text: str) -> str:
         """Remove the building machine's absolute source path from a message."""
-        for prefix in {str(self.root.resolve()), str(self.root.absolute()), str(self.root)}:
+        # Longest first: with a relative root, "<root>" is a suffix of "/abs/<root>", and replacing it
+        # first would leave "/abs" in the message (a set's order here once depended on the hash seed).
+        prefixes = {str(self.root.resolve()), str(self.root.absolute()), str(self.root)}
+        for prefix in sorted(prefixes, key=lambda s: (-len(s), s)):
             if prefix not in (".", ""):
                 text = text.replace(prefix + os.sep, "").replace(prefix, ".")
         return text
