@@ -218,3 +218,17 @@ def test_llava_pretrain_reconstruction_keeps_upstream_jpeg(tmp_path):
         assert s.target.shape == (256, 256, 3) and s.record.subtask == "recon"
     reasons = sorted(json.loads(x)["reason"].split(" (")[0] for x in (out / "rejects.jsonl").read_text().splitlines())
     assert reasons == ["image file is missing", "unreadable image"]
+
+
+def test_source_root_with_a_symlinked_subfolder(tmp_path):
+    # Task1/ (or images/) living on another disk behind a symlink is common; paths relative to the
+    # root must follow the layout as named, not only the resolved targets (which lie outside it).
+    write_patient(tmp_path / "disk2", "brain", "1BA001", 1)
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "Task1").symlink_to(tmp_path / "disk2" / "Task1", target_is_directory=True)
+    out = tmp_path / "shards"
+    summary = run_build(synthrad, root, out, vq=FakeVQ(), command=["x"])
+    assert summary.rejects == 0, (out / "rejects.jsonl").read_text()
+    sample = next(iter(iter_samples(out)))
+    assert sample.record.provenance["files"]["ct"] == "Task1/brain/1BA001/ct.nii.gz"

@@ -97,11 +97,10 @@ class BuildContext:
 
     def rel(self, path: os.PathLike | str) -> str:
         """Path relative to the source root, POSIX style (never absolute in outputs)."""
-        p = Path(path)
-        try:
-            return p.resolve().relative_to(self.root.resolve()).as_posix()
-        except ValueError:
-            return p.name
+        from vlhealth.paths import root_relative
+
+        rel = root_relative(path, self.root)
+        return rel if rel is not None else Path(path).name
 
     def scrub(self, text: str) -> str:
         """Remove the building machine's absolute source path from a message."""

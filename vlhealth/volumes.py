@@ -44,6 +44,8 @@ from typing import Literal
 import numpy as np
 import SimpleITK as sitk
 
+from vlhealth.paths import root_relative
+
 __all__ = [
     "CANONICAL_ORIENTATION",
     "CT_HU_RANGE",
@@ -149,21 +151,19 @@ def volume_suffix(path: str | os.PathLike[str]) -> str | None:
 
 
 def _display_path(path: Path, root: Path | None) -> str:
-    if root is not None:
-        try:
-            return path.resolve().relative_to(root.resolve()).as_posix()
-        except ValueError:
-            pass
+    rel = root_relative(path, root) if root is not None else None
+    if rel is not None:
+        return rel
     return path.as_posix() if not path.is_absolute() else path.name
 
 
 def _relative_source(path: Path, root: Path | None) -> str:
     if root is None:
         return path.name
-    try:
-        return path.resolve().relative_to(root.resolve()).as_posix()
-    except ValueError as exc:
-        raise VolumeError(path.name, f"is not inside the source root {root.name!r}") from exc
+    rel = root_relative(path, root)
+    if rel is None:
+        raise VolumeError(path.name, f"is not inside the source root {root.name!r}")
+    return rel
 
 
 def _check_nifti(path: Path, shown: str, check_finite: bool) -> None:
