@@ -144,3 +144,25 @@ def test_scrub_removes_the_absolute_root_whatever_the_hash_seed(tmp_path):
                              text=True, check=True)
         outs.add(res.stdout.strip())
     assert outs == {"Task1/ct.nii.gz: bad"}
+
+
+def test_build_json_keeps_no_absolute_path_from_options_or_command(tmp_path, toy_root):
+    # e.g. `vlhealth build mimic-cxr ROOT --reports=/data/mimic-cxr-reports`: a str option and a
+    # --flag=/abs/path argument both named the building machine's folders in build.json.
+    builder = toy_builder()
+
+    @dataclass
+    class Options:
+        slices: int = 1
+        reports: str = ""
+
+    builder.Options = Options
+    elsewhere = tmp_path / "reports-folder"
+    out = tmp_path / "shards"
+    run_build(builder, toy_root, out, manifest=MANIFEST, options=Options(reports=str(elsewhere)),
+              command=["vlhealth", "build", "toy", str(toy_root), f"--reports={elsewhere}", f"--out={out}"])
+    text = (out / "build.json").read_text()
+    assert str(tmp_path) not in text
+    build = json.loads(text)
+    assert build["options"]["reports"] == "reports-folder"
+    assert "--reports=reports-folder" in build["command"] and "--out=shards" in build["command"]

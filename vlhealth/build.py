@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import sys
 import time
 from collections import Counter
@@ -200,7 +201,17 @@ def options_to_json(options: Any) -> dict[str, Any]:
     if options is None:
         return {}
     raw = dataclasses.asdict(options)
-    return {k: (v.name if isinstance(v, Path) else v) for k, v in raw.items()}
+    return {k: _path_free(v) for k, v in raw.items()}
+
+
+def _path_free(value: Any) -> Any:
+    """A value for build.json: a path of the building machine (a Path, or an absolute path given as
+    a string, e.g. ``--reports /data/mimic-cxr-reports``) keeps only its last name."""
+    if isinstance(value, Path):
+        return value.name
+    if isinstance(value, str) and (os.path.isabs(value) or re.match(r"^[A-Za-z]:[\\/]", value)):
+        return Path(value).name
+    return value
 
 
 def parse_partition(text: str | tuple[int, int] | None) -> tuple[int, int] | None:
@@ -252,7 +263,10 @@ def _recorded_command(command: Sequence[str]) -> list[str]:
             skip = _EXECUTION_FLAGS[flag] and "=" not in arg
             continue
         # Command lines can carry absolute paths of the building machine: keep only their names.
-        out.append(Path(arg).name if os.path.isabs(arg) else arg)
+        if arg.startswith("--") and "=" in arg:
+            out.append(f"{flag}={_path_free(arg.split('=', 1)[1])}")
+        else:
+            out.append(_path_free(arg))
     return out
 
 
