@@ -31,7 +31,7 @@ from vlhealth.vqa import (
 NAME = "pathvqa"
 MANIFEST = "pathvqa"
 SPLITS = "upstream"  # records carry the source's own split
-SPLITS = ("train", "val", "test")
+SPLIT_NAMES = ("train", "val", "test")
 EXAMPLE = f"vlhealth build pathvqa /data/PathVQA --out shards/{NAME}"
 
 
@@ -67,7 +67,7 @@ def discover(ctx: BuildContext) -> Iterator[Item | Reject]:
     base = base_of(ctx.root)
     entries = []
     found = False
-    for split in SPLITS:
+    for split in SPLIT_NAMES:
         rel = f"qas/{split}/{split}_qa.pkl"
         path = ctx.root / base / rel
         if not path.is_file():

@@ -310,3 +310,12 @@ def test_cli_build_with_forms(demo: Path, tmp_path: Path) -> None:
     info = json.loads((out / "build.json").read_text())
     assert info["options"]["forms"] == "both" and str(tmp_path) not in json.dumps(info)
     assert any(k.endswith("-choice") for k, _r, _s in __import__("vlhealth.shards").shards.iter_records(out))
+
+
+# -- review regressions ---------------------------------------------------------------------------
+def test_pathvqa_splits_json_says_upstream(built: dict) -> None:
+    # PathVQA records carry the source's own split: splits.json must say so, not list a seeded
+    # assignment that calls every image "train".
+    summary, _samples, _rejects = built["pathvqa"]
+    splits = json.loads((summary.out / "splits.json").read_text())
+    assert splits["upstream"] is True and splits["groups"] == {}
