@@ -126,7 +126,8 @@ def process(item: Item, ctx: BuildContext) -> Iterator[Sample]:
     n = vol.shape[{"axial": 0, "coronal": 1, "sagittal": 2}[axis]]
     step = max(1, opts.slice_step)
     count = min(max(1, opts.slices), (n - 1) // step + 1)
-    first = n // 2 - (count - 1) * step // 2
+    span = (count - 1) * step
+    first = min(n // 2 - span // 2, n - 1 - span)  # centred, but never past the last slice (even n)
     indices = [first + i * step for i in range(count)]
     try:
         window = mr_window(vol.array)

@@ -232,3 +232,21 @@ def test_source_root_with_a_symlinked_subfolder(tmp_path):
     assert summary.rejects == 0, (out / "rejects.jsonl").read_text()
     sample = next(iter(iter_samples(out)))
     assert sample.record.provenance["files"]["ct"] == "Task1/brain/1BA001/ct.nii.gz"
+
+
+@pytest.mark.parametrize("slices,step", [(8, 1), (3, 3), (50, 1)])
+def test_ixi_central_slices_stay_inside_the_volume(tmp_path, slices, step):
+    # an even number of slices n with count*step spanning it once picked index n (out of range),
+    # which refused the whole volume
+    root = tmp_path / "raw"
+    rng = np.random.default_rng(0)
+    write_volume(rng.uniform(0, 100, (8, 24, 24)).astype(np.float32), root / "IXI002-Guys-0828-T2.nii.gz",
+                 (3.0, 1.0, 1.0))
+    out = tmp_path / "shards"
+    summary = run_build(ixi, root, out, options=ixi.Options(slices=slices, slice_step=step), vq=FakeVQ(),
+                        command=["x"])
+    assert summary.rejects == 0, (out / "rejects.jsonl").read_text()
+    picked = sorted(s.record.provenance["slice"] for s in iter_samples(out))
+    assert picked and all(0 <= k < 8 for k in picked)
+    assert len(picked) == min(slices, (8 - 1) // step + 1)
+    assert all(b - a == step for a, b in zip(picked, picked[1:], strict=False))
