@@ -39,6 +39,7 @@ EXAMPLE = (f"vlhealth build mimic-cxr-vqa /data/mimic-cxr-vqa --mimic-cxr-jpg /d
 @dataclass
 class Options(VQAOptions):
     mimic_cxr_jpg: str = field(default="", metadata={
+        "path": True,
         "help": "MIMIC-CXR-JPG root (the folder holding files/); default: the source root."})
 
 

@@ -319,3 +319,14 @@ def test_pathvqa_splits_json_says_upstream(built: dict) -> None:
     summary, _samples, _rejects = built["pathvqa"]
     splits = json.loads((summary.out / "splits.json").read_text())
     assert splits["upstream"] is True and splits["groups"] == {}
+
+
+def test_mimic_cxr_jpg_option_keeps_absolute_paths_out_of_build_json(demo: Path, tmp_path: Path) -> None:
+    root = copy_source(demo, "mimic_cxr_vqa", tmp_path)
+    jpg = tmp_path / "mimic-cxr-jpg"
+    jpg.mkdir()
+    (root / "files").rename(jpg / "files")
+    summary, samples, _r = build("mimic_cxr_vqa", root, tmp_path / "out", mimic_cxr_jpg=str(jpg.resolve()))
+    assert samples
+    info = (tmp_path / "out" / "build.json").read_text()
+    assert str(tmp_path) not in info and str(tmp_path.resolve()) not in info

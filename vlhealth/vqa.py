@@ -32,9 +32,11 @@ checks work per image.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
+import os
 import pickle
 import re
 from collections.abc import Iterable, Iterator
@@ -65,21 +67,33 @@ class VQAOptions:
         "help": "'keep' (JPEG/PNG bytes verbatim, others -> PNG) or 'jpg'/'png' to re-encode the others so "
                 "that every sample of the folder has the same members (JPEG quality 95)."})
     drop_leaks: list[str] = field(default_factory=list, metadata={
+        "path": True,
         "help": "Test shard folders/tars (repeatable): train/val images that near-duplicate one of their test "
                 "images are refused with reason 'leak'."})
 
-
     def __post_init__(self) -> None:
-        # build.json records the options: keep the building machine's absolute paths out of it.
-        import os
+        # build.json records the options: keep the building machine's absolute paths out of it. Every
+        # option whose field metadata says ``"path": True`` (here and in builders' subclasses) is made
+        # relative to the working directory, which the build (and its worker processes) runs in.
+        for f in dataclasses.fields(self):
+            if not f.metadata.get("path"):
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, list):
+                setattr(self, f.name, [relative_path(v) for v in value])
+            elif isinstance(value, str | os.PathLike) and str(value):
+                setattr(self, f.name, relative_path(value))
 
-        rel = []
-        for p in self.drop_leaks:
-            try:
-                rel.append(os.path.relpath(p) if os.path.isabs(p) else p)
-            except ValueError:  # another drive (Windows): keep as given
-                rel.append(p)
-        self.drop_leaks = rel
+
+def relative_path(path: str | os.PathLike) -> str:
+    """``path`` relative to the working directory when it is absolute (as given otherwise)."""
+    text = os.fspath(path)
+    if not os.path.isabs(text):
+        return text
+    try:
+        return os.path.relpath(text)
+    except ValueError:  # another drive (Windows): keep as given
+        return text
 
 
 def check_forms(forms: str) -> str:
