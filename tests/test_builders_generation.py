@@ -250,3 +250,20 @@ def test_ixi_central_slices_stay_inside_the_volume(tmp_path, slices, step):
     assert picked and all(0 <= k < 8 for k in picked)
     assert len(picked) == min(slices, (8 - 1) // step + 1)
     assert all(b - a == step for a, b in zip(picked, picked[1:], strict=False))
+
+
+def test_a_second_copy_of_a_volume_is_refused_not_a_crash(tmp_path):
+    # IXI files are found anywhere under the root: an extra copy of a subject's scan gave two items
+    # with one id, and the build stopped with a ValueError instead of refusing the copy.
+    root = tmp_path / "raw"
+    rng = np.random.default_rng(0)
+    vol = rng.uniform(0, 100, (8, 24, 24)).astype(np.float32)
+    for folder in ("IXI-T2", "backup"):
+        write_volume(vol, root / folder / "IXI002-Guys-0828-T2.nii.gz", (3.0, 1.0, 1.0))
+    write_volume(vol[::-1].copy(), root / "IXI-T2" / "IXI012-HH-1211-T2.nii.gz", (3.0, 1.0, 1.0))
+    out = tmp_path / "shards"
+    summary = run_build(ixi, root, out, options=ixi.Options(slices=2), vq=FakeVQ(), command=["x"])
+    rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [r["file"] for r in rejects] == ["backup/IXI002-Guys-0828-T2.nii.gz"]
+    assert "duplicate" in rejects[0]["reason"] and "IXI-T2/IXI002-Guys-0828-T2.nii.gz" in rejects[0]["reason"]
+    assert summary.items == 2 and {s.record.group for s in iter_samples(out)} == {"IXI002", "IXI012"}

@@ -445,9 +445,16 @@ def run_build(
     rejects: list[Reject] = []
     for entry in builder.discover(ctx):
         (rejects if isinstance(entry, Reject) else items).append(entry)
-    items.sort(key=lambda it: it.id)
-    if len({it.id for it in items}) != len(items):
-        raise ValueError(f"builder {builder.NAME} produced duplicate item ids")
+    items.sort(key=lambda it: it.id)  # stable: of items sharing an id, the first discovered is kept
+    unique: list[Item] = []
+    for it in items:
+        if unique and unique[-1].id == it.id:  # e.g. a second copy of a scan elsewhere under the root
+            kept = unique[-1].files[0] if unique[-1].files else unique[-1].id
+            rejects.append(Reject(it.files[0] if it.files else it.id,
+                                  f"duplicate item {it.id!r}: already built from {kept}", it.id))
+        else:
+            unique.append(it)
+    items = unique
     ctx.splits = _splits_for(builder, items, ctx, manifest, seed)
     if part is not None:
         owner = partition_groups((it.group for it in items), part[1])
