@@ -330,3 +330,26 @@ def test_mimic_cxr_jpg_option_keeps_absolute_paths_out_of_build_json(demo: Path,
     assert samples
     recorded = json.loads((tmp_path / "out" / "build.json").read_text())["options"]["mimic_cxr_jpg"]
     assert not recorded.startswith("/") and Path(recorded).resolve() == jpg.resolve()
+
+
+def test_ids_that_sanitise_to_the_same_key_do_not_crash_the_build(demo: Path, tmp_path: Path) -> None:
+    # Upstream ids "dup.x" and "dup_x" both become key "..._dup_x": the build must keep both
+    # samples under distinct keys instead of failing on duplicate item ids / sample keys.
+    root = copy_source(demo, "llava_med", tmp_path)
+    path = root / "llava_med_alignment_500k.json"
+    rows = json.loads(path.read_text())
+    good = next(r for r in rows if (root / "images" / r["image"]).is_file())
+    rows += [{**good, "id": "dup.x"}, {**good, "id": "dup_x"}]
+    path.write_text(json.dumps(rows))
+    summary, samples, _r = build("llava_med", root, tmp_path / "out", files=["llava_med_alignment_500k.json"])
+    dup = sorted(k for k in samples if "dup_x" in k)
+    assert len(dup) == 2 and len(set(dup)) == 2
+    assert {samples[k].record.provenance["id"] for k in dup} == {"dup.x", "dup_x"}
+
+    root = copy_source(demo, "omnimedvqa", tmp_path)
+    path = next((root / "QA_information" / "Open-access").glob("*.json"))
+    rows = json.loads(path.read_text())
+    rows += [{**rows[0], "question_id": "q 1"}, {**rows[0], "question_id": "q_1"}]
+    path.write_text(json.dumps(rows))
+    _s, samples, rejects = build("omnimedvqa", root, tmp_path / "out2")
+    assert {samples[k].record.provenance["question_id"] for k in samples if "q_1" in k} == {"q 1", "q_1"}

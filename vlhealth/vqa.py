@@ -510,6 +510,29 @@ def rows_to_reject(file: str, row: int, exc: Exception) -> Reject:
     return Reject(file, f"{category}: row {row}: {detail}", f"row {row}")
 
 
+class KeyBook:
+    """Unique key-safe ids, first come first served.
+
+    ``claim(raw)`` returns ``safe_key(raw)``, or, when that is taken — the same upstream id again, or
+    another id that only differs in characters a key cannot hold (``"a.b"`` / ``"a_b"``) — the first
+    free ``<safe>-2``, ``<safe>-3``, ... Keys therefore never collide, and follow the file order.
+    """
+
+    def __init__(self) -> None:
+        self._taken: set[str] = set()
+        self._last: dict[str, int] = {}
+
+    def claim(self, raw: str) -> str:
+        base = safe_key(raw)
+        key, n = base, self._last.get(base, 1)
+        while key in self._taken:
+            n += 1
+            key = f"{base}-{n}"
+        self._last[base] = n
+        self._taken.add(key)
+        return key
+
+
 def group_id(image_rel: str) -> str:
     """The group (image id) of an image path: its path without the extension, key-safe."""
     stem = image_rel.rsplit(".", 1)[0] if "." in PurePosixPath(image_rel).name else image_rel
@@ -518,7 +541,8 @@ def group_id(image_rel: str) -> str:
 
 def items_by_image(entries: Iterable[tuple[str, QA, str]], *, image_base: str = "") -> Iterator[Any]:
     """Work items of a VQA source, one per image: ``(image_rel, qa, annotation_file)`` in, ``Item`` /
-    ``Reject`` out. Duplicate question ids are refused (``duplicate id``), the first one kept.
+    ``Reject`` out. Duplicate question ids are refused (``duplicate id``), the first one kept; an id that
+    only differs from an earlier one in characters a key cannot hold gets a ``-2`` suffix (:class:`KeyBook`).
 
     ``image_base`` is prefixed to the image path when reading (for sources whose annotation paths are
     relative to a sub-folder); the group is the image id (its path without extension).
@@ -528,6 +552,7 @@ def items_by_image(entries: Iterable[tuple[str, QA, str]], *, image_base: str = 
     by_image: dict[str, list[QA]] = {}
     files: dict[str, set[str]] = {}
     seen: set[str] = set()
+    keys = KeyBook()
     for image_rel, qa, file in entries:
         try:
             image_rel = safe_relpath(image_rel)
@@ -538,6 +563,9 @@ def items_by_image(entries: Iterable[tuple[str, QA, str]], *, image_base: str = 
             yield Reject(file, f"duplicate id: {qa.id} appears more than once", qa.id)
             continue
         seen.add(qa.id)
+        claimed = keys.claim(qa.id)
+        if claimed != safe_key(qa.id):  # another id sanitises to the same key: keep both, apart
+            qa.id = claimed
         by_image.setdefault(image_rel, []).append(qa)
         files.setdefault(image_rel, set()).add(file)
     used: dict[str, str] = {}
@@ -601,7 +629,8 @@ def discover_chats(
 ) -> Iterator[Any]:
     """Work items of a LLaVA-style conversation file, one per record.
 
-    ``tag`` prefixes the upstream id (``<tag>-<id>``; repeated ids get ``-2``, ``-3`` in file order);
+    ``tag`` prefixes the upstream id (``<tag>-<id>``; repeated ids, and ids that sanitise to a taken key,
+    get ``-2``, ``-3`` in file order: :class:`KeyBook`);
     images are looked up under each of ``image_dirs`` (relative to the root) in turn. Records with
     more than one image are refused (``multi-image``); text-only records are kept, skipped or kept
     alone according to ``text_only``. ``meta(row) -> dict`` adds modality/body_part.
@@ -610,7 +639,7 @@ def discover_chats(
 
     if text_only not in TEXT_ONLY:
         raise ValueError(f"--text-only must be one of {', '.join(TEXT_ONLY)}, got {text_only!r}")
-    seen: dict[str, int] = {}
+    keys = KeyBook()
 
     def parse(row: Any, i: int) -> Item | Reject | None:
         if not isinstance(row, dict):
@@ -622,11 +651,7 @@ def discover_chats(
             return None
         conv = normalise_conversation(conversation_of(row), has_image=bool(images))
         upstream = normalise_text(row.get("id", row.get("_id"))) or f"row{i}"
-        uid = f"{tag}-{upstream}" if tag else upstream
-        n = seen.get(uid, 0) + 1
-        seen[uid] = n
-        if n > 1:
-            uid = f"{uid}-{n}"
+        uid = keys.claim(f"{tag}-{upstream}" if tag else upstream)
         image = None
         if images:
             rel = safe_relpath(images[0])
