@@ -166,3 +166,18 @@ def test_build_json_keeps_no_absolute_path_from_options_or_command(tmp_path, toy
     build = json.loads(text)
     assert build["options"]["reports"] == "reports-folder"
     assert "--reports=reports-folder" in build["command"] and "--out=shards" in build["command"]
+
+
+def test_merge_refuses_partitions_built_with_other_settings(tmp_path, toy_root):
+    # splits are assigned from the seed over all groups: partitions built with different seeds (or
+    # options, VQ models) cannot be one dataset, and splits.json would describe only the last one
+    from vlhealth.build import merge_partitions
+
+    out = tmp_path / "parts"
+    run_build(toy_builder(), toy_root, out, vq=FakeVQ(), manifest=MANIFEST, partition="0/2", seed=0, command=["x"])
+    run_build(toy_builder(), toy_root, out, vq=FakeVQ(), manifest=MANIFEST, partition="1/2", seed=1, command=["x"])
+    with pytest.raises(ValueError, match="seed"):
+        merge_partitions(out)
+    assert not (out / "index.json").exists()
+    run_build(toy_builder(), toy_root, out, vq=FakeVQ(), manifest=MANIFEST, partition="1/2", seed=0, command=["x"])
+    assert merge_partitions(out)["total_samples"] == 12

@@ -623,7 +623,6 @@ def merge_partitions(out: os.PathLike | str, expect: int | None = None, *, allow
     from vlhealth.shards import ShardInfo
 
     shards = [ShardInfo(**s) for key in sorted(found) for s in found[key]["shards"]]
-    index = write_index(out, shards, source=sources.pop(), partitions=[i for i, _ in sorted(found)], of=n)
     rejects: list[str] = []
     builds: list[dict[str, Any]] = []
     for i, _ in sorted(found):
@@ -634,6 +633,12 @@ def merge_partitions(out: os.PathLike | str, expect: int | None = None, *, allow
         bj = out / _meta_name(BUILD_NAME, suffix)
         if bj.is_file():
             builds.append(json.loads(bj.read_text("utf-8")))
+    for what in ("seed", "options", "vq", "manifest"):  # what decides the splits and the bytes written
+        values = {json.dumps(b.get(what), sort_keys=True) for b in builds}
+        if len(values) > 1:
+            raise ValueError(f"{out.name}: partitions were built with different {what} "
+                             f"({' vs '.join(sorted(values))}); rebuild them with the same command")
+    index = write_index(out, shards, source=sources.pop(), partitions=[i for i, _ in sorted(found)], of=n)
     write_atomic(out / REJECTS_NAME, "".join(line + "\n" for line in rejects).encode())
     if builds:
         merged = {k: v for k, v in builds[0].items() if k not in ("counts", "partition", "items", "command")}
