@@ -45,7 +45,10 @@ def _parser(file: str, dataset: str) -> Any:
                 provenance={"file": file, "question_id": qid},
                 extra={"dataset": normalise_text(row.get("dataset")) or dataset,
                        **({"question_type": normalise_text(row["question_type"])} if "question_type" in row else {})})
-        return normalise_text(row["image_path"]).lstrip("./"), qa
+        image = normalise_text(row["image_path"])
+        while image.startswith("./"):  # a leading "./" only; "../" stays and is refused as unsafe
+            image = image[2:]
+        return image, qa
 
     return parse
 

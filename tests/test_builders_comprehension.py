@@ -353,3 +353,17 @@ def test_ids_that_sanitise_to_the_same_key_do_not_crash_the_build(demo: Path, tm
     path.write_text(json.dumps(rows))
     _s, samples, rejects = build("omnimedvqa", root, tmp_path / "out2")
     assert {samples[k].record.provenance["question_id"] for k in samples if "q_1" in k} == {"q 1", "q_1"}
+
+
+def test_omnimedvqa_image_path_prefix_is_not_character_stripped(demo: Path, tmp_path: Path) -> None:
+    # "./Images/x" is Images/x, but "../x" escapes the root and "..Images" is another name:
+    # refuse the escape instead of silently reading a different file.
+    root = copy_source(demo, "omnimedvqa", tmp_path)
+    path = next((root / "QA_information" / "Open-access").glob("*.json"))
+    rows = json.loads(path.read_text())
+    rows += [{**rows[0], "question_id": "dot_slash", "image_path": "./" + rows[0]["image_path"]},
+             {**rows[0], "question_id": "escape", "image_path": "../" + rows[0]["image_path"]}]
+    path.write_text(json.dumps(rows))
+    _s, samples, rejects = build("omnimedvqa", root, tmp_path / "out")
+    assert "omnimedvqa-dot_slash" in samples and "omnimedvqa-escape" not in samples
+    assert any(r["item"] == "escape" and r["reason"].startswith("unsafe path") for r in rejects)
