@@ -367,3 +367,19 @@ def test_omnimedvqa_image_path_prefix_is_not_character_stripped(demo: Path, tmp_
     _s, samples, rejects = build("omnimedvqa", root, tmp_path / "out")
     assert "omnimedvqa-dot_slash" in samples and "omnimedvqa-escape" not in samples
     assert any(r["item"] == "escape" and r["reason"].startswith("unsafe path") for r in rejects)
+
+
+def test_llava_keys_do_not_depend_on_text_only_mode(demo: Path, tmp_path: Path) -> None:
+    # 665k repeats ids; the n-th record with an id must get the same key whichever records
+    # --text-only (or the multi-image rule) leaves out.
+    root = copy_source(demo, "llava_instruct", tmp_path)
+    path = root / "llava_v1_5_mix665k.json"
+    rows = json.loads(path.read_text())
+    image_row = next(r for r in rows if r.get("image") and (root / r["image"]).is_file() and "conversations" in r)
+    rows.insert(0, {"id": image_row["id"], "conversations": [{"from": "human", "value": "Hi?"},
+                                                             {"from": "gpt", "value": "Hello."}]})
+    path.write_text(json.dumps(rows))
+    _s, images, _r = build("llava_instruct", root, tmp_path / "img")
+    _s, text, _r = build("llava_instruct", root, tmp_path / "text", text_only="only")
+    _s, both, _r = build("llava_instruct", root, tmp_path / "both", text_only="include")
+    assert set(both) == set(images) | set(text) and not set(images) & set(text)

@@ -644,14 +644,16 @@ def discover_chats(
     def parse(row: Any, i: int) -> Item | Reject | None:
         if not isinstance(row, dict):
             raise ValueError("bad row: not an object")
+        # The key is claimed before any filter, so that the n-th record with an id gets the same key
+        # whichever records --text-only, the multi-image rule or a bad conversation leave out.
+        upstream = normalise_text(row.get("id", row.get("_id"))) or f"row{i}"
+        uid = keys.claim(f"{tag}-{upstream}" if tag else upstream)
         images = image_list(row.get("image"))
         if len(images) > 1:
             return Reject(file, f"multi-image: row {i} has {len(images)} images (excluded, as in the paper)", f"row {i}")
         if (text_only == "exclude" and not images) or (text_only == "only" and images):
             return None
         conv = normalise_conversation(conversation_of(row), has_image=bool(images))
-        upstream = normalise_text(row.get("id", row.get("_id"))) or f"row{i}"
-        uid = keys.claim(f"{tag}-{upstream}" if tag else upstream)
         image = None
         if images:
             rel = safe_relpath(images[0])
