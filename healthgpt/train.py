@@ -27,7 +27,9 @@ start). ``tests/test_train.py`` therefore pre-trains the tiny LLM on text first
 Hyper-parameters come from ``healthgpt/configs/train_<preset>.yaml`` (Table 7 for the paper's
 presets), any key overridable on the command line. AdamW with two parameter groups: the visual
 adapters at ``adapter_lr``, everything else (H-LoRA plugins, embedding/head rows) at ``lr``.
-``global_batch = micro_batch x world_size x grad_accum``.
+``global_batch = micro_batch x world_size x grad_accum``; the loss of an optimizer step is the mean
+over every label token of its micro-batches on all ranks, so accumulation gives the gradient of one
+batch of ``global_batch`` samples (not a mean of per-micro-batch means).
 
 Hardware: CUDA (bf16 autocast, gradient checkpointing) when available, else CPU (fp32). Multi-GPU
 and multi-node through ``torchrun`` (DDP; ``--fsdp`` for presets that do not fit one device);
@@ -83,6 +85,7 @@ import typer
 import yaml
 from torch import nn
 
+from healthgpt.conversation import IGNORE_INDEX
 from healthgpt.data import DataConfig, LoaderState, VisionPreprocessor, make_loader, source_sample_counts
 
 __all__ = [
@@ -663,9 +666,9 @@ def _train(cfg: TrainConfig, dd: _Dist, device_kind: str, model: Any,
         while step < total_steps:
             t0 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            micro_losses: list[float] = []
             tokens = 0
             tasks: dict[str, int] = {}
+            micro: list[dict[str, Any]] = []
             for a in range(accum):
                 batch = next(batches)
                 loader_state.update(batch)
@@ -677,6 +680,14 @@ def _train(cfg: TrainConfig, dd: _Dist, device_kind: str, model: Any,
                     keys_fh.write("".join(k + "\n" for k in batch["keys"]))
                 tokens += int(batch["n_tokens"])
                 tasks[batch["task"]] = tasks.get(batch["task"], 0) + 1
+                micro.append(batch)
+            # the step's loss is the mean over every label token of all its micro-batches on all ranks
+            # (what one big batch would give); a mean of per-micro-batch means would weight the tokens
+            # of short answers more. Label positions after the causal shift (image splicing adds none).
+            n_label = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro]
+            total_label = max(1.0, dd.sum(float(sum(n_label))))
+            loss_sum = 0.0
+            for a, batch in enumerate(micro):
                 sync = contextlib.nullcontext()
                 if dd.enabled and a < accum - 1 and hasattr(wrapped, "no_sync"):
                     sync = wrapped.no_sync()
@@ -690,9 +701,10 @@ def _train(cfg: TrainConfig, dd: _Dist, device_kind: str, model: Any,
                             task=batch["task"],
                             return_logits=False,
                         )
-                    (res.loss / accum).backward()
-                micro_losses.append(float(res.loss.detach()))
-            step_loss = dd.mean(sum(micro_losses) / len(micro_losses))
+                    # DDP averages gradients over ranks, hence x world
+                    (res.loss * (n_label[a] * dd.world / total_label)).backward()
+                loss_sum += float(res.loss.detach()) * n_label[a]
+            step_loss = dd.sum(loss_sum) / total_label
             # under DDP the gradients are already averaged, so every rank sees the same norm and decision
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, hp.grad_clip if hp.grad_clip > 0 else math.inf))
             reason = guard.check(step_loss, grad_norm)

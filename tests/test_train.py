@@ -236,3 +236,30 @@ def test_stage3_with_the_real_smollm2(tmp_path, shards) -> None:
     print("smollm2-135m stage 3 losses:", [round(x, 4) for x in res.losses])
     assert all(torch.equal(after[n].detach(), t) for n, t in sample.items())
     assert sums == [float(p.detach().double().sum()) for p in frozen]
+
+
+def _varied_answer_shards(root: Path) -> Path:
+    """Comprehension samples whose answers differ a lot in length (1 vs ~60 label tokens)."""
+    samples = []
+    for i in range(8):
+        s = vqa_sample(i)
+        s.record.conversations[1]["value"] = "yes" if i % 2 == 0 else "a long description of the finding " * 2
+        samples.append(s)
+    return write_shards(root, samples, "varied", 4)
+
+
+def test_gradient_accumulation_equals_the_full_batch(tmp_path) -> None:
+    """micro 1 x accum 2 must give the gradient of micro 2 x accum 1: the loss is the mean over every
+    label token of the optimizer step, not a mean of per-micro-batch means (which over-weights the
+    tokens of short answers)."""
+    data = _varied_answer_shards(tmp_path / "varied")
+    common = {"lr": 1e-3, "adapter_lr": 1e-3, "global_batch": 2, "warmup_steps": 0, "schedule": "constant",
+              "dropout": 0.0, "grad_clip": 0.0}
+    runs = {}
+    for micro in (1, 2):
+        train(_cfg(tmp_path / f"m{micro}", 3, "comprehension", [data], 2, save_every=0,
+                   overrides={**common, "micro_batch": micro}))
+        runs[micro] = [json.loads(x) for x in (tmp_path / f"m{micro}" / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(runs[1], runs[2], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
