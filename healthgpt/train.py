@@ -543,9 +543,13 @@ def _train(cfg: TrainConfig, dd: _Dist, device_kind: str, model: Any,
             wrapped = FSDP(model, use_orig_params=True, device_id=device if device_kind == "cuda" else None,
                            sync_module_states=True)
         else:
+            # trainable tensors may sit out a batch in every stage: the new input rows when a batch has
+            # no new-token ids (stage 2 comprehension batches), the idle task's plugin and adapter in
+            # mixed runs, a visual adapter on a text-only batch; without unused-parameter detection DDP
+            # then fails at the next step ("did not receive gradient")
             wrapped = nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device_kind == "cuda" else None,
-                find_unused_parameters=cfg.task == "mixed" and cfg.stage != 2,
+                find_unused_parameters=True,
             )
 
     adapter_params = [p for p in params if id(p) in adapter_ids]

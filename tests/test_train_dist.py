@@ -88,3 +88,19 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path, shards) -> None
     ckpts = list((out / "checkpoints").glob("step-*"))
     assert len(ckpts) == 1 and (ckpts[0] / "trainer_state.json").is_file()
     assert not (out / "final").exists()
+
+
+def test_torchrun_stage2_mixed_trains(tmp_path, shards) -> None:
+    """Under DDP every stage must run although some trainable tensors sit out some batches: in stage 2
+    the new input-embedding rows get no gradient from a batch without new-token ids (comprehension),
+    and in mixed stages the idle task's plugin and adapter sit out."""
+    out = tmp_path / "ddp2"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "healthgpt.train", "--preset", "tiny", "--stage", "2", "--task", "mixed",
+           "--shards", str(shards["comp"]), "--shards", str(shards["gen"]), "--out", str(out), "--no-progress",
+           "--steps", "3", "--micro-batch", "1", "--global-batch", "2", "--save-every", "0"]
+    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert {t for r in rows for t in r["tasks"]} >= {"comprehension"}
