@@ -383,3 +383,11 @@ def test_llava_keys_do_not_depend_on_text_only_mode(demo: Path, tmp_path: Path) 
     _s, text, _r = build("llava_instruct", root, tmp_path / "text", text_only="only")
     _s, both, _r = build("llava_instruct", root, tmp_path / "both", text_only="include")
     assert set(both) == set(images) | set(text) and not set(images) & set(text)
+
+
+def test_conversation_starting_with_a_gpt_turn_is_kept_like_llava() -> None:
+    # LLaVA's preprocessing skips a leading non-human turn (ShareGPT rows of 665k start so).
+    conv = normalise_conversation([{"from": "gpt", "value": "Hi, how can I help?"},
+                                   {"from": "human", "value": "What is CT?"},
+                                   {"from": "gpt", "value": "Computed tomography."}], has_image=False)
+    assert [t["from"] for t in conv] == ["human", "gpt"] and conv[0]["value"] == "What is CT?"

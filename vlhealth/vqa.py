@@ -209,8 +209,8 @@ def conversation_of(row: dict[str, Any]) -> Any:
 def normalise_conversation(turns: Any, *, has_image: bool) -> list[dict[str, str]]:
     """Clean LLaVA turns or raise ``ValueError("<category>: <detail>")``.
 
-    Roles are mapped to human/gpt, values stripped; a conversation must alternate starting with
-    the human and end with a gpt turn; ``<image>`` appears exactly once (added to the first human
+    Roles are mapped to human/gpt, values stripped; a leading gpt turn is skipped (as LLaVA does), a
+    trailing human turn dropped; the rest must alternate starting with the human; ``<image>`` appears exactly once (added to the first human
     turn where missing) for image records and never for text-only ones.
     """
     if not isinstance(turns, list) or not turns:
@@ -228,6 +228,10 @@ def normalise_conversation(turns: Any, *, has_image: bool) -> list[dict[str, str
         if TARGET_IMAGE_TOKEN in value:
             raise ValueError(f"bad row: turn {i} holds {TARGET_IMAGE_TOKEN}")
         out.append({"from": role, "value": value})
+    if out[0]["from"] == "gpt" and IMAGE_TOKEN not in out[0]["value"]:
+        out = out[1:]  # as LLaVA's preprocessing: skip a leading non-human turn (ShareGPT rows of 665k)
+    if not out:
+        raise ValueError("empty answer: conversation has no gpt turn")
     if out[-1]["from"] == "human":  # a dangling question has no answer to learn from
         out = out[:-1]
     if not out:
