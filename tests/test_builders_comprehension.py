@@ -391,3 +391,12 @@ def test_conversation_starting_with_a_gpt_turn_is_kept_like_llava() -> None:
                                    {"from": "human", "value": "What is CT?"},
                                    {"from": "gpt", "value": "Computed tomography."}], has_image=False)
     assert [t["from"] for t in conv] == ["human", "gpt"] and conv[0]["value"] == "What is CT?"
+
+
+def test_modality_with_parenthesised_expansion_is_canonical() -> None:
+    from vlhealth.vqa import canonical_modality
+
+    assert canonical_modality("OCT (Optical Coherence Tomography)") == "OCT"
+    assert canonical_modality("CT(Computed Tomography)") == "CT"
+    assert canonical_modality("MR (Mag-netic Resonance Imaging)") == "MRI"
+    assert canonical_modality("Fundus Photography") == "fundus"

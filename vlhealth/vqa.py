@@ -157,9 +157,17 @@ MODALITY_NAMES = {
 
 
 def canonical_modality(value: str | None) -> str | None:
+    """The canonical name of an upstream modality spelling; ``"NAME (expansion)"`` forms (OmniMedVQA's
+    ``OCT (Optical Coherence Tomography)``) are looked up whole, then by the name, then the expansion."""
     if not value:
         return None
-    return MODALITY_NAMES.get(re.sub(r"\s+", " ", value).strip().lower(), value.strip())
+    text = re.sub(r"\s+", " ", value).strip()
+    m = re.fullmatch(r"([^()]+?) ?\(([^()]+)\)", text)
+    for candidate in (text, *(m.groups() if m else ())):
+        name = MODALITY_NAMES.get(candidate.strip().lower())
+        if name is not None:
+            return name
+    return text
 
 
 # -- the units builders hand over ----------------------------------------------------------------
@@ -210,8 +218,9 @@ def normalise_conversation(turns: Any, *, has_image: bool) -> list[dict[str, str
     """Clean LLaVA turns or raise ``ValueError("<category>: <detail>")``.
 
     Roles are mapped to human/gpt, values stripped; a leading gpt turn is skipped (as LLaVA does), a
-    trailing human turn dropped; the rest must alternate starting with the human; ``<image>`` appears exactly once (added to the first human
-    turn where missing) for image records and never for text-only ones.
+    trailing human turn dropped; the rest must alternate starting with the human; ``<image>`` appears
+    exactly once (added to the first human turn where missing) for image records and never for
+    text-only ones.
     """
     if not isinstance(turns, list) or not turns:
         raise ValueError("bad row: no conversations list")
