@@ -400,3 +400,13 @@ def test_modality_with_parenthesised_expansion_is_canonical() -> None:
     assert canonical_modality("CT(Computed Tomography)") == "CT"
     assert canonical_modality("MR (Mag-netic Resonance Imaging)") == "MRI"
     assert canonical_modality("Fundus Photography") == "fundus"
+
+
+def test_restricted_unpickler_refuses_non_data_builtins() -> None:
+    # list(range(10**10)) would exhaust memory instead of being refused: only data types are admitted.
+    import io
+
+    bomb = b"c__builtin__\nlist\n(c__builtin__\nrange\n(I10000000000\ntRtR."
+    with pytest.raises(pickle.UnpicklingError, match="not allowed"):
+        RestrictedUnpickler(io.BytesIO(bomb)).load()
+    assert RestrictedUnpickler(io.BytesIO(pickle.dumps({1, 2}, protocol=2))).load() == {1, 2}

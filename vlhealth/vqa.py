@@ -305,8 +305,9 @@ def read_json_rows(path: Path, rel: str) -> tuple[list[tuple[int, Any]], list[Re
 class RestrictedUnpickler(pickle.Unpickler):
     """Admits only plain builtin types; anything else (code, classes, numpy) is refused."""
 
+    # Data types only: range/slice are no data and would let a pickle build huge lists (list(range(N))).
     SAFE = frozenset({"dict", "list", "tuple", "set", "frozenset", "str", "bytes", "bytearray", "int",
-                      "float", "complex", "bool", "NoneType", "slice", "range"})
+                      "float", "complex", "bool"})
 
     def find_class(self, module: str, name: str) -> Any:
         if module in ("builtins", "__builtin__") and name in self.SAFE:
