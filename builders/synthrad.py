@@ -11,7 +11,9 @@ coverage reaches ``--min-coverage`` gives
 with body_part ``brain`` or ``pelvis``. CT uses the [-1024, 3000] HU window, MR the 0.5-99.5
 percentile window of the voxels inside the mask (one window per volume). Outside the body mask
 both are set to the window's low end (``--no-mask-background`` keeps the couch and air).
-Slices are fitted to 256x256 (aspect kept, padded); input and target are pixel-aligned.
+Slices are resampled to square pixels when the in-plane spacing differs
+(:func:`vlhealth.volumes.slice_volume`) and fitted to 256x256 (physical aspect kept, padded); input
+and target are pixel-aligned.
 
 Members of every sample, in every split (one member set per folder, which the Hugging Face
 ``datasets`` WebDataset loader requires):
@@ -48,6 +50,7 @@ from vlhealth.volumes import (
     mr_window,
     read_volume,
     same_geometry,
+    slice_volume,
 )
 
 NAME = "synthrad2023"
@@ -170,14 +173,18 @@ def process(item: Item, ctx: BuildContext) -> Iterator[Sample | ItemReport]:
     split = ctx.split_of(item.group)
     windows = {"CT": ctw.as_dict(), "MR": mrw.as_dict()}
     files = {"ct": ct_file, "mr": mr_file, "mask": mask_file}
+    body = Volume(mask.view(np.uint8), ct.spacing, ct.origin, ct.direction, mask_vol.source)
     for k in kept:
-        # windowed slice by slice, only the kept ones (a whole float64 volume costs more than reading it)
-        ct16, mr16 = apply_window(ct.array[k], ctw, np.uint16), apply_window(mr.array[k], mrw, np.uint16)
+        # windowed slice by slice, only the kept ones (a whole float64 volume costs more than reading it);
+        # slice_volume resamples non-square in-plane pixels to square ones (a copy of the slice otherwise)
+        ct_k, mr_k = slice_volume(ct, "axial", k)[0], slice_volume(mr, "axial", k)[0]
+        mask_k = slice_volume(body, "axial", k, mask=True)[0] > 0
+        ct16, mr16 = apply_window(ct_k, ctw, np.uint16), apply_window(mr_k, mrw, np.uint16)
         if opts.mask_background:
-            ct16[~mask[k]] = 0
-            mr16[~mask[k]] = 0
+            ct16[~mask_k] = 0
+            mr16[~mask_k] = 0
         images = {"CT": _fit16(ct16), "MR": _fit16(mr16)}
-        mask256 = fit_square(mask[k].astype(np.uint8) * 255, SIZE, order=0, pad_value=0)
+        mask256 = fit_square(mask_k.astype(np.uint8) * 255, SIZE, order=0, pad_value=0)
         if opts.mask_background:  # the resize blurs the body edge: keep outside == background exactly
             for a in images.values():
                 a[mask256 == 0] = 0

@@ -267,3 +267,18 @@ def test_a_second_copy_of_a_volume_is_refused_not_a_crash(tmp_path):
     assert [r["file"] for r in rejects] == ["backup/IXI002-Guys-0828-T2.nii.gz"]
     assert "duplicate" in rejects[0]["reason"] and "IXI-T2/IXI002-Guys-0828-T2.nii.gz" in rejects[0]["reason"]
     assert summary.items == 2 and {s.record.group for s in iter_samples(out)} == {"IXI002", "IXI012"}
+
+
+def test_synthrad_slices_keep_physical_aspect_with_non_square_pixels(tmp_path):
+    # in-plane spacing 2 x 4 mm on a 40 x 20 grid is an 80 x 80 mm field of view: the 256x256 slice
+    # must be filled (square pixels, as volumes.slice_volume gives), not squeezed to 256 x 128
+    shape, spacing = (6, 40, 20), (5.0, 2.0, 4.0)
+    folder = write_patient(tmp_path / "raw", "brain", "1BA001", 1, shape=shape, spacing=spacing)
+    origin = (-40.0, -40.0, -15.0)
+    write_volume(np.ones(shape, np.uint8), folder / "mask.nii.gz", spacing, origin)
+    out = tmp_path / "shards"
+    summary = run_build(synthrad, tmp_path / "raw", out, vq=FakeVQ(), command=["x"])
+    assert summary.rejects == 0, (out / "rejects.jsonl").read_text()
+    sample = next(iter(iter_samples(out)))
+    mask = decode_image(sample.extras["mask.png"])
+    assert mask.shape == (256, 256) and mask.min() == 255
