@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from vlhealth.build import BuildContext, Item, Reject, Rejected
+from vlhealth.paths import root_relative
 from vlhealth.schema import Record, Sample, image_format, safe_key
 from vlhealth.volumes import fit_square
 
@@ -50,11 +51,16 @@ def discover(ctx: BuildContext) -> Iterator[Item | Reject]:
     images = _image_root(ctx.root)
     seen: set[str] = set()
     kept = 0
-    for i, row in enumerate(sorted(rows, key=lambda r: str(r.get("id", "")) if isinstance(r, dict) else "")):
+    # i is the row's position in the file (rejects point at it), the rows are taken in id order
+    by_id = sorted(enumerate(rows), key=lambda ir: str(ir[1].get("id", "")) if isinstance(ir[1], dict) else "")
+    for i, row in by_id:
         if ctx.options.limit and kept >= ctx.options.limit:
             break
         if not isinstance(row, dict) or not row.get("image") or not row.get("id"):
             yield Reject(f"{ANNOTATIONS}#{i}", "row without id or image")
+            continue
+        if root_relative(images / str(row["image"]), images) is None:  # "../x.jpg", "/abs/x.jpg"
+            yield Reject(f"{ANNOTATIONS}#{i}", "image path leaves the image folder")
             continue
         ident = safe_key(str(row["id"]))
         if ident in seen:

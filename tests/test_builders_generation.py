@@ -282,3 +282,22 @@ def test_synthrad_slices_keep_physical_aspect_with_non_square_pixels(tmp_path):
     sample = next(iter(iter_samples(out)))
     mask = decode_image(sample.extras["mask.png"])
     assert mask.shape == (256, 256) and mask.min() == 255
+
+
+def test_llava_pretrain_refuses_image_paths_leaving_the_image_folder(tmp_path):
+    from vlhealth.demo import write_demo_data
+
+    root = write_demo_data(tmp_path / "raw", sources=["llava_pretrain"])["llava_pretrain"]
+    ann = root / llava_pretrain.ANNOTATIONS
+    rows = json.loads(ann.read_text())
+    some_jpg = next(p for p in sorted(root.rglob("*.jpg")))
+    (root / "secret.jpg").write_bytes(some_jpg.read_bytes())
+    rows += [{"id": "zz_up", "image": "../../secret.jpg", "conversations": []},
+             {"id": "zz_abs", "image": str(tmp_path / "secret.jpg"), "conversations": []}]
+    ann.write_text(json.dumps(rows))
+    out = tmp_path / "shards"
+    run_build(llava_pretrain, root, out, vq=FakeVQ(), command=["x"])
+    keys = {s.key for s in iter_samples(out)}
+    assert not {"llava_pretrain-zz_up", "llava_pretrain-zz_abs"} & keys  # never some other file
+    text = (out / "rejects.jsonl").read_text()
+    assert text.count("leaves the image folder") == 2 and str(tmp_path) not in text
