@@ -54,3 +54,24 @@ def test_corrupt_shards_are_refused(tmp_path):
     else:
         raise AssertionError("corrupt shard was published")
     assert json.loads((out / "build.json").read_text())["manifest"]["access"] == "open"
+
+
+def test_manifest_marks_restricted_builds_unpublishable(tmp_path):
+    from vlhealth.publish import check_publishable
+
+    info = {"source": "omnimedvqa", "manifest": {"name": "omnimedvqa", "access": "registered"},
+            "options": {"access": "all"}}
+    try:
+        check_publishable(tmp_path, info)
+    except PublishError as exc:
+        assert "--access all" in str(exc)
+    else:
+        raise AssertionError("a build with OmniMedVQA's Restricted-access part was publishable")
+    check_publishable(tmp_path, {**info, "options": {"access": "open"}})  # the Open-access part is fine
+    mimic = {"source": "mimic_cxr", "manifest": {"name": "mimic_cxr", "access": "open"}, "options": {}}
+    try:  # even a tampered access level cannot get past the manifest's publishable: false
+        check_publishable(tmp_path, mimic)
+    except PublishError as exc:
+        assert "not publishable" in str(exc)
+    else:
+        raise AssertionError("MIMIC-CXR was publishable")

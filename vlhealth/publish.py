@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vlhealth.manifests import ManifestError, load_manifest
 from vlhealth.shards import BUILD_NAME, INDEX_NAME, REJECTS_NAME, list_shards, verify_shards
 from vlhealth.stats import compute_stats
 
@@ -37,18 +38,34 @@ def _build_info(folder: Path) -> dict[str, Any]:
     return json.loads(path.read_text("utf-8"))
 
 
+def check_publishable(folder: Path, info: dict[str, Any]) -> None:
+    """Refuse credentialed sources, manifests marked ``publishable: false``, and builds whose options
+    match the manifest's ``unpublishable_options`` (e.g. OmniMedVQA with its Restricted-access part)."""
+    source = info.get("source")
+    access = info.get("manifest", {}).get("access")
+    if access not in PUBLISHABLE_ACCESS:
+        raise PublishError(f"{folder.name}: source {source!r} has access {access!r}; credentialed data "
+                           "(e.g. MIMIC) must never be published")
+    try:
+        manifest = load_manifest(info.get("manifest", {}).get("name", ""))
+    except ManifestError:
+        manifest = {}
+    if manifest.get("publishable") is False:
+        raise PublishError(f"{folder.name}: manifests/{manifest['name']}.yaml marks {source!r} as not publishable")
+    options = info.get("options", {})
+    for option, value in (manifest.get("unpublishable_options") or {}).items():
+        if options.get(option) == value:
+            raise PublishError(f"{folder.name}: built with --{option.replace('_', '-')} {value}, which "
+                               f"manifests/{manifest['name']}.yaml marks as not publishable")
+
+
 def plan_publish(folders: list[os.PathLike | str]) -> PublishPlan:
     """Check the folders (access level, integrity) and lay out the repository files and card."""
     paths = [Path(f) for f in folders]
     infos = []
     for folder in paths:
         info = _build_info(folder)
-        access = info.get("manifest", {}).get("access")
-        if access not in PUBLISHABLE_ACCESS:
-            raise PublishError(
-                f"{folder.name}: source {info.get('source')!r} has access {access!r}; credentialed data "
-                "(e.g. MIMIC) must never be published"
-            )
+        check_publishable(folder, info)
         problems = verify_shards(folder)
         if problems:
             raise PublishError(f"{folder.name}: shards do not match index.json: {problems[:3]}")
