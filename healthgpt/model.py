@@ -116,7 +116,7 @@ class SplitEmbedding(nn.Module):
         is_new = ids >= n_old
         if bool(is_new.any()):
             new = F.embedding((ids - n_old).clamp(0, self.new.shape[0] - 1), self.new)
-            out = torch.where(is_new.unsqueeze(-1), new, out)
+            out = torch.where(is_new.unsqueeze(-1), new.to(out.dtype), out)
         return out
 
 
@@ -133,7 +133,11 @@ class SplitLMHead(nn.Module):
         return torch.cat([self.old, self.new], 0)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.cat([F.linear(h, self.old), F.linear(h, self.new)], dim=-1)
+        # the two tables may differ in dtype (fp32 trainable rows next to a bf16 frozen table)
+        a = F.linear(h.to(self.old.dtype), self.old)
+        b = F.linear(h.to(self.new.dtype), self.new)
+        dtype = torch.promote_types(a.dtype, b.dtype)
+        return torch.cat([a.to(dtype), b.to(dtype)], dim=-1)
 
 
 @dataclass
@@ -291,6 +295,18 @@ class HealthGPT(nn.Module):
     def device(self) -> torch.device:
         return self.embed.old.device
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the frozen decoder weights: what its inputs must be in. Trainable tensors are
+        kept in fp32 by the trainer (embedding rows too), so the embedding's own dtype is not it."""
+        for _, layer in hlora_layers(self.llm):
+            return layer.base_layer.weight.dtype
+        return self.embed.old.dtype
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings in the decoder's dtype."""
+        return self.embed(ids).to(self.compute_dtype)
+
     # ---------------------------------------------------------------- parameters
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -366,10 +382,10 @@ class HealthGPT(nn.Module):
         n_placeholders = int(is_image.sum())
         already_packed = pad_side == "right" or bool(attention_mask[:, -1].all())
         if n_placeholders == 0 and already_packed:
-            embeds = self.embed(input_ids)
+            embeds = self.embed_tokens(input_ids)
             pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             return embeds, attention_mask, labels, pos
-        text_embeds = self.embed(input_ids.masked_fill(is_image, 0))
+        text_embeds = self.embed_tokens(input_ids.masked_fill(is_image, 0))
         feats = text_embeds.new_zeros((0, 0, text_embeds.shape[-1]))
         if n_placeholders:
             if pixel_values is None:
@@ -513,7 +529,7 @@ class HealthGPT(nn.Module):
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
             mask = torch.cat([mask, mask.new_ones((bsz, 1))], dim=1)
-            out = decoder(inputs_embeds=self.embed(token[:, None]), attention_mask=mask,
+            out = decoder(inputs_embeds=self.embed_tokens(token[:, None]), attention_mask=mask,
                           position_ids=next_pos, past_key_values=cache, use_cache=True)
             cache = out.past_key_values
             logits = self.lm_head(out.last_hidden_state[:, -1])

@@ -499,3 +499,26 @@ def test_real_preset_loader_on_local_folders(tmp_path) -> None:
     with torch.no_grad():
         out = model(ids, pixel_values=model.vision.preprocess([_image()]))
     assert out.logits.shape[-1] == model.vocab.total
+
+
+@pytest.mark.parametrize("stage", ["stage1_generation", "stage2", "stage3"])
+def test_fp32_trainable_rows_in_a_bf16_model_without_autocast(stage: str) -> None:
+    """The trainer keeps trainable tensors in fp32 (master weights) while a preset's frozen backbone
+    may be bf16 (m3/l14/xl32 default). Without autocast (CPU, --precision fp32) the forward must still
+    run: fp32 embedding rows must not leak fp32 activations into bf16 linears, nor the head mix dtypes."""
+    model, tok = build_model("tiny", seed=6, dtype="bfloat16")
+    params = model.set_trainable(*STAGES[stage])
+    for p in params:
+        p.data = p.data.float()
+    task = "comprehension" if stage == "stage2" else "generation"
+    conv = [{"from": "human", "value": "<image>\nConvert."},
+            {"from": "gpt", "value": "<target_image>" if task == "generation" else "Lung."}]
+    enc = encode_conversation(tok, conv, template="chatml", image_tokens=model.vision.num_patches,
+                              vq_indices=np.zeros(1024, np.int16) if task == "generation" else None)
+    pv = model.vision.preprocess([_image()])
+    out = model(**model.collate([enc]), pixel_values=pv, task=task, return_logits=False)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert any(p.grad is not None for p in params)
+    ids = torch.tensor([encode_prompt(tok, "What?", template="chatml")])
+    assert model.generate(ids, pixel_values=pv, task=task, max_new_tokens=2, stop_token_ids=[]).shape == (1, 2)
