@@ -710,7 +710,13 @@ def _train(cfg: TrainConfig, dd: _Dist, device_kind: str, model: Any,
                 loss_sum += float(res.loss.detach()) * n_label[a]
             step_loss = dd.sum(loss_sum) / total_label
             # under DDP the gradients are already averaged, so every rank sees the same norm and decision
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, hp.grad_clip if hp.grad_clip > 0 else math.inf))
+            max_norm = hp.grad_clip if hp.grad_clip > 0 else math.inf
+            if cfg.fsdp and hasattr(wrapped, "clip_grad_norm_"):
+                # FSDP shards gradients: its own clip computes the global norm across ranks, so every
+                # rank clips alike and the spike guard reaches the same decision everywhere.
+                grad_norm = float(wrapped.clip_grad_norm_(max_norm))
+            else:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
             reason = guard.check(step_loss, grad_norm)
             if reason is None:
                 optimizer.step()
