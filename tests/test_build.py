@@ -181,3 +181,12 @@ def test_merge_refuses_partitions_built_with_other_settings(tmp_path, toy_root):
     assert not (out / "index.json").exists()
     run_build(toy_builder(), toy_root, out, vq=FakeVQ(), manifest=MANIFEST, partition="1/2", seed=0, command=["x"])
     assert merge_partitions(out)["total_samples"] == 12
+
+
+def test_a_fresh_build_replaces_the_tars_of_an_earlier_one(tmp_path, toy_root):
+    out = tmp_path / "out"
+    run_build(toy_builder(), toy_root, out, vq=FakeVQ(), manifest=MANIFEST, max_count=2)
+    assert len(list(out.glob("toy-*.tar"))) == 6
+    (out / "other-000000.tar").write_bytes(b"not ours")
+    run_build(toy_builder(), toy_root, out, vq=FakeVQ(), manifest=MANIFEST, max_count=100)
+    assert sorted(p.name for p in out.glob("*.tar")) == ["other-000000.tar", "toy-000000.tar"]

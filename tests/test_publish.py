@@ -75,3 +75,17 @@ def test_manifest_marks_restricted_builds_unpublishable(tmp_path):
         assert "not publishable" in str(exc)
     else:
         raise AssertionError("MIMIC-CXR was publishable")
+
+
+def test_folders_with_the_same_name_are_refused(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = built(tmp_path / "a")
+    b = built(tmp_path / "b")
+    assert a.name == b.name
+    try:
+        plan_publish([a, b])
+    except PublishError as exc:
+        assert "distinct names" in str(exc)
+    else:
+        raise AssertionError("two folders would have landed in the same data/<name>/")

@@ -61,3 +61,12 @@ def test_help_shows_examples():
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
         assert "Example" in result.stdout and "vlhealth" in result.stdout, args
+
+
+def test_verify_reports_unusable_folders_without_a_traceback(tmp_path):
+    shards = make_shards(tmp_path)
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["verify", str(shards[1]), str(tmp_path / "empty")])
+    assert result.exit_code == 1
+    assert "ok gen: 3 samples" in result.output and "empty" in result.output and "index.json" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)

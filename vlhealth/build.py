@@ -494,6 +494,13 @@ def run_build(
 
     from vlhealth.shards import ShardInfo
 
+    if not state["shards"]:
+        # A fresh build replaces an earlier one in the same folder: its tars (this prefix only, so
+        # other partitions stay) would otherwise linger for anything that globs *.tar.
+        stale = re.compile(re.escape(builder.NAME + suffix) + r"-\d{6}\.tar")
+        for old in out.glob(f"{builder.NAME}{suffix}-*.tar"):
+            if stale.fullmatch(old.name):
+                old.unlink()
     writer = ShardWriter(out, prefix=builder.NAME + suffix, max_count=max_count, max_bytes=max_bytes,
                          start_number=len(state["shards"]), shards=[ShardInfo(**s) for s in state["shards"]],
                          on_shard=journal)

@@ -94,12 +94,16 @@ def verify(shards: Annotated[list[Path], typer.Argument(help="Shard folders.")])
 
         vlhealth verify shards/synthrad
     """
-    from vlhealth.shards import iter_samples, verify_shards
+    from vlhealth.schema import SchemaError
+    from vlhealth.shards import ShardError, iter_samples, verify_shards
 
     bad = 0
     for folder in shards:
-        problems = verify_shards(folder)
-        n = sum(1 for _ in iter_samples(folder)) if not problems else 0
+        try:
+            problems = verify_shards(folder)
+            n = sum(1 for _ in iter_samples(folder)) if not problems else 0
+        except (ShardError, SchemaError) as exc:
+            problems = [str(exc)]
         for p in problems:
             console.print(f"[red]{folder.name}[/]: {p}")
         bad += len(problems)

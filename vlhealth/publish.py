@@ -62,6 +62,11 @@ def check_publishable(folder: Path, info: dict[str, Any]) -> None:
 def plan_publish(folders: list[os.PathLike | str]) -> PublishPlan:
     """Check the folders (access level, integrity) and lay out the repository files and card."""
     paths = [Path(f) for f in folders]
+    names = [p.name for p in paths]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise PublishError(f"several folders are named {', '.join(clashes)}: each lands in data/<folder name>/ "
+                           "on the Hub, so give them distinct names")
     infos = []
     for folder in paths:
         info = _build_info(folder)
