@@ -190,3 +190,21 @@ def test_a_fresh_build_replaces_the_tars_of_an_earlier_one(tmp_path, toy_root):
     (out / "other-000000.tar").write_bytes(b"not ours")
     run_build(toy_builder(), toy_root, out, vq=FakeVQ(), manifest=MANIFEST, max_count=100)
     assert sorted(p.name for p in out.glob("*.tar")) == ["other-000000.tar", "toy-000000.tar"]
+
+
+def test_duplicate_sample_keys_across_items_are_refused_not_fatal(tmp_path, toy_root):
+    builder = toy_builder()
+    process = builder.process
+
+    def colliding(item, ctx):  # every item writes the keys of slice 0 and 1 under one shared name
+        for sample in process(item, ctx):
+            sample.key = "toy-same-" + sample.key.rsplit("-", 1)[1]
+            yield sample
+
+    builder.process = colliding
+    out = tmp_path / "dup"
+    summary = run_build(builder, toy_root, out, vq=FakeVQ(), manifest=MANIFEST)
+    assert summary.samples == 2  # the first item's two slices
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    dups = [r for r in rejects if "duplicate sample key" in r["reason"]]
+    assert len(dups) == 10 and {r["file"] for r in dups} == {f"p{i}_vol.npy" for i in range(1, 6)}

@@ -41,6 +41,7 @@ from vlhealth.shards import (
     INDEX_NAME,
     REJECTS_NAME,
     ShardWriter,
+    iter_tar,
     write_atomic,
     write_index,
     write_json_atomic,
@@ -504,6 +505,8 @@ def run_build(
     writer = ShardWriter(out, prefix=builder.NAME + suffix, max_count=max_count, max_bytes=max_bytes,
                          start_number=len(state["shards"]), shards=[ShardInfo(**s) for s in state["shards"]],
                          on_shard=journal)
+    for shard in state["shards"]:  # resumed: keys of the finished tars count as written
+        writer.remember(key for key, _ in iter_tar(out / shard["name"]))
     with writer:
         results = _ordered_results(builder, items[first:], ctx, vq is not None, workers)
         for idx, result in enumerate(results, first):
@@ -512,6 +515,11 @@ def run_build(
                 if idx == first and j < skip:
                     continue  # written into a finished tar before the interruption
                 position[:] = [idx, j]
+                if w.key in writer:  # e.g. one patient id under two anatomies: keep the first, refuse the rest
+                    item = items[idx]
+                    item_rejects.append(Reject(item.files[0] if item.files else item.id,
+                                               f"duplicate sample key {w.key!r}: an earlier item wrote it", item.id))
+                    continue
                 writer.write_members(w.key, w.members)
                 counts[w.label] += 1
                 n_samples += 1

@@ -208,6 +208,14 @@ class ShardWriter:
             self._finish()
         return self.shards
 
+    def __contains__(self, key: object) -> bool:
+        """Whether a sample with this key was written (or :meth:`remember`-ed) already."""
+        return key in self._keys
+
+    def remember(self, keys: Iterable[str]) -> None:
+        """Keys written by an earlier, interrupted run into the tars this writer continues."""
+        self._keys.update(keys)
+
     # -- writing ---------------------------------------------------------------------------
     def write(self, sample: Sample) -> None:
         self.write_members(sample.key, sample.to_members())
