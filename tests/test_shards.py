@@ -60,6 +60,30 @@ def test_members_are_sorted_with_fixed_metadata(tmp_path):
     assert {(i.mtime, i.uid, i.gid, i.uname, i.gname, i.mode) for i in infos} == {(946684800, 0, 0, "", "", 0o444)}
 
 
+def test_tar_bytes_match_tarfile_pax_writer(tmp_path):
+    # The writer builds member headers itself; they must be exactly what tarfile writes in PAX format
+    # (USTAR blocks when the name fits, pax extended headers otherwise) and end the archive alike.
+    from vlhealth.shards import _tarinfo
+
+    keys = ["k", "a" * 94, "a" * 95, "b" * 140, "dir/sub/x" * 15, "ümlaut-ü", "sp ace", "tab\tkey"]
+    members = {"json": b"{}", "input.png": b"\x89PNG" * 300, "e.bin": b"", "f.bin": b"x" * 512,
+               "g.bin": b"y" * 10241}
+    with ShardWriter(tmp_path / "ours", prefix="t") as w:
+        for key in keys:
+            w.write_members(key, members)
+    ref = io.BytesIO()
+    with tarfile.open(fileobj=ref, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for key in keys:
+            for suffix in sorted(members):
+                tar.addfile(_tarinfo(f"{key}.{suffix}", len(members[suffix])), io.BytesIO(members[suffix]))
+    ours = (tmp_path / "ours" / "t-000000.tar").read_bytes()
+    assert ours == ref.getvalue()
+    with tarfile.open(tmp_path / "ours" / "t-000000.tar") as tar:
+        names = tar.getnames()
+    assert names == [f"{key}.{suffix}" for key in keys for suffix in sorted(members)]
+    assert {99, 100, 101} <= {len(n) for n in names}  # both sides of the 100-character USTAR limit
+
+
 def test_byte_limit_splits_shards(tmp_path):
     with ShardWriter(tmp_path, prefix="toy", max_bytes=150_000) as w:
         for i in range(6):
