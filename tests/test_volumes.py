@@ -414,6 +414,37 @@ def test_fit_square_masks_rgb_and_upscaling() -> None:
     assert np.array_equal(fit_square(float_img, 256), float_img)
 
 
+@pytest.mark.parametrize(
+    ("shape", "new", "dtype"),
+    [((410, 586), (179, 256), np.uint16), ((285, 233), (256, 209), np.int16), ((37, 19), (256, 131), np.uint8),
+     ((256, 384), (256, 256), np.float32), ((40, 20, 3), (128, 64, 3), np.uint8), ((64, 56), (256, 224), np.bool_)],
+)
+def test_resize_matches_skimage_resize(shape, new, dtype) -> None:
+    # _resize applies skimage's Gaussian anti-aliasing + zoom as cached sparse matrices: same result
+    # up to float rounding (an integer pixel may round the other way at a .5 tie)
+    from skimage.transform import resize
+
+    from vlhealth.volumes import _resize
+
+    rng = np.random.default_rng(0)
+    image = rng.normal(0, 1, shape) > 0 if dtype == np.bool_ else (rng.random(shape) * 250).astype(dtype)
+    for order in (0, 1):
+        shrink = any(n < o for n, o in zip(new, shape, strict=True))
+        want = resize(image.astype(np.float64), new, order=order, mode="edge", preserve_range=True,
+                      anti_aliasing=bool(order and shrink))
+        got = _resize(image, new, order)
+        assert got.shape == new and got.dtype == image.dtype
+        if dtype == np.bool_:
+            want = want > 0.5
+        elif dtype != np.float32:
+            want = np.rint(want)
+        diff = np.abs(got.astype(np.float64) - want)
+        if order == 0 or dtype == np.float32:
+            assert diff.max() <= (1e-3 if order else 0)
+        else:
+            assert diff.max() <= 1 and np.mean(diff > 0) < 1e-3
+
+
 # --------------------------------------------------------------------------------------- geometry
 
 

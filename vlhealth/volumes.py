@@ -38,6 +38,7 @@ import tempfile
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -478,24 +479,59 @@ def slice_volume(
 
 
 def _resize(image: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray:
-    """skimage resize that keeps the dtype (integers rounded and clipped to their range)."""
-    from skimage.transform import resize
+    """skimage ``resize`` (edge mode, anti-aliasing when shrinking with order > 0) that keeps the dtype
+    (integers rounded and clipped to their range).
 
+    2D images and (H, W, C) images with C kept go through :func:`_resize_operator`, the same linear
+    map as skimage's Gaussian filter + ``ndimage.zoom`` applied as two cached sparse matrices (~4-7x
+    faster; equal to skimage up to float rounding, so a rounded integer pixel can differ by 1 at a
+    .5 tie). Anything else (other shapes, non-finite floats) goes through skimage itself.
+    """
     shrinking = any(new < old for new, old in zip(shape, image.shape, strict=False))
-    out = resize(
-        image.astype(np.float64, copy=False),
-        shape,
-        order=order,
-        mode="edge",
-        preserve_range=True,
-        anti_aliasing=bool(order > 0 and shrinking),
+    anti_aliasing = bool(order > 0 and shrinking)
+    data = image.astype(np.float64, copy=False)
+    fast = (
+        image.ndim in (2, 3) and len(shape) == image.ndim and shape[2:] == image.shape[2:]
+        and order in (0, 1) and min(shape) > 0 and min(image.shape) > 0
+        and (not np.issubdtype(image.dtype, np.floating) or bool(np.isfinite(data).all()))
     )
+    if fast:
+        (h, w), (new_h, new_w), rest = image.shape[:2], shape[:2], image.shape[2:]
+        rows = _resize_operator(h, new_h, order, anti_aliasing)
+        cols = _resize_operator(w, new_w, order, anti_aliasing)
+        out = rows @ data.reshape(h, -1)  # (new_h, w * C)
+        out = out.reshape(new_h, w, -1).transpose(1, 0, 2).reshape(w, -1)
+        out = (cols @ out).reshape(new_w, new_h, -1).transpose(1, 0, 2).reshape(new_h, new_w, *rest)
+        if order > 0:  # skimage clips interpolated output to the input's range
+            np.clip(out, data.min(), data.max(), out=out)
+    else:
+        from skimage.transform import resize
+
+        out = resize(data, shape, order=order, mode="edge", preserve_range=True, anti_aliasing=anti_aliasing)
     if np.issubdtype(image.dtype, np.integer):
         info = np.iinfo(image.dtype)
         out = np.clip(np.rint(out), info.min, info.max)
     elif image.dtype == np.bool_:
         out = out > 0.5
     return out.astype(image.dtype, copy=False)
+
+
+@lru_cache(maxsize=256)
+def _resize_operator(n: int, m: int, order: int, anti_aliasing: bool):  # -> scipy.sparse.csr_matrix
+    """The (m, n) matrix skimage ``resize`` applies along one axis of length n resized to m.
+
+    Built by pushing the identity through the very operations skimage uses (``gaussian_filter1d``
+    with sigma ``(n/m - 1) / 2`` when shrinking and anti-aliasing, then ``ndimage.zoom`` with
+    ``grid_mode=True``, mode ``nearest``, spline order 0 or 1, which needs no prefilter); both are
+    linear and act on each axis separately, so the 2D resize is ``rows @ image @ cols.T``.
+    """
+    import scipy.ndimage as ndi
+    from scipy.sparse import csr_matrix
+
+    basis = np.eye(n)
+    if anti_aliasing and n > m:
+        basis = ndi.gaussian_filter1d(basis, (n / m - 1) / 2, axis=0, mode="nearest")
+    return csr_matrix(ndi.zoom(basis, (m / n, 1), order=order, mode="nearest", grid_mode=True))
 
 
 # --------------------------------------------------------------------------------------- windows
