@@ -26,6 +26,9 @@ Rows:
   dominated by fixed per-slice work and says little on its own;
 * ``realistic Nx``: synthetic SynthRAD-sized patients (a brain and a pelvis, 256x256x120 voxels,
   CT int16 HU, MR float32, mask uint8; phantom anatomy written with ``write_volume``), N copies.
+  Their 256x256 square-pixel slices need no resize (``fit_square`` only pads); released SynthRAD
+  pelvis scans are ~410x586 in-plane, which ``--realistic-shape 60,410,586`` reproduces (then the
+  anti-aliased resize to 256 is part of the per-slice work and decoding costs more per slice).
 
 Targets (issue 3): full build <= 3x bare decode time; peak RSS grows < 20% from 1x to 4x.
 
