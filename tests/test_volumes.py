@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import locale
 from pathlib import Path
 
 import nibabel as nib
@@ -134,6 +135,17 @@ def test_write_volume_nii_gz_is_byte_deterministic(tmp_path: Path) -> None:
 
 def _write_dicom_series(folder: Path, array: np.ndarray, spacing_xyz, series_uid: str,
                         positions_z: list[float] | None = None, modality: str = "CT") -> None:
+    # SimpleITK's GDCM *writer* switches the process locale to "C" (ASCII file encoding for every
+    # later open()); reading does not. Restore it so later tests see the real locale.
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_dicom_slices(folder, array, spacing_xyz, series_uid, positions_z, modality)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_dicom_slices(folder: Path, array: np.ndarray, spacing_xyz, series_uid: str,
+                        positions_z: list[float] | None, modality: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     image = sitk.GetImageFromArray(array)
     image.SetSpacing(spacing_xyz)
