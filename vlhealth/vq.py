@@ -503,12 +503,12 @@ def _sidecar_config(path: Path) -> VQConfig | None:
     """A config stored next to a checkpoint: ``<stem>.json``, ``config.json`` or taming's ``model.yaml``."""
     for candidate in (path.with_suffix(".json"), path.parent / "config.json"):
         if candidate.is_file():
-            return VQConfig.from_dict(json.loads(candidate.read_text()))
+            return VQConfig.from_dict(json.loads(candidate.read_text("utf-8")))
     yaml_path = path.parent / "model.yaml"
     if yaml_path.is_file():
         import yaml
 
-        return VQConfig.from_dict(yaml.safe_load(yaml_path.read_text()))
+        return VQConfig.from_dict(yaml.safe_load(yaml_path.read_text("utf-8")))
     return None
 
 
