@@ -21,10 +21,9 @@ from vlhealth.schema import Sample
 from vlhealth.vqa import (
     QA,
     VQAOptions,
-    items_by_image,
+    discover_annotated,
     normalise_answer,
     normalise_text,
-    parse_rows,
     process_image_item,
 )
 
@@ -78,17 +77,8 @@ def _parser(split: str, file: str) -> Any:
 
 def discover(ctx: BuildContext) -> Iterator[Item | Reject]:
     base = dataset_dir(ctx.root)
-    entries = []
-    for name, split in SPLIT_FILES.items():
-        file = base + name
-        if not (ctx.root / file).is_file():
-            continue
-        for out in parse_rows(ctx, file, _parser(split, file)):
-            if isinstance(out, Reject):
-                yield out
-            else:
-                entries.append((*out, file))
-    yield from items_by_image(entries)
+    files = [(base + name, split) for name, split in SPLIT_FILES.items() if (ctx.root / (base + name)).is_file()]
+    yield from discover_annotated(ctx, ((file, _parser(split, file)) for file, split in files))
 
 
 def process(item: Item, ctx: BuildContext) -> Iterator[Sample | Reject]:

@@ -15,7 +15,7 @@ from typing import Any
 
 from vlhealth.build import BuildContext, Item, Reject
 from vlhealth.schema import Sample
-from vlhealth.vqa import QA, VQAOptions, items_by_image, normalise_text, parse_rows, process_image_item
+from vlhealth.vqa import QA, VQAOptions, discover_annotated, normalise_text, process_image_item
 
 NAME = "omnimedvqa"
 MANIFEST = "omnimedvqa"
@@ -60,15 +60,7 @@ def discover(ctx: BuildContext) -> Iterator[Item | Reject]:
     files = sorted(p for part in parts for p in (ctx.root / "QA_information" / part).glob("*.json"))
     if not files:
         raise FileNotFoundError("no QA_information/<part>/<Dataset>.json under the source root")
-    entries = []
-    for path in files:
-        file = ctx.rel(path)
-        for out in parse_rows(ctx, file, _parser(file, path.stem)):
-            if isinstance(out, Reject):
-                yield out
-            else:
-                entries.append((*out, file))
-    yield from items_by_image(entries)
+    yield from discover_annotated(ctx, ((ctx.rel(path), _parser(ctx.rel(path), path.stem)) for path in files))
 
 
 def process(item: Item, ctx: BuildContext) -> Iterator[Sample | Reject]:

@@ -17,10 +17,9 @@ from vlhealth.schema import Sample
 from vlhealth.vqa import (
     QA,
     VQAOptions,
-    items_by_image,
+    discover_annotated,
     normalise_answer,
     normalise_text,
-    parse_rows,
     process_image_item,
 )
 
@@ -71,14 +70,7 @@ def discover(ctx: BuildContext) -> Iterator[Item | Reject]:
     present = [f for f in SPLIT_FILES if (ctx.root / f).is_file()]
     if not present:
         raise FileNotFoundError(f"none of {', '.join(SPLIT_FILES)} in the source root")
-    entries = []
-    for file in present:
-        for out in parse_rows(ctx, file, _parser(SPLIT_FILES[file], file, lang)):
-            if isinstance(out, Reject):
-                yield out
-            else:
-                entries.append((*out, file))
-    yield from items_by_image(entries)
+    yield from discover_annotated(ctx, ((file, _parser(SPLIT_FILES[file], file, lang)) for file in present))
 
 
 def process(item: Item, ctx: BuildContext) -> Iterator[Sample | Reject]:

@@ -19,10 +19,9 @@ from vlhealth.schema import Sample
 from vlhealth.vqa import (
     QA,
     VQAOptions,
-    items_by_image,
+    discover_annotated,
     normalise_answer,
     normalise_text,
-    parse_rows,
     process_image_item,
 )
 
@@ -67,13 +66,7 @@ def _qa(row: Any, i: int) -> tuple[str, QA]:
 def discover(ctx: BuildContext) -> Iterator[Item | Reject]:
     if not (ctx.root / JSON_NAME).is_file():
         raise FileNotFoundError(f"{JSON_NAME} not found in the source root")
-    entries = []
-    for out in parse_rows(ctx, JSON_NAME, _qa):
-        if isinstance(out, Reject):
-            yield out
-        else:
-            entries.append((*out, JSON_NAME))
-    yield from items_by_image(entries)
+    yield from discover_annotated(ctx, [(JSON_NAME, _qa)])
 
 
 def process(item: Item, ctx: BuildContext) -> Iterator[Sample | Reject]:

@@ -627,6 +627,20 @@ def parse_rows(ctx: BuildContext, rel: str, parse: Any) -> Iterator[Any]:
             yield out
 
 
+def discover_annotated(ctx: BuildContext, annotations: Iterable[tuple[str, Any]]) -> Iterator[Any]:
+    """``discover`` of a VQA source with JSON annotation files: ``(file, parse)`` pairs in (``parse(row, i)``
+    returns ``(image_rel, QA)`` as for :func:`parse_rows`), row rejects as they come, then one ``Item`` per
+    image (:func:`items_by_image`)."""
+    entries = []
+    for file, parse in annotations:
+        for out in parse_rows(ctx, file, parse):
+            if isinstance(out, Reject):
+                yield out
+            else:
+                entries.append((*out, file))
+    yield from items_by_image(entries)
+
+
 TEXT_ONLY = ("include", "exclude", "only")
 
 
