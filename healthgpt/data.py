@@ -752,16 +752,22 @@ class TaskBatchStream(IterableDataset):
             rec = _load_json(reader.read(tar, key, ("json",)), tar, key)
             if rec.get("split") != self.cfg.split or rec.get("task") != task:
                 continue
-            try:
-                ex = self._encode(tar, key, rec, reader.read(tar, key, self.members[task][1:]))
-            except (ValueError, KeyError, TypeError) as err:
-                stats["bad"] = stats.get("bad", 0) + 1
-                log.warning("skipping sample %s in %s: %s", key, tar.name, err)
-                continue
-            if ex is None:
-                stats["too_long"] = stats.get("too_long", 0) + 1
-                continue
-            return ex, pos
+            ex = self._encode_counted(stats, tar, key, rec, reader.read(tar, key, self.members[task][1:]))
+            if ex is not None:
+                return ex, pos
+
+    def _encode_counted(self, stats: dict[str, int], where: Path, key: str, rec: Mapping[str, Any],
+                        members: Mapping[str, bytes]) -> _Example | None:
+        """:meth:`_encode`, counting (and logging) bad samples and over-long ones in ``stats``; None skips."""
+        try:
+            ex = self._encode(where, key, rec, members)
+        except (ValueError, KeyError, TypeError) as err:
+            stats["bad"] = stats.get("bad", 0) + 1
+            log.warning("skipping sample %s in %s: %s", key, where.name, err)
+            return None
+        if ex is None:
+            stats["too_long"] = stats.get("too_long", 0) + 1
+        return ex
 
     def _encode(self, tar: Path, key: str, rec: Mapping[str, Any], members: Mapping[str, bytes]) -> _Example | None:
         task = rec["task"]
@@ -842,16 +848,9 @@ class TaskBatchStream(IterableDataset):
             key = str(sample.get("__key__", "?"))
             where = Path(_url_name(str(sample.get("__url__", src.name))))
             members = {k: v for k, v in sample.items() if not k.startswith("__")}
-            try:
-                ex = self._encode(where, key, rec, members)
-            except (ValueError, KeyError, TypeError) as err:
-                stats["bad"] = stats.get("bad", 0) + 1
-                log.warning("skipping sample %s in %s: %s", key, where.name, err)
-                continue
-            if ex is None:
-                stats["too_long"] = stats.get("too_long", 0) + 1
-                continue
-            return ex, sample, rec
+            ex = self._encode_counted(stats, where, key, rec, members)
+            if ex is not None:
+                return ex, sample, rec
 
     def _fill_streaming(self, src: _StreamSource, task: str | None,
                         stats: dict[str, int]) -> tuple[str, list[list[_Example]]]:

@@ -174,14 +174,19 @@ def register_mr_to_ct(
         initial = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(),
                                                     sitk.CenteredTransformInitializerFilter.GEOMETRY)
         n_vox = int(np.prod(ct.shape))
-        reg = _method(n_vox, bins, max_samples, iterations, 4.0, shrink, sigmas)
-        if fixed_mask is not None:
-            reg.SetMetricFixedMask(fixed_mask)
-        reg.SetInitialTransform(initial, inPlace=False)
-        rigid = reg.Execute(fixed, moving)
-        stages.append({"stage": "rigid", "iterations": int(reg.GetOptimizerIteration()),
-                       "metric": round(float(reg.GetMetricValue()), 6),
-                       "stop": reg.GetOptimizerStopConditionDescription().split(".")[0][:120]})
+
+        def run_stage(name: str, start: sitk.Transform, learning_rate: float) -> sitk.Transform:
+            reg = _method(n_vox, bins, max_samples, iterations, learning_rate, shrink, sigmas)
+            if fixed_mask is not None:
+                reg.SetMetricFixedMask(fixed_mask)
+            reg.SetInitialTransform(start, inPlace=False)
+            result = reg.Execute(fixed, moving)
+            stages.append({"stage": name, "iterations": int(reg.GetOptimizerIteration()),
+                           "metric": round(float(reg.GetMetricValue()), 6),
+                           "stop": reg.GetOptimizerStopConditionDescription().split(".")[0][:120]})
+            return result
+
+        rigid = run_stage("rigid", initial, 4.0)
         final: sitk.Transform = rigid
         if affine:
             euler = sitk.Euler3DTransform(sitk.CompositeTransform(rigid).GetNthTransform(0)) \
@@ -190,14 +195,7 @@ def register_mr_to_ct(
             start.SetMatrix(euler.GetMatrix())
             start.SetTranslation(euler.GetTranslation())
             start.SetCenter(euler.GetCenter())
-            reg2 = _method(n_vox, bins, max_samples, iterations, 1.0, shrink, sigmas)
-            if fixed_mask is not None:
-                reg2.SetMetricFixedMask(fixed_mask)
-            reg2.SetInitialTransform(start, inPlace=False)
-            final = reg2.Execute(fixed, moving)
-            stages.append({"stage": "affine", "iterations": int(reg2.GetOptimizerIteration()),
-                           "metric": round(float(reg2.GetMetricValue()), 6),
-                           "stop": reg2.GetOptimizerStopConditionDescription().split(".")[0][:120]})
+            final = run_stage("affine", start, 1.0)
     except RuntimeError as exc:
         raise RegistrationError(f"SimpleITK registration failed: {str(exc).strip().splitlines()[-1][:200]}") from exc
     final = _flatten(final)
