@@ -61,7 +61,7 @@ import numpy, SimpleITK, nibabel, skimage.transform, scipy.ndimage, PIL.PngImage
 """
 
 CHILD_BUILD = CHILD_PRELUDE + r"""
-import builders.synthrad as synthrad
+import vlhealth.builders.synthrad as synthrad
 from vlhealth.build import run_build
 vq = None
 if {vq!r} != "none":

@@ -21,8 +21,8 @@ from vlhealth.schema import Sample
 from vlhealth.vqa import (
     QA,
     VQAOptions,
+    clean_upstream_answer,
     discover_annotated,
-    normalise_answer,
     normalise_text,
     process_image_item,
 )
@@ -61,7 +61,7 @@ def _parser(split: str, file: str) -> Any:
         if isinstance(raw, list) and not [a for a in raw if normalise_text(a)] and semantic in ("choose", "query"):
             answer = "none"
         else:
-            answer = normalise_answer(raw)
+            answer = clean_upstream_answer(raw)
         image = normalise_text(row["image_path"]).lstrip("/")
         if image.startswith("files/"):
             image = image[len("files/"):]

@@ -19,10 +19,10 @@ from vlhealth.schema import Sample
 from vlhealth.vqa import (
     QA,
     VQAOptions,
+    clean_upstream_answer,
     is_yes_no,
     items_by_image,
     load_pickle,
-    normalise_answer,
     normalise_text,
     process_image_item,
     rows_to_reject,
@@ -54,7 +54,7 @@ def _qa(row: Any, i: int, split: str, file: str) -> tuple[str, QA]:
     image = normalise_text(row["image"])
     if not image:
         raise ValueError("bad row: empty image name")
-    answer = normalise_answer(row["answer"])
+    answer = clean_upstream_answer(row["answer"])
     qid = f"{split}-{i:06d}"
     qa = QA(id=qid, question=normalise_text(row["question"]), answer=answer,
             answer_type="closed" if is_yes_no(answer) else "open", split=split, modality="pathology",

@@ -17,8 +17,8 @@ from vlhealth.schema import Sample
 from vlhealth.vqa import (
     QA,
     VQAOptions,
+    clean_upstream_answer,
     discover_annotated,
-    normalise_answer,
     normalise_text,
     process_image_item,
 )
@@ -50,7 +50,7 @@ def _parser(split: str, file: str, lang: str) -> Any:
         qa = QA(
             id=qid,
             question=normalise_text(row["question"]),
-            answer=normalise_answer(row["answer"]),
+            answer=clean_upstream_answer(row["answer"]),
             answer_type="closed" if str(row.get("answer_type", "")).strip().upper() == "CLOSED" else "open",
             split=split,
             modality=normalise_text(row.get("modality")) or None,

@@ -19,8 +19,8 @@ from vlhealth.schema import Sample
 from vlhealth.vqa import (
     QA,
     VQAOptions,
+    clean_upstream_answer,
     discover_annotated,
-    normalise_answer,
     normalise_text,
     process_image_item,
 )
@@ -47,7 +47,7 @@ def _qa(row: Any, i: int) -> tuple[str, QA]:
     if missing:
         raise ValueError(f"bad row: lacks {', '.join(missing)}")
     atype = str(row.get("answer_type", "")).strip().upper()
-    answer = normalise_answer(row["answer"])
+    answer = clean_upstream_answer(row["answer"])
     phrase = str(row.get("phrase_type", "")).strip().lower()
     organ = str(row.get("image_organ", "")).strip().upper()
     qa = QA(

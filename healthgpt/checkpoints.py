@@ -38,10 +38,21 @@ by their peft fork, opened here with ``torch.load(weights_only=True)``. Key mapp
 fusion files (the released generation script loads those two together). Every key must map onto a
 tensor of the same shape, otherwise ``ReleasedWeightsError`` names the file and the keys.
 
+Training checkpoints (``write_checkpoint`` / ``read_checkpoint``): ``OUT/checkpoints/step-NNNNNNNN/``
+holds ``trainable.safetensors`` (this stage's and the earlier stages' groups), ``optimizer.pt``,
+``rng-rank<R>.pt`` (every rank's RNG states) and ``trainer_state.json`` (step, scheduler, spike
+guard, every rank's data position, losses), written last: its presence marks a complete
+checkpoint. A checkpoint is written to a temporary folder, fsynced and renamed; the last ``keep``
+are kept.
+
 Public API::
 
-    save_trainable(model, path, groups=None) -> list[str]
+    save_trainable(model, path, groups=None) -> list[str]        (atomic)
     load_trainable(model, path, strict=True) -> list[str]
+    load_run_weights(model, path) -> list[str]   (a run folder, checkpoint or file; returns its groups)
+    latest_checkpoint(out_dir) -> Path | None
+    write_checkpoint(out, step, model, groups, optimizer, state, keep) -> Path;  read_checkpoint(path) -> dict
+    rng_state() -> dict;  set_rng_state(state)
     export_peft_adapter(model, task, out_dir) -> Path
     import_peft_adapter(model, task, in_dir) -> list[str]
     load_released(model, path_or_state_dict, task) -> ReleasedLoadReport
@@ -52,21 +63,33 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from healthgpt.hlora import HLoRALinear, HLoRAPlugin, LoRAPlugin, MoELoRAPlugin, hlora_layers
 from healthgpt.model import HealthGPT
+from vlhealth.shards import fsync_dir
 
 __all__ = [
+    "CHECKPOINTS_DIR",
     "FORMAT_VERSION",
+    "TRAINABLE_FILE",
+    "latest_checkpoint",
+    "load_run_weights",
+    "read_checkpoint",
+    "rng_state",
+    "set_rng_state",
+    "write_checkpoint",
     "CheckpointError",
     "ReleasedLoadReport",
     "ReleasedWeightsError",
@@ -130,10 +153,19 @@ def save_trainable(model: HealthGPT, path: str | os.PathLike[str],
         "vocab_total": model.vocab.total,
         "groups": list(groups),
     }
+    # written atomically (temporary name, fsync, rename): a killed run never leaves a half-written file
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"healthgpt": json.dumps(meta)})
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"healthgpt": json.dumps(meta)})
+    _fsync(tmp)
+    os.replace(tmp, path)
     return sorted(tensors)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
 
 
 TRAINABLE_FILE = "trainable.safetensors"
@@ -417,3 +449,87 @@ def load_released_m3(model: HealthGPT, folder: str | os.PathLike[str]) -> list[R
             f"{folder.name}: none of com_hlora_weights.bin, gen_hlora_weights.bin, fusion_layer_weights.bin "
             "found; download them from the Hugging Face repo lintw/HealthGPT-M3")
     return reports
+
+
+# -------------------------------------------------------------------------------- training checkpoints
+
+CHECKPOINTS_DIR = "checkpoints"
+STATE_FILE = "trainer_state.json"
+
+
+def load_run_weights(model: HealthGPT, path: str | os.PathLike[str]) -> list[str]:
+    """Load the weights of a run (``--out`` folder), a checkpoint folder or a ``.safetensors`` file
+    into ``model`` (every key must fit); returns the parameter groups the file holds."""
+    weights = resolve_trainable(path)
+    load_trainable(model, weights)
+    return list(read_metadata(weights).get("groups", []))
+
+
+def latest_checkpoint(out_dir: str | os.PathLike[str]) -> Path | None:
+    """The newest complete ``checkpoints/step-N`` of a training ``--out`` folder, or None."""
+    root = Path(out_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return None
+    done = sorted((p for p in root.glob("step-*") if (p / STATE_FILE).is_file()),
+                  key=lambda p: int(p.name.split("-")[1]))
+    return done[-1] if done else None
+
+
+def write_checkpoint(out: Path, step: int, model: HealthGPT, groups: Sequence[str], optimizer: torch.optim.Optimizer,
+                     state: Mapping[str, Any], keep: int) -> Path:
+    """Write ``out/checkpoints/step-N`` atomically (weights of ``groups``, optimizer, ``state`` as
+    trainer_state.json last) and drop all but the newest ``keep``. The ranks' RNG files are added
+    to the final folder afterwards (:func:`rng_state`)."""
+    root = Path(out) / CHECKPOINTS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".step-{step:08d}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_trainable(model, tmp / TRAINABLE_FILE, list(groups))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    with open(tmp / STATE_FILE, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(json.loads(json.dumps(state, default=str)), indent=1))
+        fh.flush()
+        os.fsync(fh.fileno())
+    for f in tmp.iterdir():
+        _fsync(f)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(root)
+    done = sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
+    for old in done[: max(0, len(done) - max(1, keep))]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """trainer_state.json of a checkpoint folder."""
+    return json.loads((Path(path) / STATE_FILE).read_text("utf-8"))
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the trainer draws from (torch, Python, NumPy, CUDA), as tensors torch.save can hold."""
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "numpy_pos": int(np.random.get_state()[2]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_tuplify(state["python"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuplify(x: Any) -> Any:
+    return tuple(_tuplify(v) for v in x) if isinstance(x, list | tuple) else x

@@ -79,8 +79,7 @@ import logging
 import os
 import random
 import re
-import tarfile
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,8 +91,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from healthgpt.conversation import IGNORE_INDEX, IMAGE_TOKEN_ID, encode_conversation
+from healthgpt.vision import FastClipPreprocessor, VisionPreprocessor, decode_input_image
 from vlhealth.schema import SUBTASKS, TASKS
-from vlhealth.shards import BUILD_NAME, INDEX_NAME, ShardError, check_member, list_shards, load_index
+from vlhealth.shards import BUILD_NAME, INDEX_NAME, ShardError, TarIndex, TarReader, list_shards, load_index
 
 __all__ = [
     "DataConfig",
@@ -198,207 +198,6 @@ class DataConfig:
         self.specs = [parse_shard_spec(s) for s in self.shards]
         if any(s.remote for s in self.specs):
             self.streaming = True
-
-
-# ------------------------------------------------------------------------------------ images
-
-
-class VisionPreprocessor:
-    """Picklable image pre-processing for loader workers: the model's own
-    ``HierarchicalVision.preprocess`` (pad to square + CLIP processor) without the vision tower.
-
-    ``fast=True`` (the default of :meth:`from_model`) uses :class:`FastClipPreprocessor` when the
-    processor's settings are ones it reproduces, else the processor itself."""
-
-    def __init__(self, processor: Any, fast: bool = False) -> None:
-        self.processor = processor
-        self.fast = FastClipPreprocessor.from_processor(processor) if fast else None
-
-    @classmethod
-    def from_model(cls, model: Any, fast: bool = True) -> VisionPreprocessor:
-        return cls(model.vision.processor, fast=fast)
-
-    def __call__(self, images: Sequence[Any]) -> torch.Tensor:
-        if self.fast is not None:
-            return self.fast(images)
-        from healthgpt.vision import HierarchicalVision
-
-        return HierarchicalVision.preprocess(self, list(images))  # type: ignore[arg-type]
-
-
-class FastClipPreprocessor:
-    """LLaVA pad-to-square + CLIP pre-processing without the transformers image-processor machinery.
-
-    The same steps as ``HierarchicalVision.preprocess`` with a CLIP (PIL backend) processor: pad to
-    a square on the mean colour, the same PIL resize call (bicubic), centre crop, then rescale and
-    normalise through a 256-entry lookup table per channel (computed in float64: the values match
-    the processor's to float32 rounding). A square grayscale image is resized once, as one channel,
-    and broadcast (PIL resamples every channel independently with the same kernel, so this equals
-    resizing its RGB copy). ``tests/test_data.py`` checks the match against the processor.
-    """
-
-    def __init__(self, resize: tuple[str, int, int], resample: int, crop: tuple[int, int] | None,
-                 scale: float, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.resize_rule = resize  # ("shortest_edge", S, 0) or ("exact", H, W)
-        self.resample = int(resample)
-        self.crop = crop
-        self.mean = tuple(float(m) for m in mean)
-        self.background = tuple(int(m * 255) for m in self.mean)
-        values = np.arange(256, dtype=np.float64)
-        self.lut = np.stack([((values * scale) - m) / s for m, s in zip(self.mean, std, strict=True)]).astype(np.float32)
-
-    @classmethod
-    def from_processor(cls, proc: Any) -> FastClipPreprocessor | None:
-        """The fast equivalent of ``proc``, or None when its settings are not ones reproduced here."""
-        def get(name: str, default: Any = None) -> Any:
-            return getattr(proc, name, default)
-
-        def dim(size: Any, key: str) -> Any:
-            return size.get(key) if isinstance(size, Mapping) else getattr(size, key, None)
-
-        try:
-            if not (get("do_resize") and get("do_rescale") and get("do_normalize")) or get("do_pad"):
-                return None
-            if not get("do_convert_rgb", True):
-                return None
-            size = get("size")
-            if dim(size, "shortest_edge") and not dim(size, "longest_edge"):
-                resize = ("shortest_edge", int(dim(size, "shortest_edge")), 0)
-            elif dim(size, "height") and dim(size, "width"):
-                resize = ("exact", int(dim(size, "height")), int(dim(size, "width")))
-            else:
-                return None
-            crop = None
-            if get("do_center_crop"):
-                cs = get("crop_size")
-                crop = (int(dim(cs, "height")), int(dim(cs, "width")))
-            mean, std = list(get("image_mean")), list(get("image_std"))
-            if len(mean) != 3 or len(std) != 3:
-                return None
-            return cls(resize, int(get("resample", 3)), crop, float(get("rescale_factor")), mean, std)
-        except (TypeError, ValueError, AttributeError):
-            return None
-
-    def _target(self, side: int) -> tuple[int, int]:
-        """(height, width) after resizing a ``side`` x ``side`` image."""
-        rule, a, b = self.resize_rule
-        return (a, a) if rule == "shortest_edge" else (a, b)
-
-    def _one(self, image: Any) -> np.ndarray:
-        from healthgpt.vision import _to_pil, expand2square
-
-        img = image if isinstance(image, Image.Image) and image.mode in ("L", "RGB") else _to_pil(image)
-        w, h = img.size
-        if img.mode == "L" and w != h:  # padding uses a colour: no longer one channel
-            img = img.convert("RGB")
-        if img.mode == "RGB":
-            img = expand2square(img, self.background)
-        side = max(w, h)
-        th, tw = self._target(side)
-        if img.size != (tw, th):
-            img = img.resize((tw, th), resample=self.resample)
-        arr = np.asarray(img)
-        if self.crop is not None:
-            ch, cw = self.crop
-            if ch > th or cw > tw:
-                raise ValueError(f"centre crop {self.crop} is larger than the resized image {(th, tw)}")
-            top, left = (th - ch) // 2, (tw - cw) // 2
-            arr = arr[top:top + ch, left:left + cw]
-        if arr.ndim == 2:
-            return np.stack([self.lut[c][arr] for c in range(3)])
-        return np.stack([self.lut[c][arr[..., c]] for c in range(3)])
-
-    def __call__(self, images: Sequence[Any] | Any) -> torch.Tensor:
-        if not isinstance(images, list | tuple):
-            images = [images]
-        return torch.from_numpy(np.stack([self._one(im) for im in images]))
-
-
-def decode_input_image(data: bytes, where: str) -> Image.Image:
-    """The input image as PIL ``L`` (grayscale kept: pre-processing resizes one channel) or ``RGB``."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            if img.mode in ("L", "RGB"):
-                return img.copy()
-            return img.convert("RGB")
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{where}: cannot decode input image ({err})") from err
-
-
-# ------------------------------------------------------------------------------------ tar access
-
-
-class TarIndex:
-    """Member offsets of one tar: ``keys`` in file order, ``members[key][suffix] = (offset, size)``."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.keys: list[str] = []
-        self.members: dict[str, dict[str, tuple[int, int]]] = {}
-        try:
-            with tarfile.open(path, mode="r:") as tar:
-                for info in tar:  # reads headers only; data is skipped by seeking
-                    key, suffix = check_member(path, info)
-                    entry = self.members.get(key)
-                    if entry is None:
-                        entry = self.members[key] = {}
-                        self.keys.append(key)
-                    elif self.keys[-1] != key:
-                        raise ShardError(path, f"members of sample {key!r} are not contiguous", info.name)
-                    if suffix in entry:
-                        raise ShardError(path, "duplicate member", info.name)
-                    entry[suffix] = (info.offset_data, info.size)
-        except tarfile.TarError as exc:
-            raise ShardError(path, f"unreadable tar ({exc})") from exc
-        except OSError as exc:
-            raise ShardError(path, f"cannot read ({exc.strerror or exc})") from exc
-
-
-class TarReader:
-    """Random access to members, with a few open file handles and member indexes cached."""
-
-    def __init__(self) -> None:
-        self._indexes: dict[Path, TarIndex] = {}
-        self._files: OrderedDict[Path, Any] = OrderedDict()
-
-    def index(self, path: Path) -> TarIndex:
-        idx = self._indexes.get(path)
-        if idx is None:
-            idx = self._indexes[path] = TarIndex(path)
-        return idx
-
-    def _file(self, path: Path) -> Any:
-        fh = self._files.get(path)
-        if fh is None:
-            fh = self._files[path] = open(path, "rb")  # noqa: SIM115 - cached handle
-            if len(self._files) > _MAX_OPEN_FILES:
-                _, old = self._files.popitem(last=False)
-                old.close()
-        else:
-            self._files.move_to_end(path)
-        return fh
-
-    def read(self, path: Path, key: str, suffixes: Sequence[str]) -> dict[str, bytes]:
-        """The wanted members of one sample (missing ones are left out)."""
-        entry = self.index(path).members[key]
-        fh = self._file(path)
-        out: dict[str, bytes] = {}
-        for suffix in suffixes:
-            loc = entry.get(suffix)
-            if loc is None:
-                continue
-            fh.seek(loc[0])
-            data = fh.read(loc[1])
-            if len(data) != loc[1]:
-                raise ShardError(path, "member truncated", f"{key}.{suffix}")
-            out[suffix] = data
-        return out
-
-    def close(self) -> None:
-        for fh in self._files.values():
-            fh.close()
-        self._files.clear()
 
 
 # ------------------------------------------------------------------------------------ sources

@@ -54,8 +54,9 @@ import numpy as np
 import torch
 import typer
 
+from healthgpt.dist import Dist, device_for, world_info
 from healthgpt.metrics.image import image_metrics, synthrad_metrics, to_hu
-from vlhealth.schema import IMAGE_TOKEN, Record, Sample, decode_image, load_npy
+from vlhealth.schema import IMAGE_TOKEN, Record, Sample, decode_image
 from vlhealth.shards import iter_tar, list_shards, write_atomic
 
 __all__ = [
@@ -119,41 +120,6 @@ class EvalResult:
     n_total: int
     report: dict[str, Any] | None = None
     seconds: float = 0.0
-
-
-# -------------------------------------------------------------------------------- distributed
-
-
-def _dist_info() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torch.distributed or the torchrun environment."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return rank, world, int(os.environ.get("LOCAL_RANK", rank))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    return rank, world, int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def _init_dist(world: int) -> bool:
-    """Join the torchrun process group (gloo: it is only used for barriers). True if we created it."""
-    if world <= 1 or not torch.distributed.is_available() or torch.distributed.is_initialized():
-        return False
-    # Ranks finish decoding at different times; the barrier must outwait the slowest one.
-    torch.distributed.init_process_group("gloo", timeout=timedelta(hours=24))
-    return True
-
-
-def _barrier(world: int) -> None:
-    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def _device(spec: str, local_rank: int) -> str:
-    if spec == "auto":
-        return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    if spec == "cuda" and torch.cuda.is_available():
-        return f"cuda:{local_rank}"
-    return spec
 
 
 # -------------------------------------------------------------------------------- predictions
@@ -294,43 +260,33 @@ def _json_member(sample: Sample, *names: str) -> dict[str, Any] | None:
 
 
 def hu_reference(sample: Sample) -> tuple[np.ndarray, np.ndarray | None, tuple[float, float]] | None:
-    """(reference in HU, body mask or None, the target's 8-bit window) of a CT target, else None.
+    """(reference in HU, body mask or None, the target's window) of a CT target, else None.
 
     Eval splits of the SynthRAD2023 builder keep the target slice at 16 bits as ``reference.png``
-    (``value = lo + v / 65535 * (hi - lo)`` with ``[lo, hi]`` = ``provenance.target_window``) and
-    the body mask as ``mask.png`` (member names may be overridden by ``provenance.reference``).
-    An 8-bit reference maps with ``/ 255``; a signed or float ``.npy`` holds HU directly; a
-    ``reference.json`` member may give ``window`` and/or ``scale``/``offset``.
+    (``provenance.reference.member``), made by ``vlhealth.volumes.apply_window`` with the window in
+    ``provenance.target_window``, and the body mask as ``mask.png`` (``mask_member``); the window's
+    own ``decode`` maps it back to HU.
     """
+    from vlhealth.volumes import Window
+
     ex = sample.extras
     prov = sample.record.provenance or {}
     ref_info = prov.get("reference") if isinstance(prov.get("reference"), dict) else {}
-    candidates = [ref_info.get("member"), "reference.png", "reference.npy"]
-    ref_name = next((n for n in candidates if n and n in ex), None)
-    if ref_name is None:
+    ref_name = ref_info.get("member") or "reference.png"
+    if ref_name not in ex:
         return None
-    meta = _json_member(sample, "reference.json") or {}
-    window = meta.get("window") or prov.get("target_window") or prov.get("window")
+    window = prov.get("target_window") or prov.get("window")
     if isinstance(window, dict):
         window = (window.get("lo"), window.get("hi"))
     if not window or len(window) != 2 or any(w is None for w in window):
         raise EvalError(f"sample {sample.key!r}: {ref_name} has no window (lo, hi) to map it to HU")
     lo, hi = float(window[0]), float(window[1])
-    raw = np.asarray(load_npy(ex[ref_name]) if ref_name.endswith(".npy") else decode_image(ex[ref_name]))
-    if "scale" in meta or "offset" in meta:
-        hu = raw.astype(np.float64) * float(meta.get("scale", 1.0)) + float(meta.get("offset", 0.0))
-    elif raw.dtype == np.uint16:
-        hu = lo + raw.astype(np.float64) / 65535.0 * (hi - lo)
-    elif raw.dtype == np.uint8:
-        hu = lo + raw.astype(np.float64) / 255.0 * (hi - lo)
-    else:  # signed integers or floats: already HU
-        hu = raw.astype(np.float64)
-    mask = None
-    for name in (ref_info.get("mask_member"), "mask.png", "mask.npy"):
-        if name and name in ex:
-            m = load_npy(ex[name]) if name.endswith(".npy") else decode_image(ex[name])
-            mask = np.asarray(m) > 0
-            break
+    raw = np.asarray(decode_image(ex[ref_name]))
+    if raw.dtype != np.uint16:
+        raise EvalError(f"sample {sample.key!r}: {ref_name} is {raw.dtype}, expected a 16-bit reference")
+    hu = Window(lo, hi, "ct_hu").decode(raw)
+    mask_name = ref_info.get("mask_member") or "mask.png"
+    mask = np.asarray(decode_image(ex[mask_name])) > 0 if mask_name in ex else None
     return hu, mask, (lo, hi)
 
 
@@ -553,15 +509,17 @@ def run_evaluation(config: EvalConfig, *, model: Any = None, vq: Any = None, lpi
     from ``config`` on this rank's device.
     """
     t0 = time.perf_counter()
-    rank, world, local_rank = _dist_info()
-    _init_dist(world)
+    # gloo: the evaluator only needs barriers; ranks finish decoding at very different times, so
+    # the barrier must outwait the slowest one
+    dd = Dist(backend="gloo", timeout=timedelta(hours=24))
+    rank, world = dd.rank, dd.world
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = _device(config.device, local_rank)
+    device = device_for(config.device, dd.local_rank)
     model, vq, lpips = _load_components(config, device, model, vq, lpips)
     cfg_record = _config_record(config, model, vq, lpips)
     _check_resume(out, cfg_record)
-    _barrier(world)
+    dd.barrier()
     if rank == 0:
         from vlhealth.shards import write_json_atomic
 
@@ -573,7 +531,7 @@ def run_evaluation(config: EvalConfig, *, model: Any = None, vq: Any = None, lpi
     writer = _PartWriter(out / PREDICTIONS_DIR / f"part-r{rank:03d}.jsonl")
     n_new = 0
     stopped = False
-    progress = _progress(config.progress and rank == 0)
+    progress = _prediction_counter(config.progress and rank == 0)
     try:
         for bi, batch in enumerate(_stream_batches(config, rank, world, done, all_keys)):
             if config.max_batches is not None and bi >= config.max_batches:
@@ -592,7 +550,7 @@ def run_evaluation(config: EvalConfig, *, model: Any = None, vq: Any = None, lpi
     n_total = len(all_keys)
     if n_total == 0:
         raise EvalError(f"no samples of split {config.split!r} in the given shards")
-    _barrier(world)
+    dd.barrier()
     result = EvalResult(out=out, complete=False, n_new=n_new, n_total=n_total)
     if rank != 0:
         result.seconds = time.perf_counter() - t0
@@ -629,13 +587,13 @@ def _lpips_status(config: EvalConfig, lpips: Any) -> str:
     return f"computed: AlexNet LPIPS v0.1 from {names}"
 
 
-def _progress(enabled: bool) -> Any:
+def _prediction_counter(enabled: bool) -> Any:
+    """``step(n)`` advances the eval progress bar by ``n`` predictions; ``step(None)`` closes it."""
     if not enabled:
         return lambda n: None
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from vlhealth.progress import progress_bar
 
-    bar = Progress(SpinnerColumn(), TextColumn("eval: {task.completed} samples predicted (rank 0)"),
-                   TimeElapsedColumn())
+    bar = progress_bar("eval (rank 0)", "predictions")
     bar.start()
     task = bar.add_task("eval", total=None)
 
@@ -710,7 +668,7 @@ def eval_command(
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from err
     if not result.complete:
-        if _dist_info()[0] == 0:
+        if world_info()[0] == 0:
             console.print(f"partial: {result.n_new} new predictions; rerun the same command to continue")
         return
     console.print(f"{result.n_total} samples ({result.n_new} new) in {result.seconds:.1f} s; "

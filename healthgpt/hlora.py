@@ -276,3 +276,12 @@ def set_active_task(module: nn.Module, task: str | None) -> None:
     """Hard routing: every H-LoRA layer in ``module`` uses ``task``'s plugin (None = adapters off)."""
     for _, layer in hlora_layers(module):
         layer.set_task(task)
+
+
+def set_dropout(module: nn.Module, p: float, tasks: Sequence[str] | None = None) -> None:
+    """Set the dropout on the ``A`` path of every plugin in ``module`` (all tasks, or only ``tasks``):
+    the paper's Table 7 varies it per stage and task, so the trainer sets it when a stage starts."""
+    for _, layer in hlora_layers(module):
+        for task, plugin in layer.plugins.items():
+            if (tasks is None or task in tasks) and hasattr(plugin, "dropout"):
+                plugin.dropout = _dropout(p)

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from healthgpt.metrics.vqa import ALL_DEFINITION, VQAItem, summarize_vqa
+from healthgpt.metrics.answers import ALL_DEFINITION, VQAItem, summarize_vqa
 
 __all__ = ["REPORT_FORMAT", "benchmark_name", "generation_summary", "write_report"]
 

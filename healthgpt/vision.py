@@ -16,14 +16,20 @@ Pre-processing (:meth:`HierarchicalVision.preprocess`): RGB, pad to square with 
 mean colour (LLaVA ``expand2square``), then the ``CLIPImageProcessor`` (resize, centre crop,
 normalise). Accepts PIL images, uint8 arrays ``[H,W]``/``[H,W,3]``, or paths.
 
+The training loader uses :class:`VisionPreprocessor` (picklable for loader workers), by default
+through :class:`FastClipPreprocessor`, which gives the same numbers without the processor's overhead.
+
 Public API: ``HierarchicalVision(tower, processor, llm_hidden)``, ``.features(pixel_values, task)``,
-``.preprocess(images) -> pixel_values``, ``.num_patches``, ``expand2square``.
+``.preprocess(images) -> pixel_values``, ``.num_patches``, ``expand2square``,
+``VisionPreprocessor(processor, fast=False)`` / ``.from_model(model)``,
+``FastClipPreprocessor.from_processor(processor)``, ``decode_input_image(data, where)``.
 """
 
 from __future__ import annotations
 
+import io
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,7 +37,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-__all__ = ["FEATURE_LAYER", "HierarchicalVision", "expand2square", "mlp2x_gelu"]
+__all__ = [
+    "FEATURE_LAYER",
+    "FastClipPreprocessor",
+    "HierarchicalVision",
+    "VisionPreprocessor",
+    "decode_input_image",
+    "expand2square",
+    "mlp2x_gelu",
+]
 
 # hidden-state index used per task (hidden_states[0] is the embedding output)
 FEATURE_LAYER: dict[str, int] = {"comprehension": -2, "generation": 1}
@@ -135,3 +149,125 @@ class HierarchicalVision(nn.Module):
         pils = [expand2square(_to_pil(im), background) for im in images]
         out = self.processor(images=pils, return_tensors="pt")
         return out["pixel_values"]
+
+
+# ------------------------------------------------------------------------------------ loader pre-processing
+
+
+class VisionPreprocessor:
+    """Picklable image pre-processing for loader workers: the model's own
+    ``HierarchicalVision.preprocess`` (pad to square + CLIP processor) without the vision tower.
+
+    ``fast=True`` (the default of :meth:`from_model`) uses :class:`FastClipPreprocessor` when the
+    processor's settings are ones it reproduces, else the processor itself."""
+
+    def __init__(self, processor: Any, fast: bool = False) -> None:
+        self.processor = processor
+        self.fast = FastClipPreprocessor.from_processor(processor) if fast else None
+
+    @classmethod
+    def from_model(cls, model: Any, fast: bool = True) -> VisionPreprocessor:
+        return cls(model.vision.processor, fast=fast)
+
+    def __call__(self, images: Sequence[Any]) -> torch.Tensor:
+        if self.fast is not None:
+            return self.fast(images)
+        return HierarchicalVision.preprocess(self, list(images))  # type: ignore[arg-type]
+
+
+class FastClipPreprocessor:
+    """LLaVA pad-to-square + CLIP pre-processing without the transformers image-processor machinery.
+
+    The same steps as ``HierarchicalVision.preprocess`` with a CLIP (PIL backend) processor: pad to
+    a square on the mean colour, the same PIL resize call (bicubic), centre crop, then rescale and
+    normalise through a 256-entry lookup table per channel (computed in float64: the values match
+    the processor's to float32 rounding). A square grayscale image is resized once, as one channel,
+    and broadcast (PIL resamples every channel independently with the same kernel, so this equals
+    resizing its RGB copy). ``tests/test_data.py`` checks the match against the processor.
+    """
+
+    def __init__(self, resize: tuple[str, int, int], resample: int, crop: tuple[int, int] | None,
+                 scale: float, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.resize_rule = resize  # ("shortest_edge", S, 0) or ("exact", H, W)
+        self.resample = int(resample)
+        self.crop = crop
+        self.mean = tuple(float(m) for m in mean)
+        self.background = tuple(int(m * 255) for m in self.mean)
+        values = np.arange(256, dtype=np.float64)
+        self.lut = np.stack([((values * scale) - m) / s for m, s in zip(self.mean, std, strict=True)]).astype(np.float32)
+
+    @classmethod
+    def from_processor(cls, proc: Any) -> FastClipPreprocessor | None:
+        """The fast equivalent of ``proc``, or None when its settings are not ones reproduced here."""
+        def get(name: str, default: Any = None) -> Any:
+            return getattr(proc, name, default)
+
+        def dim(size: Any, key: str) -> Any:
+            return size.get(key) if isinstance(size, Mapping) else getattr(size, key, None)
+
+        try:
+            if not (get("do_resize") and get("do_rescale") and get("do_normalize")) or get("do_pad"):
+                return None
+            if not get("do_convert_rgb", True):
+                return None
+            size = get("size")
+            if dim(size, "shortest_edge") and not dim(size, "longest_edge"):
+                resize = ("shortest_edge", int(dim(size, "shortest_edge")), 0)
+            elif dim(size, "height") and dim(size, "width"):
+                resize = ("exact", int(dim(size, "height")), int(dim(size, "width")))
+            else:
+                return None
+            crop = None
+            if get("do_center_crop"):
+                cs = get("crop_size")
+                crop = (int(dim(cs, "height")), int(dim(cs, "width")))
+            mean, std = list(get("image_mean")), list(get("image_std"))
+            if len(mean) != 3 or len(std) != 3:
+                return None
+            return cls(resize, int(get("resample", 3)), crop, float(get("rescale_factor")), mean, std)
+        except (TypeError, ValueError, AttributeError):
+            return None
+
+    def _target(self, side: int) -> tuple[int, int]:
+        """(height, width) after resizing a ``side`` x ``side`` image."""
+        rule, a, b = self.resize_rule
+        return (a, a) if rule == "shortest_edge" else (a, b)
+
+    def _one(self, image: Any) -> np.ndarray:
+        img = image if isinstance(image, Image.Image) and image.mode in ("L", "RGB") else _to_pil(image)
+        w, h = img.size
+        if img.mode == "L" and w != h:  # padding uses a colour: no longer one channel
+            img = img.convert("RGB")
+        if img.mode == "RGB":
+            img = expand2square(img, self.background)
+        side = max(w, h)
+        th, tw = self._target(side)
+        if img.size != (tw, th):
+            img = img.resize((tw, th), resample=self.resample)
+        arr = np.asarray(img)
+        if self.crop is not None:
+            ch, cw = self.crop
+            if ch > th or cw > tw:
+                raise ValueError(f"centre crop {self.crop} is larger than the resized image {(th, tw)}")
+            top, left = (th - ch) // 2, (tw - cw) // 2
+            arr = arr[top:top + ch, left:left + cw]
+        if arr.ndim == 2:
+            return np.stack([self.lut[c][arr] for c in range(3)])
+        return np.stack([self.lut[c][arr[..., c]] for c in range(3)])
+
+    def __call__(self, images: Sequence[Any] | Any) -> torch.Tensor:
+        if not isinstance(images, list | tuple):
+            images = [images]
+        return torch.from_numpy(np.stack([self._one(im) for im in images]))
+
+
+def decode_input_image(data: bytes, where: str) -> Image.Image:
+    """The input image as PIL ``L`` (grayscale kept: pre-processing resizes one channel) or ``RGB``."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            if img.mode in ("L", "RGB"):
+                return img.copy()
+            return img.convert("RGB")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{where}: cannot decode input image ({err})") from err

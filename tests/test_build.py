@@ -208,3 +208,41 @@ def test_duplicate_sample_keys_across_items_are_refused_not_fatal(tmp_path, toy_
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     dups = [r for r in rejects if "duplicate sample key" in r["reason"]]
     assert len(dups) == 10 and {r["file"] for r in dups} == {f"p{i}_vol.npy" for i in range(1, 6)}
+
+
+def test_every_registered_builder_satisfies_the_builder_protocol() -> None:
+    """The builder contract is explicit: required members by the Protocol, optional ones only from
+    OPTIONAL_HOOKS, each of the documented kind."""
+    import dataclasses
+    import inspect
+
+    from vlhealth.build import OPTIONAL_HOOKS, Builder
+    from vlhealth.cli import builder_modules
+
+    modules = builder_modules()
+    assert len(modules) >= 12
+    for name, module in modules.items():
+        assert isinstance(module, Builder), f"{name}: misses a required builder member"
+        assert isinstance(module.NAME, str) and isinstance(module.MANIFEST, str)
+        assert dataclasses.is_dataclass(module.Options), f"{name}: Options is not a dataclass"
+        assert list(inspect.signature(module.discover).parameters) == ["ctx"]
+        assert list(inspect.signature(module.process).parameters) == ["item", "ctx"]
+        hooks = {k for k in vars(module) if k in OPTIONAL_HOOKS}
+        if "SPLITS" in hooks:
+            assert module.SPLITS in ("upstream", "assigned"), name
+        if "GENERATES" in hooks:
+            assert isinstance(module.GENERATES, bool), name
+        for fn in ("split_strata", "preset_splits"):
+            if fn in hooks:
+                assert callable(getattr(module, fn)), f"{name}.{fn} is not callable"
+
+
+def test_builder_hook_refuses_an_undocumented_name() -> None:
+    import vlhealth.builders.vqa_rad as vqa_rad
+
+    from vlhealth.build import builder_hook
+
+    assert builder_hook(vqa_rad, "SPLITS") == "upstream"
+    assert builder_hook(vqa_rad, "GENERATES") is False
+    with pytest.raises(KeyError, match="not a builder hook"):
+        builder_hook(vqa_rad, "SPLIT")

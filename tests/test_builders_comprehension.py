@@ -16,13 +16,13 @@ from vlhealth.build import run_build
 from vlhealth.demo import write_demo_data
 from vlhealth.shards import iter_samples, list_shards
 from vlhealth.stats import compute_stats
-from vlhealth.vqa import RestrictedUnpickler, normalise_answer, normalise_conversation
+from vlhealth.vqa import RestrictedUnpickler, clean_upstream_answer, normalise_conversation
 
 SOURCES = ["vqa_rad", "slake", "pathvqa", "mimic_cxr_vqa", "llava_med", "pubmedvision", "llava_instruct", "omnimedvqa"]
 
 
 def build(name: str, root: Path, out: Path, **options):
-    module = importlib.import_module(f"builders.{name}")
+    module = importlib.import_module(f"vlhealth.builders.{name}")
     summary = run_build(module, root, out, options=module.Options(**options), command=["vlhealth", "build", name])
     samples = {s.key: s for s in iter_samples(out)}
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
@@ -59,13 +59,13 @@ def reasons(rejects: list[dict]) -> dict[str, int]:
 
 # -- shared logic ---------------------------------------------------------------------------------
 def test_answer_normalisation() -> None:
-    assert normalise_answer(2) == "2"
-    assert normalise_answer(2.0) == "2"
-    assert normalise_answer("2.0") == "2"
-    assert normalise_answer(0.5) == "0.5"
-    assert normalise_answer(" Yes ") == "yes"
-    assert normalise_answer(["left lung", "right lung"]) == "left lung, right lung"
-    assert normalise_answer("  ") == ""
+    assert clean_upstream_answer(2) == "2"
+    assert clean_upstream_answer(2.0) == "2"
+    assert clean_upstream_answer("2.0") == "2"
+    assert clean_upstream_answer(0.5) == "0.5"
+    assert clean_upstream_answer(" Yes ") == "yes"
+    assert clean_upstream_answer(["left lung", "right lung"]) == "left lung, right lung"
+    assert clean_upstream_answer("  ") == ""
 
 
 def test_conversation_normalisation() -> None:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import vlhealth.builders.ixi as ixi
+import vlhealth.builders.llava_pretrain as llava_pretrain
+import vlhealth.builders.mimic_cxr as mimic_cxr
+import vlhealth.builders.synthrad as synthrad
 
-import builders.ixi as ixi
-import builders.llava_pretrain as llava_pretrain
-import builders.mimic_cxr as mimic_cxr
-import builders.synthrad as synthrad
 from vlhealth.build import run_build
 from vlhealth.demo import phantom
 from vlhealth.schema import decode_image

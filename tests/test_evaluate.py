@@ -252,9 +252,10 @@ def test_torchrun_two_ranks(shards: list[Path], tmp_path: Path) -> None:
 
 def test_eval_on_demo_builds(components: tuple, tmp_path: Path) -> None:
     """The builders' real output (demo SynthRAD2023, VQA-RAD, OmniMedVQA) through the evaluator."""
-    import builders.omnimedvqa as omnimedvqa
-    import builders.synthrad as synthrad
-    import builders.vqa_rad as vqa_rad
+    import vlhealth.builders.omnimedvqa as omnimedvqa
+    import vlhealth.builders.synthrad as synthrad
+    import vlhealth.builders.vqa_rad as vqa_rad
+
     from vlhealth.build import run_build
     from vlhealth.demo import write_demo_data
 

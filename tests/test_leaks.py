@@ -31,7 +31,7 @@ def jpeg(arr: np.ndarray, quality: int, scale: float = 1.0) -> bytes:
 
 
 def build(name: str, root: Path, out: Path, **options):
-    module = importlib.import_module(f"builders.{name}")
+    module = importlib.import_module(f"vlhealth.builders.{name}")
     return run_build(module, root, out, options=module.Options(**options), command=["vlhealth", "build", name])
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import vlhealth.builders.synthrad as synthrad
 
-import builders.synthrad as synthrad
 from tests.test_builders_generation import FakeVQ, write_patient
 from vlhealth.build import ResumeError, merge_partitions, run_build
 from vlhealth.shards import iter_samples, load_index, verify_shards

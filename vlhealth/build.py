@@ -1,15 +1,9 @@
 """The build runner shared by every builder: discovery, splits, rejects, VQ encoding, shards.
 
-A builder (``builders/<source>.py``) is a small module with
-
-* ``NAME``      the source name used in keys and shard names (e.g. ``"synthrad2023"``),
-* ``MANIFEST``  the manifest name in ``manifests/`` (usually equal to ``NAME``),
-* ``Options``   a dataclass of builder-specific options (fields may carry
-  ``metadata={"help": "..."}``; the CLI turns them into ``--flags``),
-* ``discover(ctx) -> Iterable[Item | Reject]``  cheap listing of work items from ``ctx.root``,
-* ``process(item, ctx) -> Iterable[Sample | Reject]``  the samples of one item,
-* optional ``SPLITS = "upstream"`` when records carry the source's own splits (``splits.json``
-  then says so instead of listing a seeded group assignment).
+A builder (``builders/<source>.py``) is a small module satisfying :class:`Builder` (the required
+``NAME``, ``MANIFEST``, ``Options``, ``discover``, ``process``), plus any of the optional hooks in
+``OPTIONAL_HOOKS`` (``SPLITS``, ``GENERATES``, ``EXAMPLE``, ``split_strata``, ``preset_splits``),
+read only through :func:`builder_hook`. ``tests/test_build.py`` checks every registered builder.
 
 Builders never touch tars, the CLI or the VQ model: they yield :class:`~vlhealth.schema.Sample`
 objects whose generation targets are 256x256 arrays; the runner fills ``target_vq`` in one batch
@@ -32,7 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from vlhealth.manifests import load_manifest, pick_template
 from vlhealth.schema import Sample, SchemaError, encode_png
@@ -46,6 +40,49 @@ from vlhealth.shards import (
     write_index,
     write_json_atomic,
 )
+
+
+@runtime_checkable
+class Builder(Protocol):
+    """What the runner needs of a builder module.
+
+    * ``NAME``      the source name used in keys and shard names (e.g. ``"synthrad2023"``);
+    * ``MANIFEST``  the manifest name in ``manifests/`` (usually equal to ``NAME``);
+    * ``Options``   a dataclass of builder-specific options (fields may carry
+      ``metadata={"help": "..."}``; the CLI turns them into ``--flags``);
+    * ``discover(ctx) -> Iterable[Item | Reject]``  cheap listing of work items from ``ctx.root``;
+    * ``process(item, ctx) -> Iterable[Sample | Reject]``  the samples of one item.
+    """
+
+    NAME: str
+    MANIFEST: str
+    Options: type
+
+    def discover(self, ctx: BuildContext) -> Iterable[Item | Reject]: ...
+
+    def process(self, item: Item, ctx: BuildContext) -> Iterable[Sample | Reject]: ...
+
+
+# Optional builder hooks: name -> (what it is, default when the builder leaves it out).
+OPTIONAL_HOOKS: dict[str, tuple[str, Any]] = {
+    "SPLITS": ('"upstream" when records carry the source\'s own splits (splits.json then says so instead '
+               'of listing a seeded group assignment); "assigned" otherwise', "assigned"),
+    "GENERATES": ("True for generation sources: the CLI adds --vqgan/--device and the runner VQ-encodes "
+                  "targets", False),
+    "EXAMPLE": ("the command line shown in the builder's --help", None),
+    "split_strata": ("split_strata(items) -> {group: stratum}: seeded splits are balanced per stratum "
+                     "(e.g. SynthRAD's anatomy)", None),
+    "preset_splits": ("preset_splits(items, ctx) -> {group: split}: the source's official splits for some "
+                      "groups; the rest are seeded", None),
+}
+
+
+def builder_hook(builder: Any, name: str) -> Any:
+    """An optional hook of ``builder`` (see ``OPTIONAL_HOOKS``), or its default."""
+    if name not in OPTIONAL_HOOKS:
+        raise KeyError(f"{name!r} is not a builder hook; the optional hooks are {sorted(OPTIONAL_HOOKS)}")
+    return getattr(builder, name, OPTIONAL_HOOKS[name][1])
+
 
 SPLITS_NAME = "splits.json"
 DEFAULT_FRACTIONS = {"train": 0.7, "val": 0.1, "test": 0.2}
@@ -564,7 +601,7 @@ def run_build(
 def splits_record(builder: ModuleType, manifest: dict[str, Any], assigned: dict[str, str], seed: int) -> dict[str, Any]:
     """The content of ``splits.json``: the stored group-level assignment, or, for builders whose
     records carry the source's own splits (``SPLITS = "upstream"``), a statement saying so."""
-    if getattr(builder, "SPLITS", "assigned") == "upstream":
+    if builder_hook(builder, "SPLITS") == "upstream":
         return {"seed": seed, "upstream": True, "groups": {},
                 "note": str(manifest.get("splits", {}).get("upstream", "splits are the source's own"))}
     return {"seed": seed, "upstream": False, "groups": dict(sorted(assigned.items()))}
@@ -573,9 +610,9 @@ def splits_record(builder: ModuleType, manifest: dict[str, Any], assigned: dict[
 def _splits_for(builder: ModuleType, items: list[Item], ctx: BuildContext, manifest: dict[str, Any],
                 seed: int) -> dict[str, str]:
     """Upstream (official) splits from ``builder.preset_splits`` where given, seeded ones for the rest."""
-    preset_fn = getattr(builder, "preset_splits", None)
+    preset_fn = builder_hook(builder, "preset_splits")
     preset = dict(preset_fn(items, ctx) or {}) if preset_fn else {}
-    strata = getattr(builder, "split_strata", None)
+    strata = builder_hook(builder, "split_strata")
     rest = [it for it in items if it.group not in preset]
     assigned = assign_splits(
         [it.group for it in rest],

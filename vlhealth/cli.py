@@ -15,7 +15,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-import builders
+import vlhealth.builders as builders
+from vlhealth.build import builder_hook
 
 console = Console(stderr=True)
 
@@ -35,12 +36,6 @@ build_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(build_app, name="build")
-
-
-def _progress(description: str):
-    from vlhealth.progress import progress_bar
-
-    return progress_bar(description, console=console)
 
 
 @app.command("demo-data")
@@ -236,7 +231,7 @@ def builder_modules() -> dict[str, Any]:
     for info in sorted(pkgutil.iter_modules(builders.__path__), key=lambda i: i.name):
         if info.name.startswith("_"):
             continue
-        module = importlib.import_module(f"builders.{info.name}")
+        module = importlib.import_module(f"vlhealth.builders.{info.name}")
         if hasattr(module, "NAME") and hasattr(module, "process"):
             found[info.name.replace("_", "-")] = module
     return found
@@ -255,7 +250,7 @@ def _option_parameters(options_cls: type) -> list[inspect.Parameter]:
 
 
 def make_build_command(name: str, module: Any):
-    generates = bool(getattr(module, "GENERATES", False))
+    generates = bool(builder_hook(module, "GENERATES"))
     common = [
         inspect.Parameter("root", inspect.Parameter.POSITIONAL_OR_KEYWORD,
                           annotation=Annotated[Path, typer.Argument(help="The source's root folder, in its upstream layout.")]),
@@ -292,6 +287,7 @@ def make_build_command(name: str, module: Any):
 
     def command(**kwargs: Any) -> None:
         from vlhealth.build import run_build
+        from vlhealth.progress import progress_bar
 
         opts = module.Options(**{p.name: kwargs.pop(p.name) for p in own})
         vq = None
@@ -302,7 +298,7 @@ def make_build_command(name: str, module: Any):
         from vlhealth.build import ResumeError
 
         try:
-            with _progress(f"build {name}") as bar:
+            with progress_bar(f"build {name}", console=console) as bar:
                 task = bar.add_task(name, total=None)
                 summary = run_build(
                     module, kwargs["root"], kwargs["out"], options=opts, vq=vq, seed=kwargs["seed"],
@@ -326,7 +322,7 @@ def make_build_command(name: str, module: Any):
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in params}
     doc = (module.__doc__ or name).strip()
-    example = getattr(module, "EXAMPLE", f"vlhealth build {name} /data/{module.NAME} --out shards/{module.NAME}")
+    example = builder_hook(module, "EXAMPLE") or f"vlhealth build {name} /data/{module.NAME} --out shards/{module.NAME}"
     command.__doc__ = f"{doc}\n\nExample:\n\n    {example}"
     command.__name__ = f"build_{name.replace('-', '_')}"
     return command

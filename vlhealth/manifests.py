@@ -24,9 +24,9 @@ class ManifestError(ValueError):
 
 def manifest_text(name: str) -> str:
     try:
-        return resources.files("manifests").joinpath(f"{name}.yaml").read_text("utf-8")
+        return resources.files("vlhealth.manifest_files").joinpath(f"{name}.yaml").read_text("utf-8")
     except FileNotFoundError as exc:
-        available = sorted(p.name[:-5] for p in resources.files("manifests").iterdir() if p.name.endswith(".yaml"))
+        available = sorted(p.name[:-5] for p in resources.files("vlhealth.manifest_files").iterdir() if p.name.endswith(".yaml"))
         raise ManifestError(f"no manifest {name!r} (available: {', '.join(available)})") from exc
 
 

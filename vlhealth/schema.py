@@ -232,7 +232,7 @@ class Sample:
     ``input_image`` is either upstream bytes (JPEG/PNG, kept verbatim) or an array (written as PNG).
     ``target`` is the 256x256 uint8 generation target; ``target_vq`` its 1024 VQ indices (filled in
     by the build runner when a VQ tokenizer is configured). ``extras`` holds further members such as
-    ``reference.npy`` (16-bit reference slice of eval splits).
+    ``reference.png`` (the 16-bit target slice) and ``mask.png`` (the body mask) of SynthRAD samples.
     """
 
     key: str

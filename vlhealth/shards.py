@@ -10,6 +10,10 @@ Determinism: members of a sample are written in sorted order with fixed mtime/ui
 empty user/group names, so the same samples in the same order give byte-identical tars.
 Atomicity: a tar is written under a hidden temporary name, fsynced and renamed; a killed build
 never leaves a ``*.tar`` that a reader would pick up.
+
+Reading: ``iter_tar`` streams a tar; ``TarIndex`` / ``TarReader`` index a tar's member offsets once
+(headers only) and then read single members by seeking, for the trainer's exact-resume loader and
+any reader that wants a few members of a sample.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import json
 import os
 import re
 import tarfile
-from collections.abc import Callable, Iterable, Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -36,6 +41,8 @@ MEMBER_MODE = 0o444
 TMP_SUFFIX = ".tmp"
 DEFAULT_MAX_COUNT = 1000
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
+
+_MAX_OPEN_FILES = 16  # TarReader: file handles kept open
 
 # WebDataset's grouping rule: the key is everything before the first dot of the basename.
 _KEY_EXT_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]+)$")
@@ -385,3 +392,75 @@ def iter_records(source: os.PathLike | str | Iterable[os.PathLike | str]) -> Ite
             if "json" not in members:
                 raise ShardError(tar, "sample without json member", key)
             yield key, json.loads(members["json"]), {k: len(v) for k, v in members.items()}
+
+
+class TarIndex:
+    """Member offsets of one tar: ``keys`` in file order, ``members[key][suffix] = (offset, size)``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.keys: list[str] = []
+        self.members: dict[str, dict[str, tuple[int, int]]] = {}
+        try:
+            with tarfile.open(path, mode="r:") as tar:
+                for info in tar:  # reads headers only; data is skipped by seeking
+                    key, suffix = check_member(path, info)
+                    entry = self.members.get(key)
+                    if entry is None:
+                        entry = self.members[key] = {}
+                        self.keys.append(key)
+                    elif self.keys[-1] != key:
+                        raise ShardError(path, f"members of sample {key!r} are not contiguous", info.name)
+                    if suffix in entry:
+                        raise ShardError(path, "duplicate member", info.name)
+                    entry[suffix] = (info.offset_data, info.size)
+        except tarfile.TarError as exc:
+            raise ShardError(path, f"unreadable tar ({exc})") from exc
+        except OSError as exc:
+            raise ShardError(path, f"cannot read ({exc.strerror or exc})") from exc
+
+
+class TarReader:
+    """Random access to members, with a few open file handles and member indexes cached."""
+
+    def __init__(self) -> None:
+        self._indexes: dict[Path, TarIndex] = {}
+        self._files: OrderedDict[Path, Any] = OrderedDict()
+
+    def index(self, path: Path) -> TarIndex:
+        idx = self._indexes.get(path)
+        if idx is None:
+            idx = self._indexes[path] = TarIndex(path)
+        return idx
+
+    def _file(self, path: Path) -> Any:
+        fh = self._files.get(path)
+        if fh is None:
+            fh = self._files[path] = open(path, "rb")  # noqa: SIM115 - cached handle
+            if len(self._files) > _MAX_OPEN_FILES:
+                _, old = self._files.popitem(last=False)
+                old.close()
+        else:
+            self._files.move_to_end(path)
+        return fh
+
+    def read(self, path: Path, key: str, suffixes: Sequence[str]) -> dict[str, bytes]:
+        """The wanted members of one sample (missing ones are left out)."""
+        entry = self.index(path).members[key]
+        fh = self._file(path)
+        out: dict[str, bytes] = {}
+        for suffix in suffixes:
+            loc = entry.get(suffix)
+            if loc is None:
+                continue
+            fh.seek(loc[0])
+            data = fh.read(loc[1])
+            if len(data) != loc[1]:
+                raise ShardError(path, "member truncated", f"{key}.{suffix}")
+            out[suffix] = data
+        return out
+
+    def close(self) -> None:
+        for fh in self._files.values():
+            fh.close()
+        self._files.clear()

@@ -131,6 +131,18 @@ class Window:
     kind: str  # "ct_hu" or "mr_percentile"
     percentiles: tuple[float, float] | None = None
 
+    def decode(self, levels: np.ndarray, top: float | None = None) -> np.ndarray:
+        """The inverse of :func:`apply_window`: grey levels back to intensities (HU for CT),
+        ``lo + levels / top * (hi - lo)`` in float64. ``top`` is the level of ``hi`` (255 for uint8,
+        65535 for uint16); it defaults to the maximum of an unsigned integer ``levels`` dtype.
+        Values clipped by the window stay clipped."""
+        arr = np.asarray(levels)
+        if top is None:
+            if arr.dtype not in (np.dtype(np.uint8), np.dtype(np.uint16)):
+                raise ValueError(f"window levels must be uint8 or uint16 (or give top=), got {arr.dtype}")
+            top = float(np.iinfo(arr.dtype).max)
+        return float(self.lo) + arr.astype(np.float64) / float(top) * (float(self.hi) - float(self.lo))
+
     def as_dict(self) -> dict[str, object]:
         d: dict[str, object] = {"kind": self.kind, "lo": round(float(self.lo), 4)}
         d["hi"] = round(float(self.hi), 4)

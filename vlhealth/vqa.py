@@ -123,7 +123,10 @@ def normalise_text(value: Any) -> str:
     return text
 
 
-def normalise_answer(value: Any) -> str:
+def clean_upstream_answer(value: Any) -> str:
+    """Build-time cleaning of an upstream answer as it goes into a shard: whitespace collapsed,
+    "2.0" -> "2", yes/no lower-cased; the answer otherwise keeps its words. (Scoring has its own,
+    much stronger normaliser, ``healthgpt.metrics.answers.normalize_for_scoring``.)"""
     text = normalise_text(value)
     if text.lower() in YES_NO:
         return text.lower()

@@ -166,9 +166,10 @@ def _to_grey(img: np.ndarray) -> np.ndarray:
 # -- SynthRAD2023 (Hounsfield units) ----------------------------------------------------------
 def to_hu(img8: np.ndarray, window: Sequence[float] = HU_RANGE) -> np.ndarray:
     """Map 8-bit grey levels back to HU through the linear window ``(lo, hi)`` they were made with."""
-    lo, hi = float(window[0]), float(window[1])
+    from vlhealth.volumes import Window
+
     grey = _to_grey(_as_grey_or_rgb(img8)) if np.asarray(img8).ndim == 3 else np.asarray(img8, dtype=np.float64)
-    return lo + grey / 255.0 * (hi - lo)
+    return Window(float(window[0]), float(window[1]), "ct_hu").decode(grey, top=255.0)
 
 
 def _binary(mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:

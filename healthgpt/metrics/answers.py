@@ -44,7 +44,7 @@ __all__ = [
     "VQAItem",
     "choice_correct",
     "closed_correct",
-    "normalize_answer",
+    "normalize_for_scoring",
     "open_recall",
     "parse_choice",
     "reference_choice",
@@ -94,18 +94,18 @@ _PUNCT = re.compile(r"[^\w\s'.%]|_")
 _EDGE_APOSTROPHES = re.compile(r"(?:(?<=\s)|^)'+|'+(?:(?=\s)|$)")
 
 
-def normalize_answer(text: str | None) -> str:
+def normalize_for_scoring(text: str | None) -> str:
     """Canonical form of an answer: lower case, no punctuation, digits for number words,
     no articles, contractions with their apostrophe, single spaces.
 
-    >>> normalize_answer("The Two lesions, left-sided.")
+    >>> normalize_for_scoring("The Two lesions, left-sided.")
     '2 lesions left sided'
     """
     return " ".join(tokenize_answer(text))
 
 
 def tokenize_answer(text: str | None) -> list[str]:
-    """The words of :func:`normalize_answer` as a list."""
+    """The words of :func:`normalize_for_scoring` as a list."""
     if not text:
         return []
     s = unicodedata.normalize("NFKC", str(text)).translate(_APOSTROPHES).lower()

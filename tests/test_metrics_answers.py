@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from healthgpt.metrics.vqa import (
+from healthgpt.metrics.answers import (
     VQAItem,
     choice_correct,
     closed_correct,
-    normalize_answer,
+    normalize_for_scoring,
     open_recall,
     parse_choice,
     reference_choice,
@@ -36,8 +36,8 @@ from healthgpt.metrics.vqa import (
         (None, ""),
     ],
 )
-def test_normalize_answer(raw: str | None, expected: str) -> None:
-    assert normalize_answer(raw) == expected
+def test_normalize_for_scoring(raw: str | None, expected: str) -> None:
+    assert normalize_for_scoring(raw) == expected
 
 
 @pytest.mark.parametrize(
