@@ -136,6 +136,16 @@ from healthgpt.train import train_command  # noqa: E402
 
 app.command(name="train")(train_command)
 
+# `healthgpt export` / `healthgpt publish` share a trained run (healthgpt/export.py, healthgpt/publish.py);
+# `healthgpt serve` is the API + web UI (healthgpt/serve/, needs the `serve` extra only when run).
+from healthgpt.export import EXPORT_HELP, export_command  # noqa: E402
+from healthgpt.publish import PUBLISH_HELP, publish_command  # noqa: E402
+from healthgpt.serve.cli import SERVE_HELP, serve_command  # noqa: E402
+
+app.command(name="export", help=EXPORT_HELP)(export_command)
+app.command(name="publish", help=PUBLISH_HELP)(publish_command)
+app.command(name="serve", help=SERVE_HELP)(serve_command)
+
 
 if __name__ == "__main__":  # pragma: no cover
     app()

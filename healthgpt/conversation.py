@@ -38,6 +38,7 @@ Public API::
                         image_tokens=576, pixel_newline=False)
         -> {"input_ids": LongTensor[T], "labels": LongTensor[T], "truncated": bool}
     encode_prompt(tokenizer, question, *, template, image=True, task="comprehension") -> list[int]
+    encode_chat_prompt(tokenizer, turns, *, template, task="comprehension") -> list[int]   # multi-turn
     stop_token_ids(tokenizer, template) -> list[int]
     image_target_ids(vocab, vq_indices, pixel_newline=False) -> list[int]
 """
@@ -64,6 +65,7 @@ __all__ = [
     "TOKENS_PER_IMAGE",
     "Template",
     "VocabIds",
+    "encode_chat_prompt",
     "encode_conversation",
     "encode_prompt",
     "extend_tokenizer",
@@ -342,11 +344,27 @@ def encode_prompt(
 ) -> list[int]:
     """Ids of a one-turn prompt ending with the assistant role (plus ``<start_index>`` for
     generation, as the released generation script does). ``image`` prefixes ``<image>\\n``."""
-    tpl = get_template(template)
     text = question
     if image and IMAGE_PLACEHOLDER not in text:
         text = IMAGE_PLACEHOLDER + "\n" + text
-    prompt = tpl.system + tpl.sep_system + tpl.user + text + tpl.sep + tpl.assistant
+    return encode_chat_prompt(tokenizer, [{"from": "human", "value": text}], template=template, task=task)
+
+
+def encode_chat_prompt(
+    tokenizer: Any,
+    turns: Sequence[Mapping[str, Any]],
+    *,
+    template: str | Template,
+    task: str = "comprehension",
+) -> list[int]:
+    """Ids of a multi-turn prompt (LLaVA turns, human/gpt or user/assistant, ``<image>`` where the
+    image goes) ending with the assistant role, plus ``<start_index>`` for generation. One
+    ``encode_prompt`` turn gives exactly ``encode_prompt``'s ids."""
+    tpl = get_template(template)
+    prompt = tpl.system + tpl.sep_system
+    for turn in turns:
+        prompt += (tpl.user if _role(turn) == "human" else tpl.assistant) + str(turn.get("value", "")) + tpl.sep
+    prompt += tpl.assistant
     ids: list[int] = list(_bos_prefix(tokenizer))
     for piece in _SPLIT.split(prompt):
         if piece == IMAGE_PLACEHOLDER:

@@ -441,7 +441,10 @@ def resolve_checkpoint(path: os.PathLike | str | None) -> Path | None:
     if path is None:
         return None
     from healthgpt.checkpoints import CheckpointError, resolve_trainable
+    from healthgpt.export import is_export_folder
 
+    if is_export_folder(path):  # a `healthgpt export` folder: loaded as a whole by load_model
+        return Path(path)
     try:
         return resolve_trainable(path)
     except CheckpointError as exc:

@@ -51,7 +51,8 @@ def load_model(
     device: str = "cpu",
     **overrides: Any,
 ) -> HealthGPT:
-    """Build a preset, then load our checkpoint (a file or a training folder) and/or a released HealthGPT-M3 folder."""
+    """Build a preset, then load our checkpoint (a file, a training folder or a ``healthgpt export`` folder)
+    and/or a released HealthGPT-M3 folder."""
     from healthgpt.checkpoints import load_released_m3, load_trainable, resolve_trainable
     from healthgpt.presets import build_model
 
@@ -59,7 +60,12 @@ def load_model(
     if released is not None:
         load_released_m3(model, released)
     if checkpoint is not None:
-        load_trainable(model, resolve_trainable(checkpoint))
+        from healthgpt.export import is_export_folder, load_export
+
+        if is_export_folder(checkpoint):  # a `healthgpt export` folder
+            load_export(model, checkpoint)
+        else:
+            load_trainable(model, resolve_trainable(checkpoint))
     return model.to(device).eval()
 
 
