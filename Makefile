@@ -1,5 +1,5 @@
 # Set-up is part of every target and idempotent: .venv is created when missing, torch is
-# installed first with a pin (CPU build), then the project with its dev extras.
+# installed first with a pin (CPU build), then the project with its dev and serve extras.
 # A GPU user keeps their own CUDA torch with: make test SKIP_TORCH=1
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	if [ -z "$(SKIP_TORCH)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,serve]'
 	touch $@
 
 setup: $(VENV)/.installed

@@ -118,7 +118,7 @@ def _stage_record(run: Path) -> dict[str, Any]:
     state_path = local_state if local_state.is_file() else (states[-1] if states else None)
     state = json.loads(state_path.read_text("utf-8")) if state_path is not None else {}
     shards = [str(s).rsplit(":", 1)[0] if ":" in str(s) and not str(s).startswith(("http", "pipe")) else str(s)
-              for s in state.get("shards", [])]
+              for s in summary.get("shards", state.get("shards", []))]
     return {
         "run": root.name, "stage": summary.get("stage", state.get("stage")), "task": summary.get("task", state.get("task")),
         "steps": summary.get("steps", state.get("step")), "trained_groups": summary.get("groups"),
@@ -331,7 +331,7 @@ def model_card(info: dict[str, Any], folder: Path) -> str:
         f"{', '.join(s['shards']) or '-'} | {_fmt(s['first_loss'])} → {_fmt(s['last_loss'])} |"
         for s in info["stages"])
     data_rows = "\n".join(f"| {d['name']} | {d.get('source') or '-'} | {d['access']} | {d.get('license') or '-'} |"
-                          for d in info["training_data"]) or "| - | - | - | - |"
+                          for d in info["training_data"]) or "| (not recorded by the run) | - | unknown | - |"
     report = ""
     if info.get("eval"):
         text = (folder / "eval" / "report.md").read_text("utf-8")

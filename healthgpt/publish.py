@@ -44,7 +44,8 @@ def plan_model_publish(folder: str | os.PathLike[str], *, i_have_the_rights: boo
     changed = [f for f, digest in listed.items() if _sha256(folder / f) != digest]
     if changed:
         raise ExportError(f"{folder.name}: {changed[:5]} changed since the export (sha256 differs); export again")
-    restricted = [d for d in info.get("training_data", []) if d.get("access") not in PUBLISHABLE_ACCESS]
+    data = info.get("training_data") or [{"name": "(training data not recorded)", "source": None, "access": "unknown"}]
+    restricted = [d for d in data if d.get("access") not in PUBLISHABLE_ACCESS]
     if restricted and not i_have_the_rights:
         what = ", ".join(f"{d['name']} ({d.get('source') or '?'}: access {d.get('access')})" for d in restricted)
         raise ExportError(f"{folder.name}: trained on data that must not be published: {what}. Credentialed sources "

@@ -547,6 +547,7 @@ def _finish(run: _Run, status: str, console: Any) -> TrainResult:
             save_trainable(run.model, final, run.saved_groups)
             (final_dir / "train_summary.json").write_text(json.dumps({
                 "preset": cfg.preset, "stage": cfg.stage, "task": cfg.task, "steps": run.step,
+                "shards": [str(Path(s).name) for s in cfg.shards],  # names only (no local paths)
                 "groups": list(run.groups), "saved_groups": run.saved_groups, "trainable": summary,
                 "hparams": json.loads(json.dumps(run.hp.to_dict(), default=str)),
                 "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,

@@ -323,6 +323,21 @@ def test_web_ui_in_headless_chromium(base_url, client, tmp_path) -> None:
                                    arg=["#answer textarea", expected], timeout=60_000)
             assert box.input_value() == expected
             page.screenshot(path=str(tmp_path / "ui-chat.png"), full_page=True)
+
+            page.get_by_role("tab", name="Generate an image").click()
+            page.locator("#gen-input input[type=file]").set_input_files(str(tmp_path / "scan.png"))
+            page.locator("#gen-input img").first.wait_for(timeout=30_000)
+            page.locator("#generate").click()
+            page.locator("#gen-output img").first.wait_for(timeout=120_000)
+            link = page.locator("#gen-download a").first
+            link.wait_for(timeout=30_000)
+            with page.expect_download() as download:
+                link.click()
+            saved = tmp_path / "downloaded.png"
+            download.value.save_as(saved)
+            page.screenshot(path=str(tmp_path / "ui-generate.png"), full_page=True)
         finally:
             browser.close()
     assert (tmp_path / "ui-chat.png").stat().st_size > 10_000
+    with Image.open(saved) as im:
+        assert im.format == "PNG" and im.size == (256, 256)

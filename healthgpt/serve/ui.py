@@ -67,7 +67,8 @@ def _ask(service: Service, image: Image.Image | None, question: str, max_tokens:
         raise gr.Error(err.message) from err
 
 
-def _generate(service: Service, image: Image.Image | None, task: str, instruction: str) -> tuple[str, str]:
+def _generate(service: Service, out_dir: Path, image: Image.Image | None, task: str,
+              instruction: str) -> tuple[str, str]:
     text = (instruction or "").strip() or GENERATION_TASKS.get(task, "")
     rid = new_request_id()
     try:
@@ -77,7 +78,8 @@ def _generate(service: Service, image: Image.Image | None, task: str, instructio
                 raise gr.Error(f"The model failed on this request (request id {rid}).")
             if kind == "done":
                 res: ImageJobResult = value
-                out = Path(tempfile.mkdtemp(prefix="healthgpt-ui-")) / f"healthgpt-{task.replace(' ', '_')}.png"
+                out = out_dir / rid / f"healthgpt-{task.replace(' ', '_')}.png"
+                out.parent.mkdir(parents=True)
                 Image.fromarray(res.image).save(out)
                 return str(out), str(out)
     except ApiError as err:
@@ -86,6 +88,7 @@ def _generate(service: Service, image: Image.Image | None, task: str, instructio
 
 
 def build_ui(service: Service) -> gr.Blocks:
+    out_dir = Path(tempfile.mkdtemp(prefix="healthgpt-ui-"))  # generated PNGs handed to the browser
     with gr.Blocks(title="HealthGPT (research use only)") as ui:
         gr.Markdown(BANNER, elem_id="research-banner")
         with gr.Tab("Ask about an image", id="chat"):
@@ -116,6 +119,6 @@ def build_ui(service: Service) -> gr.Blocks:
                                          elem_id="gen-instruction")
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
             download = gr.File(label="Download PNG", elem_id="gen-download", interactive=False)
-            run.click(lambda im, t, i: _generate(service, im, t, i), [gen_input, task, instruction],
+            run.click(lambda im, t, i: _generate(service, out_dir, im, t, i), [gen_input, task, instruction],
                       [gen_output, download])
     return ui
