@@ -55,7 +55,8 @@ def infer(
     instruction: Annotated[str | None, typer.Option(help="Instruction (generation).")] = None,
     task: Annotated[str, typer.Option(help="comprehension or generation.")] = "comprehension",
     preset: Annotated[str, typer.Option(help="tiny, smollm2-135m, m3, l14, xl32.")] = "tiny",
-    checkpoint: Annotated[Path | None, typer.Option(help="Our trainable-parts .safetensors.")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(
+        help="Training run, checkpoint, trainable .safetensors, or a `healthgpt export` folder.")] = None,
     released: Annotated[Path | None, typer.Option(help="Folder with the released HealthGPT-M3 files.")] = None,
     llm_path: Annotated[Path | None, typer.Option(help="Local LLM folder (real presets).")] = None,
     clip_path: Annotated[Path | None, typer.Option(help="Local CLIP ViT-L/14-336 folder.")] = None,

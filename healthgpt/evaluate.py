@@ -629,7 +629,8 @@ EVAL_HELP = (
 def eval_command(
     shards: Annotated[list[Path], typer.Option("--shards", help="Shard folder or .tar (repeatable).")],
     out: Annotated[Path, typer.Option("--out", help="Report folder (reused to resume).")],
-    checkpoint: Annotated[Path | None, typer.Option(help="Our trainable-parts .safetensors (from training).")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(
+        help="Training run, checkpoint, trainable .safetensors, or a `healthgpt export` folder.")] = None,
     released: Annotated[Path | None, typer.Option(help="Folder with the released HealthGPT-M3 weights.")] = None,
     preset: Annotated[str, typer.Option(help="tiny, smollm2-135m, m3, l14, xl32.")] = "tiny",
     vq: Annotated[str, typer.Option(help="VQGAN decoder: 'tiny' or a weights file.")] = "tiny",

@@ -341,3 +341,22 @@ def test_web_ui_in_headless_chromium(base_url, client, tmp_path) -> None:
     assert (tmp_path / "ui-chat.png").stat().st_size > 10_000
     with Image.open(saved) as im:
         assert im.format == "PNG" and im.size == (256, 256)
+
+
+def test_multi_turn_and_system_messages(client, model) -> None:
+    png = scan_png(70)
+    one = client.chat.completions.create(model=MODEL, messages=image_message(png, "Is there a lesion?"), max_tokens=4)
+    history = [{"role": "system", "content": "You answer briefly."}, *image_message(png, "Is there a lesion?"),
+               {"role": "assistant", "content": one.choices[0].message.content},
+               {"role": "user", "content": "Are you sure?"}]
+    more = client.chat.completions.create(model=MODEL, messages=history, max_tokens=4)
+    from healthgpt.conversation import encode_chat_prompt, get_template
+
+    tpl = get_template(model.template)
+    turns = [{"from": "human", "value": "<image>\nIs there a lesion?"},
+             {"from": "gpt", "value": one.choices[0].message.content}, {"from": "human", "value": "Are you sure?"}]
+    ids = encode_chat_prompt(model.tokenizer, turns,
+                             template=tpl.with_system(tpl.system.split("\n")[0] + "\nYou answer briefly."))
+    assert more.usage.prompt_tokens == len(ids) - 1 + model.vision.num_patches > one.usage.prompt_tokens
+    text = model.tokenizer.decode([i for i in ids if i >= 0])
+    assert "You answer briefly." in text and text.count("Is there a lesion?") == 1 and "Are you sure?" in text

@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
+from healthgpt.conversation import IMAGE_PLACEHOLDER
 from healthgpt.serve.errors import ApiError, error_body, new_request_id
 from healthgpt.serve.images import decode_image_bytes, png_base64
 from healthgpt.serve.service import RESEARCH_NOTICE, Service
@@ -150,7 +151,7 @@ def create_app(service: Service, *, ui: bool = True) -> FastAPI:
             if body.stream:
                 raise ApiError(400, "stream is not available for image generation", code="invalid_value",
                                param="stream")
-            instruction = turns[-1]["value"].split("\n", 1)[-1] if image is not None else turns[-1]["value"]
+            instruction = turns[-1]["value"].replace(IMAGE_PLACEHOLDER + "\n", "")
             job = service.image_job(rid, instruction, image, events.emit)
             return await _finish_image_chat(service, job, events, rid, name)
         job = service.chat_job(rid, turns, system, image, sampling, events.emit,
