@@ -360,3 +360,32 @@ def test_multi_turn_and_system_messages(client, model) -> None:
     assert more.usage.prompt_tokens == len(ids) - 1 + model.vision.num_patches > one.usage.prompt_tokens
     text = model.tokenizer.decode([i for i in ids if i >= 0])
     assert "You answer briefly." in text and text.count("Is there a lesion?") == 1 and "Are you sure?" in text
+
+
+def test_remote_images_only_when_allowed(service, client, base_url, monkeypatch, tmp_path) -> None:
+    import functools
+    import http.server
+
+    png = scan_png(80)
+    (tmp_path / "scan.png").write_bytes(png)
+    (tmp_path / "big.png").write_bytes(_big_png())
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    remote = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        def ask(url: str) -> httpx.Response:
+            return _post(base_url, {"model": MODEL, "max_tokens": 6, "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Is there a lesion?"}]}]})
+
+        assert ask(f"{remote}/scan.png").json()["error"]["code"] == "remote_images_disabled"
+        monkeypatch.setattr(service.settings, "allow_remote_images", True)
+        fetched = ask(f"{remote}/scan.png")
+        inline = client.chat.completions.create(model=MODEL, messages=image_message(png, "Is there a lesion?"),
+                                                max_tokens=6)
+        assert fetched.status_code == 200 and fetched.json()["choices"][0]["message"]["content"] == \
+            inline.choices[0].message.content
+        assert ask(f"{remote}/big.png").status_code == 413
+        assert ask(f"{remote}/missing.png").json()["error"]["code"] == "invalid_image"
+    finally:
+        httpd.shutdown()

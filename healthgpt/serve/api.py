@@ -31,6 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
+from starlette.concurrency import run_in_threadpool
 
 from healthgpt.conversation import IMAGE_PLACEHOLDER
 from healthgpt.serve.errors import ApiError, error_body, new_request_id
@@ -145,7 +146,8 @@ def create_app(service: Service, *, ui: bool = True) -> FastAPI:
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         sampling = service.sampling(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                                     stop=body.stop, seed=body.seed, n=body.n)
-        turns, system, image = service.parse_messages(body.messages)
+        # image decoding (and fetching, with --allow-remote-images) runs off the event loop
+        turns, system, image = await run_in_threadpool(service.parse_messages, body.messages)
         events = _Events()
         if task == "generation":
             if body.stream:
@@ -195,7 +197,7 @@ def create_app(service: Service, *, ui: bool = True) -> FastAPI:
         if uploads:
             upload = uploads[0]
             data = await upload.read() if hasattr(upload, "read") else str(upload).encode()
-            image = decode_image_bytes(data, param="image", max_bytes=limit)
+            image = await run_in_threadpool(decode_image_bytes, data, param="image", max_bytes=limit)
         events = _Events()
         job = service.image_job(rid, _form_str(form, "prompt") or "", image, events.emit)
         _submit(service, job)
