@@ -138,78 +138,11 @@ def create_app(service: Service, *, ui: bool = True) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        rid = request.state.request_id
-        service.check_model(body.model)
-        task = body.task or "comprehension"
-        if task not in ("comprehension", "generation"):
-            raise ApiError(400, f"task {task!r}: comprehension or generation", code="invalid_value", param="task")
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        sampling = service.sampling(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                    stop=body.stop, seed=body.seed, n=body.n)
-        # image decoding (and fetching, with --allow-remote-images) runs off the event loop
-        turns, system, image = await run_in_threadpool(service.parse_messages, body.messages)
-        events = _Events()
-        if task == "generation":
-            if body.stream:
-                raise ApiError(400, "stream is not available for image generation", code="invalid_value",
-                               param="stream")
-            instruction = turns[-1]["value"].replace(IMAGE_PLACEHOLDER + "\n", "")
-            job = service.image_job(rid, instruction, image, events.emit)
-            return await _finish_image_chat(service, job, events, rid, name)
-        job = service.chat_job(rid, turns, system, image, sampling, events.emit,
-                               explicit_max_tokens=max_tokens is not None)
-        _submit(service, job)
-        if body.stream:
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(_stream(job, events, rid, name, include_usage), media_type="text/event-stream",
-                                     headers={"x-request-id": rid, "cache-control": "no-cache"})
-        try:
-            kind, value = await events.final()
-        finally:
-            job.cancelled = True  # a client that went away frees its batch row
-        if kind == "error":
-            return _model_failure(value, rid)
-        res: ChatResult = value
-        return JSONResponse({
-            "id": f"chatcmpl-{rid}", "object": "chat.completion", "created": int(time.time()), "model": name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text},
-                         "logprobs": None, "finish_reason": _finish(res.finish_reason)}],
-            "usage": _usage(res.prompt_tokens, res.completion_tokens),
-        }, headers={"x-request-id": rid})
+        return await _chat_completion(service, body, request.state.request_id)
 
     @app.post("/v1/images/edits")
     async def images_edits(request: Request) -> Any:
-        rid = request.state.request_id
-        limit = service.settings.max_image_bytes
-        try:
-            form = await request.form(max_files=4, max_part_size=limit + 2**20)
-        except Exception as err:  # malformed multipart, or a part over the limit
-            raise ApiError(400 if "size" not in str(err).lower() else 413,
-                           f"the request is not a readable multipart form ({err})", code="invalid_request",
-                           param="image") from err
-        service.check_model(_form_str(form, "model"))
-        _check_image_options(form)
-        uploads = form.getlist("image") + form.getlist("image[]")
-        if len(uploads) > 1:
-            raise ApiError(400, "more than one image: HealthGPT converts one image per request",
-                           code="too_many_images", param="image")
-        image: Image.Image | None = None
-        if uploads:
-            upload = uploads[0]
-            data = await upload.read() if hasattr(upload, "read") else str(upload).encode()
-            image = await run_in_threadpool(decode_image_bytes, data, param="image", max_bytes=limit)
-        events = _Events()
-        job = service.image_job(rid, _form_str(form, "prompt") or "", image, events.emit)
-        _submit(service, job)
-        kind, value = await events.final()
-        if kind == "error":
-            return _model_failure(value, rid)
-        res: ImageJobResult = value
-        return JSONResponse({"created": int(time.time()), "output_format": "png", "size": _size(res),
-                             "data": [{"b64_json": png_base64(Image.fromarray(res.image)),
-                                       "revised_prompt": None}],
-                             "usage": _usage(res.prompt_tokens, int(res.codes.size))},
-                            headers={"x-request-id": rid})
+        return await _image_edit(service, request, request.state.request_id)
 
     if ui:
         import gradio as gr
@@ -218,6 +151,80 @@ def create_app(service: Service, *, ui: bool = True) -> FastAPI:
 
         app = gr.mount_gradio_app(app, build_ui(service), path="/")
     return app
+
+
+async def _chat_completion(service: Service, body: ChatCompletionRequest, rid: str) -> Any:
+    name = service.settings.model_name
+    service.check_model(body.model)
+    task = body.task or "comprehension"
+    if task not in ("comprehension", "generation"):
+        raise ApiError(400, f"task {task!r}: comprehension or generation", code="invalid_value", param="task")
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    sampling = service.sampling(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                                stop=body.stop, seed=body.seed, n=body.n)
+    # image decoding (and fetching, with --allow-remote-images) runs off the event loop
+    turns, system, image = await run_in_threadpool(service.parse_messages, body.messages)
+    events = _Events()
+    if task == "generation":
+        if body.stream:
+            raise ApiError(400, "stream is not available for image generation", code="invalid_value",
+                           param="stream")
+        instruction = turns[-1]["value"].replace(IMAGE_PLACEHOLDER + "\n", "")
+        job = service.image_job(rid, instruction, image, events.emit)
+        return await _finish_image_chat(service, job, events, rid, name)
+    job = service.chat_job(rid, turns, system, image, sampling, events.emit,
+                           explicit_max_tokens=max_tokens is not None)
+    _submit(service, job)
+    if body.stream:
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        return StreamingResponse(_stream(job, events, rid, name, include_usage), media_type="text/event-stream",
+                                 headers={"x-request-id": rid, "cache-control": "no-cache"})
+    try:
+        kind, value = await events.final()
+    finally:
+        job.cancelled = True  # a client that went away frees its batch row
+    if kind == "error":
+        return _model_failure(value, rid)
+    res: ChatResult = value
+    return JSONResponse({
+        "id": f"chatcmpl-{rid}", "object": "chat.completion", "created": int(time.time()), "model": name,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text},
+                     "logprobs": None, "finish_reason": _finish(res.finish_reason)}],
+        "usage": _usage(res.prompt_tokens, res.completion_tokens),
+    }, headers={"x-request-id": rid})
+
+
+async def _image_edit(service: Service, request: Request, rid: str) -> Any:
+    limit = service.settings.max_image_bytes
+    try:
+        form = await request.form(max_files=4, max_part_size=limit + 2**20)
+    except Exception as err:  # malformed multipart, or a part over the limit
+        raise ApiError(400 if "size" not in str(err).lower() else 413,
+                       f"the request is not a readable multipart form ({err})", code="invalid_request",
+                       param="image") from err
+    service.check_model(_form_str(form, "model"))
+    _check_image_options(form)
+    uploads = form.getlist("image") + form.getlist("image[]")
+    if len(uploads) > 1:
+        raise ApiError(400, "more than one image: HealthGPT converts one image per request",
+                       code="too_many_images", param="image")
+    image: Image.Image | None = None
+    if uploads:
+        upload = uploads[0]
+        data = await upload.read() if hasattr(upload, "read") else str(upload).encode()
+        image = await run_in_threadpool(decode_image_bytes, data, param="image", max_bytes=limit)
+    events = _Events()
+    job = service.image_job(rid, _form_str(form, "prompt") or "", image, events.emit)
+    _submit(service, job)
+    kind, value = await events.final()
+    if kind == "error":
+        return _model_failure(value, rid)
+    res: ImageJobResult = value
+    return JSONResponse({"created": int(time.time()), "output_format": "png", "size": _size(res),
+                         "data": [{"b64_json": png_base64(Image.fromarray(res.image)),
+                                   "revised_prompt": None}],
+                         "usage": _usage(res.prompt_tokens, int(res.codes.size))},
+                        headers={"x-request-id": rid})
 
 
 def _submit(service: Service, job: Any) -> None:
