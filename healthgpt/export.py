@@ -212,6 +212,8 @@ def export_run(
     from vlhealth.vq import load_vq
 
     run, out = Path(run), Path(out)
+    if is_export_folder(run):
+        raise ExportError(f"{run.name}/ is already an export folder (serve, infer and eval take it as --checkpoint)")
     weights = resolve_trainable(run)
     meta = read_metadata(weights)
     preset = meta.get("preset")

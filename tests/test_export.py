@@ -215,3 +215,25 @@ def test_serving_the_export_folder_gives_the_runs_answers(small_run, exported, t
         for proc, _ in servers:
             proc.terminate()
             proc.wait(30)
+
+
+def test_cli_help_and_errors(small_run, exported, tmp_path) -> None:
+    runner = CliRunner()
+    for command in ("serve", "export", "publish"):
+        res = runner.invoke(app, [command, "--help"])
+        assert res.exit_code == 0 and "Example" in res.output, command
+    missing = runner.invoke(app, ["serve", "--preset", "tiny", "--checkpoint", str(tmp_path / "no-such-run")])
+    assert missing.exit_code == 2 and "no-such-run" in missing.output and str(tmp_path) not in missing.output
+    from healthgpt.checkpoints import CheckpointError
+
+    other, _ = build_model("tiny", seed=0)
+    other.preset = "smollm2-135m"  # what a model of another preset reports
+    with pytest.raises(CheckpointError, match="exported from preset 'tiny'"):
+        load_export(other, exported)
+    again = runner.invoke(app, ["export", str(exported), "--out", str(tmp_path / "again")])
+    assert again.exit_code == 2 and "already an export folder" in again.output
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("x")
+    res = runner.invoke(app, ["export", str(small_run["run"]), "--out", str(busy)])
+    assert res.exit_code == 2 and "not empty" in res.output and (busy / "keep.txt").read_text() == "x"
