@@ -103,10 +103,10 @@ def build_ui(service: Service) -> gr.Blocks:
                     ask = gr.Button("Ask", variant="primary", elem_id="ask")
                     answer = gr.Textbox(label="Answer (research use only)", lines=6, interactive=False,
                                         elem_id="answer")
-            ask.click(lambda im, q, m: (yield from _ask(service, im, q, m)), [chat_image, question, max_tokens],
-                      answer)
-            question.submit(lambda im, q, m: (yield from _ask(service, im, q, m)), [chat_image, question,
-                                                                                    max_tokens], answer)
+            # several UI users may wait on the model at once: the worker batches them with API requests
+            for trigger in (ask.click, question.submit):
+                trigger(lambda im, q, m: (yield from _ask(service, im, q, m)), [chat_image, question, max_tokens],
+                        answer, concurrency_limit=service.settings.max_batch, concurrency_id="chat")
         with gr.Tab("Generate an image", id="generate"):
             with gr.Row():
                 gen_input = gr.Image(type="pil", label="Input CT/MR slice", elem_id="gen-input", sources=["upload"], height=320)
@@ -120,5 +120,5 @@ def build_ui(service: Service) -> gr.Blocks:
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
             download = gr.File(label="Download PNG", elem_id="gen-download", interactive=False)
             run.click(lambda im, t, i: _generate(service, out_dir, im, t, i), [gen_input, task, instruction],
-                      [gen_output, download])
+                      [gen_output, download], concurrency_limit=service.settings.max_batch)
     return ui
