@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vlhealth.build import BuildContext, Item, Reject
+from vlhealth.limits import check_text_value
 from vlhealth.schema import Sample
 from vlhealth.vqa import (
     QA,
@@ -25,6 +26,7 @@ from vlhealth.vqa import (
     discover_annotated,
     normalise_text,
     process_image_item,
+    text_value,
 )
 
 NAME = "mimic_cxr_vqa"
@@ -57,7 +59,7 @@ def _parser(split: str, file: str) -> Any:
         if missing:
             raise ValueError(f"bad row: lacks {', '.join(missing)}")
         semantic = normalise_text(row.get("semantic_type")).lower()
-        raw = row["answer"]
+        raw = check_text_value(row["answer"], "answer", allow_list=True)  # list answers are MIMIC-CXR-VQA's own
         if isinstance(raw, list) and not [a for a in raw if normalise_text(a)] and semantic in ("choose", "query"):
             answer = "none"
         else:
@@ -66,7 +68,7 @@ def _parser(split: str, file: str) -> Any:
         if image.startswith("files/"):
             image = image[len("files/"):]
         idx = normalise_text(row.get("idx", i))
-        qa = QA(id=f"{split}-{idx}", question=normalise_text(row["question"]), answer=answer,
+        qa = QA(id=f"{split}-{idx}", question=text_value(row["question"], "question"), answer=answer,
                 answer_type="closed" if semantic == "verify" else "open", split=split, modality="X-ray",
                 body_part="chest", provenance={"file": file, "idx": idx},
                 extra={k: normalise_text(row[k]) for k in ("semantic_type", "content_type", "template") if k in row})

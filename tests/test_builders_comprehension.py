@@ -274,7 +274,7 @@ def test_omnimedvqa(demo: Path, built: dict, tmp_path: Path) -> None:
     assert by_part["Open-access"] and by_part["Restricted-access"]
     assert any(len(s.record.options) == 2 for s in samples.values())
     assert {s.record.modality for s in samples.values()} <= {"CT", "MRI", "X-ray"}
-    assert any(s.record.extra.get("modality_upstream") == "CT(Computed Tomography)" for s in samples.values())
+    assert any(s.record.provenance.get("modality_upstream") == "CT(Computed Tomography)" for s in samples.values())
     formats = {s.input_format for s in samples.values()}
     assert formats == {"jpg", "png"}
     _s, only_open, _r = build("omnimedvqa", demo / "omnimedvqa", tmp_path / "open", access="open")

@@ -71,7 +71,7 @@ def test_synthrad_writes_all_subtasks_with_reference_members(tmp_path, synthrad_
     samples = list(iter_samples(out))
     subtasks = {(s.record.subtask, s.record.modality, s.record.body_part) for s in samples}
     for part in ("brain", "pelvis"):
-        assert {("ct2mri", "CT", part), ("mri2ct", "MR", part), ("recon", "MR", part), ("recon", "CT", part)} <= subtasks
+        assert {("ct2mri", "CT", part), ("mri2ct", "MRI", part), ("recon", "MRI", part), ("recon", "CT", part)} <= subtasks
     assert {s.record.split for s in samples} == {"train", "val", "test"}
     # one member set for the whole folder (HF datasets' WebDataset loader needs it)
     sets = {tuple(sorted(m)) for m in members_of(out).values()}

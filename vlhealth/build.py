@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -22,12 +23,14 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol, runtime_checkable
 
+from vlhealth.itemstore import ItemStore
+from vlhealth.limits import Limits
 from vlhealth.manifests import load_manifest, pick_template
 from vlhealth.schema import Sample, SchemaError, encode_png
 from vlhealth.shards import (
@@ -40,6 +43,7 @@ from vlhealth.shards import (
     write_index,
     write_json_atomic,
 )
+from vlhealth.vocab import canonicalise_record
 
 
 @runtime_checkable
@@ -133,6 +137,7 @@ class BuildContext:
     seed: int = 0
     splits: dict[str, str] = field(default_factory=dict)
     out: Path | None = None  # the shard folder (builders may write side files, e.g. figures, under it)
+    limits: Limits = field(default_factory=Limits)  # what any single input may cost (vlhealth.limits)
 
     def rel(self, path: os.PathLike | str) -> str:
         """Path relative to the source root, POSIX style (never absolute in outputs)."""
@@ -343,6 +348,7 @@ def _encode_item(builder: ModuleType, item: Item, ctx: BuildContext, encode_vq: 
         return pngs[digest]
 
     for sample in good:
+        canonicalise_record(sample.record)  # one spelling per modality/body part, whatever the builder
         target, image = sample.target, sample.input_image
         pending_vq = encode_vq and target is not None and sample.target_vq is None
         # Serialise through Sample.to_members (the one definition of the format), with the image
@@ -399,28 +405,28 @@ def _make_pool(builder: ModuleType, ctx: BuildContext, encode_vq: bool, workers:
                                initargs=(builder, ctx, encode_vq))
 
 
-def _ordered_results(builder: ModuleType, items: Sequence[Item], ctx: BuildContext, encode_vq: bool,
-                     workers: int) -> Iterable[_ItemResult]:
-    """Results in item order; at most ``2 * workers`` items in flight so memory stays bounded."""
-    if workers <= 1 or len(items) <= 1:
+def _ordered_results(builder: ModuleType, items: Iterator[Item], n_items: int, ctx: BuildContext, encode_vq: bool,
+                     workers: int) -> Iterator[tuple[Item, _ItemResult]]:
+    """``(item, result)`` in item order; at most ``2 * workers`` items in flight so memory stays bounded."""
+    if workers <= 1 or n_items <= 1:
         for item in items:
-            yield _encode_item(builder, item, ctx, encode_vq)
+            yield item, _encode_item(builder, item, ctx, encode_vq)
         return
     from collections import deque
 
     with _make_pool(builder, ctx, encode_vq, workers) as pool:
         pending: deque = deque()
-        todo = iter(items)
-        for item in todo:
-            pending.append(pool.submit(_worker_run, item))
+        for item in items:
+            pending.append((item, pool.submit(_worker_run, item)))
             if len(pending) >= 2 * workers:
                 break
         while pending:
-            result = pending.popleft().result()
-            nxt = next(todo, None)
+            item, future = pending.popleft()
+            result = future.result()
+            nxt = next(items, None)
             if nxt is not None:
-                pending.append(pool.submit(_worker_run, nxt))
-            yield result
+                pending.append((nxt, pool.submit(_worker_run, nxt)))
+            yield item, result
 
 
 class ResumeError(RuntimeError):
@@ -447,6 +453,7 @@ def run_build(
     workers: int = 1,
     partition: tuple[int, int] | str | None = None,
     resume: bool = False,
+    limits: Limits | None = None,
 ) -> BuildSummary:
     """Build one source into a shard folder. ``vq`` is a VQ tokenizer (see ``vlhealth.vq``) or None.
 
@@ -463,6 +470,11 @@ def run_build(
     after every finished tar): finished tars are kept (their sha256 is checked), the item that was
     cut in the middle is processed again and its already written samples skipped, so the result
     is byte-identical to an uninterrupted build. The journal is removed when the build completes.
+
+    Memory stays bounded whatever the source's size: discovered items are spilled into an
+    :class:`~vlhealth.itemstore.ItemStore` (a temporary SQLite file in ``out``) and streamed back in id
+    order; written keys are remembered as 64-bit digests. ``limits`` (:class:`~vlhealth.limits.Limits`)
+    bounds what any single input may cost (pixels, bytes, text length, JSON depth).
     """
     start = time.perf_counter()
     root = Path(root)
@@ -471,110 +483,26 @@ def run_build(
         raise FileNotFoundError(f"source root {root} is not a folder")
     manifest = manifest if manifest is not None else load_manifest(builder.MANIFEST)
     options = options if options is not None else builder.Options()
+    limits = limits if limits is not None else Limits()
     part = parse_partition(partition)
-    suffix = partition_suffix(part)
     if workers == 0:
         workers = os.cpu_count() or 1
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
-    ctx = BuildContext(root=root, options=options, manifest=manifest, seed=seed, out=out)
-
-    items: list[Item] = []
-    rejects: list[Reject] = []
-    for entry in builder.discover(ctx):
-        (rejects if isinstance(entry, Reject) else items).append(entry)
-    items.sort(key=lambda it: it.id)  # stable: of items sharing an id, the first discovered is kept
-    unique: list[Item] = []
-    for it in items:
-        if unique and unique[-1].id == it.id:  # e.g. a second copy of a scan elsewhere under the root
-            kept = unique[-1].files[0] if unique[-1].files else unique[-1].id
-            rejects.append(Reject(it.files[0] if it.files else it.id,
-                                  f"duplicate item {it.id!r}: already built from {kept}", it.id))
-        else:
-            unique.append(it)
-    items = unique
-    ctx.splits = _splits_for(builder, items, ctx, manifest, seed)
-    if part is not None:
-        owner = partition_groups((it.group for it in items), part[1])
-        items = [it for it in items if owner[it.group] == part[0]]
-        if part[0] != 0:  # discovery rejects are listed once, by partition 0
-            rejects = []
-
+    ctx = BuildContext(root=root, options=options, manifest=manifest, seed=seed, out=out, limits=limits)
     out.mkdir(parents=True, exist_ok=True)
-    journal_path = out / f".progress{suffix}.json"
-    fingerprint = _fingerprint(
-        source=builder.NAME, manifest=manifest.get("sha256"), options=options_to_json(options), seed=seed,
-        max_count=max_count, max_bytes=max_bytes, partition=part, vq=vq.describe() if vq is not None else None,
-        items=hashlib.sha256("\n".join(it.id for it in items).encode()).hexdigest(),
-    )
-    state = {"next_item": 0, "next_sample": 0, "shards": [], "rejects": [], "reports": {}, "counts": {},
-             "samples": 0}
-    if resume and journal_path.is_file():
-        state = _load_journal(journal_path, out, fingerprint, items)
-    elif journal_path.exists():
-        journal_path.unlink()  # a fresh build: an old journal describes other output
-
-    counts: Counter[str] = Counter(state["counts"])
-    n_samples = int(state["samples"])
-    reports: dict[str, Any] = dict(state["reports"])
-    item_rejects: list[Reject] = [Reject(**r) for r in state["rejects"]]
-    first, skip = int(state["next_item"]), int(state["next_sample"])
-    position = [first, skip]  # (item index, sample index within it) of the next sample to write
-
-    def journal(_info: Any) -> None:
-        write_json_atomic(journal_path, {
-            "fingerprint": fingerprint, "next_item": position[0], "next_sample": position[1],
-            "next_item_id": items[position[0]].id if position[0] < len(items) else None,
-            "shards": [dataclasses.asdict(s) for s in writer.shards],
-            "rejects": [r.to_json() for r in item_rejects], "reports": reports,
-            "counts": dict(counts), "samples": n_samples,
-        })
-
-    from vlhealth.shards import ShardInfo
-
-    if not state["shards"]:
-        # A fresh build replaces an earlier one in the same folder: its tars (this prefix only, so
-        # other partitions stay) would otherwise linger for anything that globs *.tar.
-        stale = re.compile(re.escape(builder.NAME + suffix) + r"-\d{6}\.tar")
-        for old in out.glob(f"{builder.NAME}{suffix}-*.tar"):
-            if stale.fullmatch(old.name):
-                old.unlink()
-    writer = ShardWriter(out, prefix=builder.NAME + suffix, max_count=max_count, max_bytes=max_bytes,
-                         start_number=len(state["shards"]), shards=[ShardInfo(**s) for s in state["shards"]],
-                         on_shard=journal)
-    for shard in state["shards"]:  # resumed: keys of the finished tars count as written
-        writer.remember(key for key, _ in iter_tar(out / shard["name"]))
-    with writer:
-        results = _ordered_results(builder, items[first:], ctx, vq is not None, workers)
-        for idx, result in enumerate(results, first):
-            _encode_written_targets(result.samples, vq)
-            for j, w in enumerate(result.samples):
-                if idx == first and j < skip:
-                    continue  # written into a finished tar before the interruption
-                position[:] = [idx, j]
-                if w.key in writer:  # e.g. one patient id under two anatomies: keep the first, refuse the rest
-                    item = items[idx]
-                    item_rejects.append(Reject(item.files[0] if item.files else item.id,
-                                               f"duplicate sample key {w.key!r}: an earlier item wrote it", item.id))
-                    continue
-                writer.write_members(w.key, w.members)
-                counts[w.label] += 1
-                n_samples += 1
-            item_rejects.extend(result.rejects)
-            if result.reports:
-                reports[items[idx].id] = result.reports
-            if progress:
-                progress(idx + 1, len(items))
-        position[:] = [len(items), 0]
-        shards = writer.close()
-    if progress and not items:
-        progress(0, 0)
-    rejects.extend(item_rejects)
-
-    write_index(out, shards, index_name=_meta_name(INDEX_NAME, suffix), source=builder.NAME,
+    with ItemStore(out, f".items{partition_suffix(part)}.sqlite") as store:
+        _discover_into(builder, ctx, store)
+        ctx.splits = _splits_for(builder, store, ctx, manifest, seed)
+        if part is not None:
+            store.set_partition(part[1])
+        plan = _BuildPlan(builder, ctx, store, part, vq, max_count, max_bytes, workers, progress)
+        result = plan.write_shards(resume)
+        write_atomic(out / _meta_name(REJECTS_NAME, plan.suffix),
+                     b"".join(line.encode("utf-8") + b"\n" for line in plan.reject_lines()))
+    rejects = plan.rejects_counted
+    write_index(out, result.shards, index_name=_meta_name(INDEX_NAME, plan.suffix), source=builder.NAME,
                 **({"partition": list(part)} if part else {}))
-    write_atomic(out / _meta_name(REJECTS_NAME, suffix),
-                 "".join(json.dumps(r.to_json(), sort_keys=True) + "\n" for r in rejects).encode())
     write_json_atomic(out / SPLITS_NAME, splits_record(builder, manifest, ctx.splits, seed))
     build_info = {
         "command": _recorded_command(command if command is not None else [Path(sys.argv[0]).name, *sys.argv[1:]]),
@@ -585,17 +513,151 @@ def run_build(
         "seed": seed,
         "versions": versions(),
         "vq": vq.describe() if vq is not None else None,
-        "counts": {"items": len(items), "samples": n_samples, "rejects": len(rejects), "by_split_subtask": dict(sorted(counts.items()))},
+        "counts": {"items": plan.n_items, "samples": result.samples, "rejects": sum(rejects.values()),
+                   "by_split_subtask": dict(sorted(result.counts.items()))},
     }
+    if limits != Limits():  # recorded when they differ from the defaults (they decide what is refused)
+        build_info["limits"] = limits.to_json()
     if part is not None:
         build_info["partition"] = list(part)
-    if reports:
-        build_info["items"] = dict(sorted(reports.items()))
-    write_json_atomic(out / _meta_name(BUILD_NAME, suffix), build_info)
-    journal_path.unlink(missing_ok=True)
-    reasons = Counter(r.reason.split(":")[0] for r in rejects)
-    return BuildSummary(out, n_samples, len(rejects), len(items), len(shards), dict(counts), dict(reasons),
-                        time.perf_counter() - start)
+    if result.reports:
+        build_info["items"] = dict(sorted(result.reports.items()))
+    write_json_atomic(out / _meta_name(BUILD_NAME, plan.suffix), build_info)
+    plan.journal_path.unlink(missing_ok=True)
+    return BuildSummary(out, result.samples, sum(rejects.values()), plan.n_items, len(result.shards),
+                        dict(result.counts), dict(rejects), time.perf_counter() - start)
+
+
+def _discover_into(builder: ModuleType, ctx: BuildContext, store: ItemStore) -> None:
+    """Run ``builder.discover`` into ``store``: items spilled to disk, rejects kept as lines; then the later
+    copies of a repeated item id are refused (the first discovered is kept)."""
+    for entry in builder.discover(ctx):
+        if isinstance(entry, Reject):
+            store.add_reject(_reject_line(entry))
+        else:
+            store.add(entry)
+    for ident, file, kept in store.drop_duplicates():  # e.g. a second copy of a scan elsewhere under the root
+        store.add_reject(_reject_line(Reject(file, f"duplicate item {ident!r}: already built from {kept}", ident)))
+
+
+def _reject_line(reject: Reject) -> str:
+    return json.dumps(reject.to_json(), sort_keys=True)
+
+
+@dataclass
+class _ShardsWritten:
+    shards: list[Any]
+    samples: int
+    counts: Counter[str]
+    reports: dict[str, Any]
+
+
+class _BuildPlan:
+    """The writing half of :func:`run_build`: items streamed from the store, in id order, into tars."""
+
+    def __init__(self, builder: ModuleType, ctx: BuildContext, store: ItemStore, part: tuple[int, int] | None,
+                 vq: Any, max_count: int, max_bytes: int, workers: int,
+                 progress: Callable[[int, int], None] | None) -> None:
+        self.builder, self.ctx, self.store, self.part, self.vq = builder, ctx, store, part, vq
+        self.max_count, self.max_bytes, self.workers, self.progress = max_count, max_bytes, workers, progress
+        self.part_no = part[0] if part is not None else None
+        self.suffix = partition_suffix(part)
+        self.out = ctx.out
+        assert self.out is not None
+        self.journal_path = self.out / f".progress{self.suffix}.json"
+        self.n_items = store.count(self.part_no)
+        self.item_rejects: list[Reject] = []
+        self.rejects_counted: Counter[str] = Counter()
+
+    def fingerprint(self) -> str:
+        ids = hashlib.sha256()
+        for i, ident in enumerate(self.store.ids(self.part_no)):  # as "\n".join(ids), without the list
+            ids.update((f"\n{ident}" if i else ident).encode())
+        return _fingerprint(
+            source=self.builder.NAME, manifest=self.ctx.manifest.get("sha256"),
+            options=options_to_json(self.ctx.options), seed=self.ctx.seed, max_count=self.max_count,
+            max_bytes=self.max_bytes, partition=self.part, vq=self.vq.describe() if self.vq is not None else None,
+            items=ids.hexdigest(),
+            **({"limits": self.ctx.limits.to_json()} if self.ctx.limits != Limits() else {}),
+        )
+
+    def reject_lines(self) -> Iterator[str]:
+        """``rejects.jsonl``: discovery rejects (listed once, by partition 0), then those of the items."""
+        lines: Iterable[str] = self.store.reject_lines() if self.part_no in (None, 0) else ()
+        for line in itertools.chain(lines, (_reject_line(r) for r in self.item_rejects)):
+            self.rejects_counted[json.loads(line)["reason"].split(":")[0]] += 1
+            yield line
+
+    def write_shards(self, resume: bool) -> _ShardsWritten:
+        out, builder, store = self.out, self.builder, self.store
+        assert out is not None
+        fingerprint = self.fingerprint()
+        state = {"next_item": 0, "next_sample": 0, "shards": [], "rejects": [], "reports": {}, "counts": {},
+                 "samples": 0}
+        if resume and self.journal_path.is_file():
+            state = _load_journal(self.journal_path, out, fingerprint,
+                                  lambda i: store.id_at(i, self.part_no), self.n_items)
+        elif self.journal_path.exists():
+            self.journal_path.unlink()  # a fresh build: an old journal describes other output
+        counts: Counter[str] = Counter(state["counts"])
+        n_samples = int(state["samples"])
+        reports: dict[str, Any] = dict(state["reports"])
+        self.item_rejects = [Reject(**r) for r in state["rejects"]]
+        first, skip = int(state["next_item"]), int(state["next_sample"])
+        position: list[Any] = [first, skip, None]  # (item index, sample index in it, item id) of the next sample
+
+        def journal(_info: Any) -> None:
+            write_json_atomic(self.journal_path, {
+                "fingerprint": fingerprint, "next_item": position[0], "next_sample": position[1],
+                "next_item_id": position[2] if position[0] < self.n_items else None,
+                "shards": [dataclasses.asdict(s) for s in writer.shards],
+                "rejects": [r.to_json() for r in self.item_rejects], "reports": reports,
+                "counts": dict(counts), "samples": n_samples,
+            })
+
+        from vlhealth.shards import ShardInfo
+
+        if not state["shards"]:
+            # A fresh build replaces an earlier one in the same folder: its tars (this prefix only, so
+            # other partitions stay) would otherwise linger for anything that globs *.tar.
+            stale = re.compile(re.escape(builder.NAME + self.suffix) + r"-\d{6}\.tar")
+            for old in out.glob(f"{builder.NAME}{self.suffix}-*.tar"):
+                if stale.fullmatch(old.name):
+                    old.unlink()
+        writer = ShardWriter(out, prefix=builder.NAME + self.suffix, max_count=self.max_count,
+                             max_bytes=self.max_bytes, start_number=len(state["shards"]),
+                             shards=[ShardInfo(**s) for s in state["shards"]], on_shard=journal)
+        for shard in state["shards"]:  # resumed: keys of the finished tars count as written
+            writer.remember(key for key, _ in iter_tar(out / shard["name"]))
+        with writer:
+            items = store.iter_items(self.part_no, first)
+            results = _ordered_results(builder, items, self.n_items - first, self.ctx, self.vq is not None,
+                                       self.workers)
+            for idx, (item, result) in enumerate(results, first):
+                _encode_written_targets(result.samples, self.vq)
+                position[2] = item.id
+                for j, w in enumerate(result.samples):
+                    if idx == first and j < skip:
+                        continue  # written into a finished tar before the interruption
+                    position[:2] = [idx, j]
+                    if w.key in writer:  # e.g. one patient id under two anatomies: keep the first, refuse the rest
+                        self.item_rejects.append(Reject(item.files[0] if item.files else item.id,
+                                                        f"duplicate sample key {w.key!r}: an earlier item wrote it",
+                                                        item.id))
+                        continue
+                    writer.write_members(w.key, w.members)
+                    counts[w.label] += 1
+                    n_samples += 1
+                self.item_rejects.extend(result.rejects)
+                if result.reports:
+                    reports[item.id] = result.reports
+                if self.progress:
+                    self.progress(idx + 1, self.n_items)
+            position[:2] = [self.n_items, 0]
+            shards = writer.close()
+        if self.progress and not self.n_items:
+            self.progress(0, 0)
+        return _ShardsWritten(shards, n_samples, counts, reports)
 
 
 def splits_record(builder: ModuleType, manifest: dict[str, Any], assigned: dict[str, str], seed: int) -> dict[str, Any]:
@@ -607,24 +669,30 @@ def splits_record(builder: ModuleType, manifest: dict[str, Any], assigned: dict[
     return {"seed": seed, "upstream": False, "groups": dict(sorted(assigned.items()))}
 
 
-def _splits_for(builder: ModuleType, items: list[Item], ctx: BuildContext, manifest: dict[str, Any],
+def _splits_for(builder: ModuleType, store: ItemStore, ctx: BuildContext, manifest: dict[str, Any],
                 seed: int) -> dict[str, str]:
-    """Upstream (official) splits from ``builder.preset_splits`` where given, seeded ones for the rest."""
+    """Upstream (official) splits from ``builder.preset_splits`` where given, seeded ones for the rest.
+
+    Builders whose records carry the source's own splits (``SPLITS = "upstream"``) get none: their
+    sources are the large ones (up to 1.3M groups) and nothing of theirs asks ``ctx.split_of``."""
     preset_fn = builder_hook(builder, "preset_splits")
-    preset = dict(preset_fn(items, ctx) or {}) if preset_fn else {}
     strata = builder_hook(builder, "split_strata")
+    if builder_hook(builder, "SPLITS") == "upstream" and not preset_fn and not strata:
+        return {}
+    fractions = manifest.get("splits", {}).get("fractions")
+    if not preset_fn and not strata:  # only the groups are needed: streamed from the store
+        return assign_splits(store.groups(), fractions, seed=seed)
+    items = store.load_all()  # patient-level sources: a few thousand items
+    preset = dict(preset_fn(items, ctx) or {}) if preset_fn else {}
     rest = [it for it in items if it.group not in preset]
-    assigned = assign_splits(
-        [it.group for it in rest],
-        manifest.get("splits", {}).get("fractions"),
-        seed=seed,
-        strata=strata(rest) if strata and rest else None,
-    )
+    assigned = assign_splits([it.group for it in rest], fractions, seed=seed,
+                             strata=strata(rest) if strata and rest else None)
     present = {it.group for it in items}
     return {**assigned, **{g: s for g, s in preset.items() if g in present}}
 
 
-def _load_journal(path: Path, out: Path, fingerprint: str, items: list[Item]) -> dict[str, Any]:
+def _load_journal(path: Path, out: Path, fingerprint: str, id_at: Callable[[int], str | None],
+                  n_items: int) -> dict[str, Any]:
     try:
         state = json.loads(path.read_text("utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
@@ -633,7 +701,7 @@ def _load_journal(path: Path, out: Path, fingerprint: str, items: list[Item]) ->
         raise ResumeError(f"{path.name}: the interrupted build used other inputs or options; "
                           "rerun with the same ones, or without --resume to start again")
     nxt = int(state["next_item"])
-    if nxt < len(items) and state.get("next_item_id") != items[nxt].id:
+    if nxt < n_items and state.get("next_item_id") != id_at(nxt):
         raise ResumeError(f"{path.name}: the item list changed since the interrupted build")
     for shard in state["shards"]:
         tar = out / shard["name"]

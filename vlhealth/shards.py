@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from vlhealth.itemstore import HashedKeySet
 from vlhealth.schema import Sample
 
 INDEX_NAME = "index.json"
@@ -184,7 +185,7 @@ class ShardWriter:
         self.number = start_number
         self.shards: list[ShardInfo] = list(shards)
         self.on_shard = on_shard
-        self._keys: set[str] = set()
+        self._keys = HashedKeySet()  # 8 bytes per written key, not a set of strings (1.3M-sample sources)
         self._fh: io.BufferedWriter | None = None
         self._hashing: _HashingFile | None = None  # set while a tar is open
         self._count = 0

@@ -319,6 +319,13 @@ def read_volume(
     modality: str | None = None
     if not p.exists():
         raise VolumeError(shown, "does not exist")
+    if root_p is not None:  # a symlink that leaves the source root would smuggle outside data in
+        from vlhealth.limits import LimitError, resolve_inside
+
+        try:
+            resolve_inside(p, root_p)
+        except LimitError as exc:
+            raise VolumeError(shown, str(exc)) from exc
     if p.is_dir():
         image, modality = _read_dicom_series(p, shown, series_uid)
     else:
@@ -342,8 +349,10 @@ def read_volume(
         image = sitk.JoinSeries(image)
     elif dim != 3:
         raise VolumeError(shown, f"unsupported image dimension {dim}")
+    if min(image.GetSize()) == 0:
+        raise VolumeError(shown, f"volume has no voxels (size {image.GetSize()})")
     if require_3d and min(image.GetSize()) < 2:
-        raise VolumeError(shown, f"2D image (size {image.GetSize()}) where a 3D volume is expected")
+        raise VolumeError(shown, f"a single slice (size {image.GetSize()}) where a 3D volume is expected")
 
     image = sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
     array = sitk.GetArrayFromImage(image)

@@ -19,8 +19,11 @@ Every comprehension builder in ``builders/`` reads its upstream rows, turns each
   test image of the given shard folders are refused with reason ``leak``. Against a source's own
   test split (VQA-RAD asks test questions about training images), build it once, then rebuild
   into another folder with ``--drop-leaks`` pointing at the first build.
-* **modality names** are made canonical (``Computed Tomography`` -> ``CT``, ...; the upstream
-  spelling stays in ``extra.modality_upstream``), body parts lower-cased.
+* **modality and body-part names** are made canonical by the build runner (:mod:`vlhealth.vocab`;
+  the upstream spelling stays in ``provenance.modality_upstream`` / ``body_part_upstream``).
+* **limits** (:mod:`vlhealth.limits`): questions, answers and turns must be strings or numbers of at
+  most ``--max-text-chars``; images above ``--max-image-pixels`` or files above ``--max-file-bytes``
+  are refused before decoding; symlinks leaving the source root are refused.
 * **conversations**: roles ``user``/``assistant`` map to ``human``/``gpt``; the misspelt
   ``conversatons`` key is accepted; ``<image>`` is added to the first human turn where missing.
 * **pickles** (PathVQA) are opened with :func:`load_pickle`, a restricted unpickler that admits
@@ -34,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import math
 import os
 import pickle
@@ -47,7 +49,19 @@ from typing import Any
 import numpy as np
 
 from vlhealth.build import BuildContext, Reject, Rejected
+from vlhealth.itemstore import HashedKeySet
+from vlhealth.jsonstream import iter_json_rows
+from vlhealth.limits import (
+    LimitError,
+    Limits,
+    check_text_value,
+    checked_file,
+    decode_limited,
+    open_image_checked,
+    plain_reason,
+)
 from vlhealth.schema import IMAGE_TOKEN, TARGET_IMAGE_TOKEN, Record, Sample, safe_key
+from vlhealth.vocab import canonical_modality  # noqa: F401 - re-exported: its home was here
 
 FORMS = ("open", "choice", "both")
 YES_NO = ("yes", "no")
@@ -147,30 +161,10 @@ def choice_instruction(question: str, options: list[str], suffix: str = DEFAULT_
     return "\n".join(lines)
 
 
-# Upstream spellings of the same modality -> one name, so that `vlhealth stats` counts them together
-# (the upstream value is kept in ``extra.modality_upstream`` when it differs).
-MODALITY_NAMES = {
-    "ct": "CT", "computed tomography": "CT", "ct(computed tomography)": "CT",
-    "mri": "MRI", "mr": "MRI", "magnetic resonance imaging": "MRI", "mr (mag-netic resonance imaging)": "MRI",
-    "x-ray": "X-ray", "xray": "X-ray", "x ray": "X-ray", "digital radiography": "X-ray", "radiograph": "X-ray",
-    "ultrasound": "ultrasound", "us": "ultrasound", "pathology": "pathology", "microscopy images": "microscopy",
-    "microscopy": "microscopy", "dermoscopy": "dermoscopy", "fundus photography": "fundus", "oct": "OCT",
-    "optical coherence tomography": "OCT", "endoscopy": "endoscopy", "pet": "PET",
-}
-
-
-def canonical_modality(value: str | None) -> str | None:
-    """The canonical name of an upstream modality spelling; ``"NAME (expansion)"`` forms (OmniMedVQA's
-    ``OCT (Optical Coherence Tomography)``) are looked up whole, then by the name, then the expansion."""
-    if not value:
-        return None
-    text = re.sub(r"\s+", " ", value).strip()
-    m = re.fullmatch(r"([^()]+?) ?\(([^()]+)\)", text)
-    for candidate in (text, *(m.groups() if m else ())):
-        name = MODALITY_NAMES.get(candidate.strip().lower())
-        if name is not None:
-            return name
-    return text
+def text_value(value: Any, what: str, *, allow_list: bool = False) -> str:
+    """:func:`normalise_text` of a question/answer value that must be a string or a number (a list of
+    those with ``allow_list``); anything else (a JSON object, a list) is refused with its type."""
+    return normalise_text(check_text_value(value, what, allow_list=allow_list))
 
 
 # -- the units builders hand over ----------------------------------------------------------------
@@ -217,7 +211,7 @@ def conversation_of(row: dict[str, Any]) -> Any:
     return row.get("conversatons")
 
 
-def normalise_conversation(turns: Any, *, has_image: bool) -> list[dict[str, str]]:
+def normalise_conversation(turns: Any, *, has_image: bool, limits: Limits | None = None) -> list[dict[str, str]]:
     """Clean LLaVA turns or raise ``ValueError("<category>: <detail>")``.
 
     Roles are mapped to human/gpt, values stripped; a leading gpt turn is skipped (as LLaVA does), a
@@ -234,7 +228,8 @@ def normalise_conversation(turns: Any, *, has_image: bool) -> list[dict[str, str
         role = ROLE_MAP.get(str(turn["from"]).strip().lower())
         if role is None:
             raise ValueError(f"bad row: turn {i} has unknown role {turn['from']!r}")
-        value = normalise_text(turn["value"]) if not isinstance(turn["value"], str) else turn["value"].strip()
+        raw = check_text_value(turn["value"], f"turn {i} ({role})", limits)
+        value = normalise_text(raw) if not isinstance(raw, str) else raw.strip()
         if not value:
             raise ValueError(f"empty answer: turn {i} is empty" if role == "gpt" else f"bad row: turn {i} is empty")
         if TARGET_IMAGE_TOKEN in value:
@@ -242,8 +237,8 @@ def normalise_conversation(turns: Any, *, has_image: bool) -> list[dict[str, str
         out.append({"from": role, "value": value})
     if out[0]["from"] == "gpt" and IMAGE_TOKEN not in out[0]["value"]:
         out = out[1:]  # as LLaVA's preprocessing: skip a leading non-human turn (ShareGPT rows of 665k)
-    if not out:
-        raise ValueError("empty answer: conversation has no gpt turn")
+    if not any(t["from"] == "human" for t in out):
+        raise ValueError("bad row: conversation has no question (no human turn)")
     if out[-1]["from"] == "human":  # a dangling question has no answer to learn from
         out = out[:-1]
     if not out:
@@ -276,35 +271,6 @@ def image_list(value: Any) -> list[str]:
 
 
 # -- files ---------------------------------------------------------------------------------------
-def read_json_rows(path: Path, rel: str) -> tuple[list[tuple[int, Any]], list[Reject]]:
-    """Rows of a JSON list file or a JSON-lines file; unparsable lines become rejects.
-
-    A JSON file that is neither a list nor JSON lines is refused as a whole (``Rejected``).
-    """
-    text = path.read_text("utf-8", errors="replace")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        lines = [ln for ln in text.splitlines() if ln.strip()]
-        if len(lines) < 2 or not lines[0].lstrip().startswith("{"):
-            raise Rejected(rel, f"bad json: {exc}") from exc
-        rows: list[tuple[int, Any]] = []
-        rejects: list[Reject] = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((i, json.loads(line)))
-            except json.JSONDecodeError as line_exc:
-                rejects.append(Reject(rel, f"bad row: line {i} is not valid JSON ({line_exc.msg})"))
-        return rows, rejects
-    if isinstance(data, dict) and all(isinstance(v, dict) for v in data.values()):
-        return [(i, {**v, "_id": k}) for i, (k, v) in enumerate(data.items())], []
-    if not isinstance(data, list):
-        raise Rejected(rel, f"bad json: top level is {type(data).__name__}, expected a list of rows")
-    return list(enumerate(data)), []
-
-
 class RestrictedUnpickler(pickle.Unpickler):
     """Admits only plain builtin types; anything else (code, classes, numpy) is refused."""
 
@@ -320,9 +286,13 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed (only builtin containers and scalars)")
 
 
-def load_pickle(path: Path, rel: str) -> Any:
-    """Unpickle an upstream file with :class:`RestrictedUnpickler` (Python 2 pickles via latin-1)."""
-    data = path.read_bytes()
+def load_pickle(path: Path, rel: str, root: Path | None = None, limits: Limits | None = None) -> Any:
+    """Unpickle an upstream file with :class:`RestrictedUnpickler` (Python 2 pickles via latin-1); a file
+    outside ``root`` (through a symlink) or above ``limits.max_file_bytes`` is refused unread."""
+    try:
+        data = checked_file(path, root, limits or Limits()).read_bytes()
+    except LimitError as exc:
+        raise Rejected(rel, str(exc)) from exc
     try:
         return RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
     except pickle.UnpicklingError as exc:
@@ -349,23 +319,28 @@ class LoadedImage:
     converted_from: str | None = None
 
 
-def load_image(path: Path, rel: str) -> LoadedImage:
-    """Read, fully decode and check one image; JPEG/PNG bytes kept verbatim, others -> PNG."""
-    from PIL import Image, UnidentifiedImageError
+def load_image(path: Path, rel: str, root: Path | None = None, limits: Limits | None = None) -> LoadedImage:
+    """Read, fully decode and check one image; JPEG/PNG bytes kept verbatim, others -> PNG.
 
+    Before anything is decoded: the file must resolve (symlinks followed) inside ``root`` and be at most
+    ``limits.max_file_bytes``; the pixel count read from the header must be at most
+    ``limits.max_image_pixels`` (:mod:`vlhealth.limits`)."""
+    limits = limits or Limits()
     if not path.is_file():
         raise Rejected(rel, "missing image")
-    data = path.read_bytes()
-    if not data:
-        raise Rejected(rel, "unreadable image: empty file")
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        data = checked_file(path, root, limits).read_bytes()
+        if not data:
+            raise Rejected(rel, "unreadable image: empty file")
+        with open_image_checked(data, limits) as img:
             fmt = (img.format or "").upper()
-            img.load()  # full decode: truncated files fail here, not in training
+            decode_limited(img, limits)  # full decode: truncated files fail here, not in training
             width, height = img.size
             rgb_or_l = img.convert("RGB") if img.mode not in ("L", "RGB") else img.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise Rejected(rel, f"unreadable image: {exc}") from exc
+    except LimitError as exc:
+        raise Rejected(rel, str(exc)) from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise Rejected(rel, f"unreadable image: {plain_reason(str(exc))}") from exc
     if min(width, height) < 2:
         raise Rejected(rel, f"unreadable image: degenerate size {width}x{height}")
     grey = np.asarray(rgb_or_l.convert("L"))
@@ -434,12 +409,18 @@ def forms_of(qa: QA, forms: str) -> list[str]:
     return ["open"]
 
 
-def check_qa(qa: QA, file: str) -> Reject | None:
-    """A reject for a QA that cannot become a sample (empty question/answer, answer not an option)."""
+def check_qa(qa: QA, file: str, limits: Limits | None = None) -> Reject | None:
+    """A reject for a QA that cannot become a sample (no question, empty answer, text over
+    ``limits.max_text_chars``, answer not an option)."""
     if not qa.question:
-        return Reject(file, f"bad row: {qa.id} has an empty question", qa.id)
+        return Reject(file, f"bad row: {qa.id} has no question", qa.id)
     if not qa.answer:
         return Reject(file, f"empty answer: {qa.id}", qa.id)
+    for what, text in (("question", qa.question), ("answer", qa.answer), *(("option", o) for o in qa.options or ())):
+        try:
+            check_text_value(text, f"{qa.id} {what}", limits or Limits())
+        except ValueError as exc:
+            return Reject(file, str(exc), qa.id)
     if qa.answer_type == "choice":
         opts = [o.strip() for o in qa.options or []]
         if len(opts) < 2 or any(not o for o in opts):
@@ -469,7 +450,8 @@ def emit(
     hashes: dict[str, str] = {}
     leak = None
     if image is not None:
-        loaded = load_image(image_path if image_path is not None else ctx.root / image, image)
+        loaded = load_image(image_path if image_path is not None else ctx.root / image, image,
+                            ctx.root if image_path is None else None, ctx.limits)
         from vlhealth.leaks import image_hashes
 
         loaded = convert_format(loaded, getattr(ctx.options, "image_format", "keep"))
@@ -492,15 +474,12 @@ def emit(
         if loaded is not None and loaded.converted_from:
             provenance["converted_from"] = loaded.converted_from
         extra = {**unit.extra, **hashes}
-        modality = canonical_modality(unit.modality)
-        if modality and unit.modality and modality != unit.modality:
-            extra["modality_upstream"] = unit.modality
         base_key = safe_key(source, unit.id)
         if isinstance(unit, Chat):
             answer_type = "open"
             variants = [(base_key, unit.conversations, answer_type, None)]
         else:
-            bad = check_qa(unit, file)
+            bad = check_qa(unit, file, ctx.limits)
             if bad is not None:
                 yield bad
                 continue
@@ -512,7 +491,7 @@ def emit(
             record = Record(
                 task="comprehension", subtask=unit.subtask, source=source, split=unit.split,
                 conversations=conv, group=group, license=ctx.license, answer_type=answer_type,
-                options=options, modality=modality, body_part=(unit.body_part or "").strip().lower() or None,
+                options=options, modality=unit.modality or None, body_part=(unit.body_part or "").strip() or None,
                 provenance=provenance, extra=extra,
             )
             yield Sample(key=key, record=record, input_image=loaded.data if loaded is not None else None)
@@ -536,7 +515,9 @@ class KeyBook:
     """
 
     def __init__(self) -> None:
-        self._taken: set[str] = set()
+        # Bounded memory for 1.3M-row files: taken keys as 64-bit digests, and the last suffix only
+        # for the bases that needed one.
+        self._taken = HashedKeySet()
         self._last: dict[str, int] = {}
 
     def claim(self, raw: str) -> str:
@@ -545,7 +526,8 @@ class KeyBook:
         while key in self._taken:
             n += 1
             key = f"{base}-{n}"
-        self._last[base] = n
+        if n != 1:
+            self._last[base] = n
         self._taken.add(key)
         return key
 
@@ -612,22 +594,25 @@ def parse_rows(ctx: BuildContext, rel: str, parse: Any) -> Iterator[Any]:
     skipped; a file that cannot be read at all becomes one reject for the file.
     """
     try:
-        rows, rejects = read_json_rows(ctx.root / rel, rel)
+        path = checked_file(ctx.root / rel, ctx.root, ctx.limits)
+        for entry in iter_json_rows(path, rel, ctx.limits):
+            if isinstance(entry, Reject):
+                yield entry
+                continue
+            i, row = entry
+            try:
+                out = parse(row, i)
+            except (ValueError, TypeError, KeyError) as exc:
+                yield rows_to_reject(rel, i, exc if isinstance(exc, ValueError) else ValueError(f"bad row: {exc!r}"))
+                continue
+            if out is not None:
+                yield out
+    except LimitError as exc:
+        yield Reject(rel, str(exc))
     except Rejected as exc:
         yield Reject(exc.file, exc.reason)
-        return
     except OSError as exc:
         yield Reject(rel, f"unreadable file: {exc.strerror or exc}")
-        return
-    yield from rejects
-    for i, row in rows:
-        try:
-            out = parse(row, i)
-        except (ValueError, TypeError, KeyError) as exc:
-            yield rows_to_reject(rel, i, exc if isinstance(exc, ValueError) else ValueError(f"bad row: {exc!r}"))
-            continue
-        if out is not None:
-            yield out
 
 
 def discover_annotated(ctx: BuildContext, annotations: Iterable[tuple[str, Any]]) -> Iterator[Any]:
@@ -684,7 +669,7 @@ def discover_chats(
             return Reject(file, f"multi-image: row {i} has {len(images)} images (excluded, as in the paper)", f"row {i}")
         if (text_only == "exclude" and not images) or (text_only == "only" and images):
             return None
-        conv = normalise_conversation(conversation_of(row), has_image=bool(images))
+        conv = normalise_conversation(conversation_of(row), has_image=bool(images), limits=ctx.limits)
         image = None
         if images:
             rel = safe_relpath(images[0])
