@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from vlhealth.build import BuildContext, Item, Reject, Rejected
+from vlhealth.limits import LimitError, read_image_file
 from vlhealth.paths import root_relative
 from vlhealth.schema import Record, Sample, image_format, safe_key
 from vlhealth.volumes import fit_square
@@ -72,18 +73,19 @@ def discover(ctx: BuildContext) -> Iterator[Item | Reject]:
 
 
 def process(item: Item, ctx: BuildContext) -> Iterator[Sample]:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     rel = item.files[0]
     path = ctx.root / rel
     if not path.is_file():
         raise Rejected(rel, "image file is missing")
-    data = path.read_bytes()
     try:
+        data, opened = read_image_file(path, ctx.root, ctx.limits)
         image_format(data)
-        with Image.open(path) as img:
-            img.load()
+        with opened as img:
             rgb = np.asarray(img.convert("RGB"))
+    except LimitError as exc:
+        raise Rejected(rel, str(exc)) from exc
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise Rejected(rel, f"unreadable image ({str(exc)[:120]})") from exc
     key = f"{NAME}-{item.id}"

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from vlhealth.build import BuildContext, Item, Reject, Rejected
+from vlhealth.limits import LimitError, read_image_file
 from vlhealth.schema import Record, Sample
 from vlhealth.volumes import fit_square
 
@@ -122,7 +123,7 @@ def report_text(text: str, section: str = "both") -> str:
 
 
 def process(item: Item, ctx: BuildContext) -> Iterator[Sample | Reject]:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     reports_root = Path(ctx.options.reports) if ctx.options.reports else ctx.root
     report_rel = item.data["study"] + ".txt"
@@ -135,9 +136,12 @@ def process(item: Item, ctx: BuildContext) -> Iterator[Sample | Reject]:
     split = ctx.split_of(item.group)
     for rel in item.files:
         try:
-            with Image.open(ctx.root / rel) as img:
-                img.load()
+            _, opened = read_image_file(ctx.root / rel, ctx.root, ctx.limits)
+            with opened as img:
                 grey = np.asarray(img.convert("L"))
+        except LimitError as exc:
+            yield Reject(rel, str(exc), item.id)
+            continue
         except (OSError, UnidentifiedImageError) as exc:
             yield Reject(rel, f"unreadable JPEG ({ctx.scrub(str(exc))[:160]})", item.id)
             continue

@@ -93,7 +93,16 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from healthgpt.conversation import IGNORE_INDEX, IMAGE_TOKEN_ID, encode_conversation
 from healthgpt.vision import FastClipPreprocessor, VisionPreprocessor, decode_input_image
 from vlhealth.schema import SUBTASKS, TASKS
-from vlhealth.shards import BUILD_NAME, INDEX_NAME, ShardError, TarIndex, TarReader, list_shards, load_index
+from vlhealth.shards import (
+    BUILD_NAME,
+    INDEX_NAME,
+    ShardError,
+    TarIndex,
+    TarReader,
+    list_shards,
+    load_index,
+    verify_tars,
+)
 
 __all__ = [
     "DataConfig",
@@ -186,6 +195,7 @@ class DataConfig:
     pixel_newline: bool = False
     streaming: bool = False  # force the webdataset streaming mode (URLs always stream)
     shuffle_buffer: int = 1000  # streaming mode: samples in the shuffle buffer
+    verify: bool = True  # compare each local tar's sha256 with its index.json before reading it
     specs: list[ShardSpec] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -210,10 +220,12 @@ class _Shard:
     first: int  # index of its first sample within the source
 
 
-def _source_shards(spec: ShardSpec) -> list[_Shard]:
+def _source_shards(spec: ShardSpec, verify: bool = False) -> list[_Shard]:
     path = spec.path
     if not path.exists():
         raise FileNotFoundError(f"--shards {path.name}: no such folder or tar")
+    if verify:
+        verify_tars(list_shards(path))
     counts: dict[str, int] = {}
     if path.is_dir() and (path / INDEX_NAME).is_file():
         counts = {s["name"]: int(s["samples"]) for s in load_index(path)["shards"]}
@@ -459,7 +471,7 @@ class TaskBatchStream(IterableDataset):
             pad = getattr(tokenizer, "eos_token_id", None)
         self.pad_id = int(pad) if pad is not None else 0
         self.streaming = cfg.streaming
-        self.sources = [[] if spec.remote else _source_shards(spec) for spec in cfg.specs]
+        self.sources = [[] if spec.remote else _source_shards(spec, cfg.verify) for spec in cfg.specs]
         self.urls = [_stream_urls(spec, shards) for spec, shards in zip(cfg.specs, self.sources, strict=True)] \
             if self.streaming else []
         local = [s for s in cfg.specs if not s.remote]

@@ -57,7 +57,7 @@ import typer
 from healthgpt.dist import Dist, device_for, world_info
 from healthgpt.metrics.image import image_metrics, synthrad_metrics, to_hu
 from vlhealth.schema import IMAGE_TOKEN, Record, Sample, decode_image
-from vlhealth.shards import iter_tar, list_shards, write_atomic
+from vlhealth.shards import ShardError, iter_tar, list_shards, verify_tars, write_atomic
 
 __all__ = [
     "CONFIG_NAME",
@@ -110,6 +110,7 @@ class EvalConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     max_batches: int | None = None  # stop this run after N batches (tests; a resumable partial run)
     progress: bool = False
+    verify: bool = True  # compare each tar's sha256 with index.json before reading it
 
 
 @dataclass
@@ -187,12 +188,19 @@ def _record_json(members: dict[str, bytes]) -> dict[str, Any] | None:
         return None
 
 
-def _iter_members(shards: Sequence[os.PathLike | str], split: str | None,
-                  limit: int | None = None) -> Iterator[tuple[str, dict[str, bytes], dict]]:
-    """(key, members, record json) of the wanted split, in shard order; at most ``limit`` per shard folder
-    (so a quick run still covers every benchmark given)."""
-    if not list_shards(list(shards)):
+def _iter_members(shards: Sequence[os.PathLike | str], split: str | None, limit: int | None = None,
+                  verify: bool = True) -> Iterator[tuple[str, dict[str, bytes], dict, str]]:
+    """(key, members, record json, tar name) of the wanted split, in shard order; at most ``limit`` per shard
+    folder (so a quick run still covers every benchmark given). With ``verify`` every tar's sha256 is
+    compared with its index.json first."""
+    tars = list_shards(list(shards))
+    if not tars:
         raise EvalError(f"no shards found in {', '.join(Path(s).name for s in shards)}")
+    if verify:
+        try:
+            verify_tars(tars)
+        except ShardError as exc:
+            raise EvalError(str(exc)) from exc
     for folder in shards:
         taken = 0
         for tar in list_shards(folder):
@@ -205,10 +213,10 @@ def _iter_members(shards: Sequence[os.PathLike | str], split: str | None,
                 if split is not None and rec.get("split") != split:
                     continue
                 taken += 1
-                yield key, members, rec
+                yield key, members, rec, tar.name
 
 
-Batch = list[tuple[str, dict[str, bytes]]]
+Batch = list[tuple[str, dict[str, bytes], str]]  # (key, members, tar name)
 
 
 def _stream_batches(config: EvalConfig, rank: int, world: int, done: set[str], all_keys: list[str]) -> Iterator[Batch]:
@@ -220,7 +228,8 @@ def _stream_batches(config: EvalConfig, rank: int, world: int, done: set[str], a
     pending: dict[str, Batch] = {"comprehension": [], "generation": []}
     slots = dict.fromkeys(pending, 0)
     seen: set[str] = set()
-    for i, (key, members, rec) in enumerate(_iter_members(config.shards, config.split, config.limit)):
+    for i, (key, members, rec, tar) in enumerate(_iter_members(config.shards, config.split, config.limit,
+                                                                config.verify)):
         if key in seen:
             raise EvalError(f"sample key {key!r} occurs twice in the evaluated shards")
         seen.add(key)
@@ -229,10 +238,10 @@ def _stream_batches(config: EvalConfig, rank: int, world: int, done: set[str], a
             continue
         task = rec.get("task")
         if task not in pending:
-            raise EvalError(f"sample {key!r}: unknown task {task!r}")
+            raise EvalError(f"{tar}: sample {key!r}: unknown task {task!r}")
         slots[task] += 1
         if key not in done:
-            pending[task].append((key, members))
+            pending[task].append((key, members, tar))
         if slots[task] == config.batch_size:
             if pending[task]:
                 yield pending[task]
@@ -240,6 +249,15 @@ def _stream_batches(config: EvalConfig, rank: int, world: int, done: set[str], a
     for task in pending:
         if pending[task]:
             yield pending[task]
+
+
+def _sample(key: str, members: dict[str, bytes], tar: str) -> Sample:
+    """The validated sample; a broken one (e.g. a corrupt ``target.vq.npy``) is an error naming tar and sample."""
+    try:
+        return Sample.from_members(key, members)
+    except (ValueError, OSError, EOFError) as exc:
+        text = str(exc)
+        raise EvalError(f"{tar}: {text}" if text.startswith("sample ") else f"{tar}: sample {key!r}: {text}") from exc
 
 
 # -------------------------------------------------------------------------------- references
@@ -540,7 +558,7 @@ def run_evaluation(config: EvalConfig, *, model: Any = None, vq: Any = None, lpi
             if config.max_batches is not None and bi >= config.max_batches:
                 stopped = True
                 break
-            samples = [Sample.from_members(k, m) for k, m in batch]
+            samples = [_sample(key, members, tar) for key, members, tar in batch]
             task = samples[0].record.task
             with torch.inference_mode():
                 records = runner.comprehension(samples) if task == "comprehension" else runner.generation(samples)
@@ -648,6 +666,8 @@ def eval_command(
     clip_path: Annotated[Path | None, typer.Option(help="Local CLIP ViT-L/14-336 folder.")] = None,
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of random (tiny) weights.")] = 0,
+    verify: Annotated[bool, typer.Option(help=(
+        "Compare each tar's sha256 with its folder's index.json before reading it (--no-verify skips it)."))] = True,
 ) -> None:
     from rich.console import Console
 
@@ -665,6 +685,7 @@ def eval_command(
         split=None if split == "all" else split, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
         max_image_tokens=max_image_tokens, constrained_images=constrained_images,
         lpips_weights=lpips_weights or [], grids_per_task=grids, device=device, overrides=overrides, progress=True,
+        verify=verify,
     )
     try:
         result = run_evaluation(config)

@@ -113,6 +113,7 @@ class TrainConfig:
     split: str = "train"
     pack: bool = False
     stream: bool = False  # webdataset streaming mode even for local shard folders (URLs always stream)
+    verify: bool = True  # compare each local tar's sha256 with its index.json before reading it
     num_workers: int | None = None
     save_every: int = 100
     keep: int = 3
@@ -259,7 +260,7 @@ def setup(cfg: TrainConfig, dd: Dist, device_kind: str, model: Any) -> _Run:
                                   eps=hp.eps, weight_decay=hp.weight_decay)
     data_cfg = DataConfig(cfg.shards, cfg.task, hp.micro_batch, max_len=hp.max_len, pack=cfg.pack,
                           split=cfg.split, seed=cfg.seed, num_workers=num_workers, template=model.template,
-                          image_tokens=model.vision.num_patches, streaming=cfg.stream)
+                          image_tokens=model.vision.num_patches, streaming=cfg.stream, verify=cfg.verify)
     total_steps = _total_steps(cfg, hp, data_cfg)
     warmup = hp.warmup_steps if hp.warmup_steps is not None else int(round(hp.warmup_ratio * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(hp.schedule, warmup, total_steps))
@@ -651,6 +652,7 @@ def train_command(
     split: Annotated[str, typer.Option(help="Split to train on.")] = "train",
     pack: Annotated[bool, typer.Option(help="Pack several samples per row up to --max-len.")] = False,
     stream: Annotated[bool, typer.Option(help="Read local shard folders in webdataset streaming mode too (URLs such as https://host/x-{000000..000099}.tar or 'pipe:curl -s ...' always stream). --resume then restarts the stream: the exact data position is kept only for local shards read in the default mode.")] = False,
+    verify: Annotated[bool, typer.Option(help="Compare each local tar's sha256 with its folder's index.json before training (--no-verify skips it).")] = True,
     num_workers: Annotated[int | None, typer.Option(help="Loader worker processes (default 0 on CPU, 4 on CUDA).")] = None,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (0: only at the end/SIGTERM).")] = 100,
     keep: Annotated[int, typer.Option(help="Checkpoints to keep.")] = 3,
@@ -683,7 +685,7 @@ def train_command(
         raise typer.BadParameter(f"--task must be comprehension, generation or mixed, not {task!r}")
     cfg = TrainConfig(
         preset=preset, stage=stage, task=task, shards=shards, out=out, init=tuple(init or ()), resume=resume,
-        overrides=overrides, config=config, seed=seed, split=split, pack=pack, stream=stream,
+        overrides=overrides, config=config, seed=seed, split=split, pack=pack, stream=stream, verify=verify,
         num_workers=num_workers, save_every=save_every, keep=keep, device=device, precision=precision,
         gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, tensorboard=tensorboard, progress=progress,
         debug_nan_at=tuple(debug_nan_at or ()), debug_exit_after=debug_exit_after, debug_log_keys=debug_log_keys,

@@ -30,7 +30,7 @@ from types import ModuleType
 from typing import Any, Protocol, runtime_checkable
 
 from vlhealth.itemstore import ItemStore
-from vlhealth.limits import Limits
+from vlhealth.limits import Limits, plain_reason
 from vlhealth.manifests import load_manifest, pick_template
 from vlhealth.schema import Sample, SchemaError, encode_png
 from vlhealth.shards import (
@@ -109,7 +109,9 @@ class Reject:
     item: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"file": self.file, "reason": self.reason, "item": self.item}
+        # Library messages can hold memory addresses (``<_io.BytesIO object at 0x7f..>``): two runs
+        # over the same input must write the same rejects.jsonl.
+        return {"file": self.file, "reason": plain_reason(self.reason), "item": self.item}
 
 
 @dataclass(frozen=True)

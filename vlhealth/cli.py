@@ -276,6 +276,19 @@ def make_build_command(name: str, module: Any):
                               "Continue a killed build of the same command (finished tars are kept; "
                               "the result equals an uninterrupted build)."))]),
     ]
+    from vlhealth.limits import Limits
+
+    defaults = Limits()
+    common += [
+        inspect.Parameter("max_image_pixels", inspect.Parameter.KEYWORD_ONLY, default=defaults.max_image_pixels,
+                          annotation=Annotated[int, typer.Option(help=(
+                              "Refuse images with more pixels (read from the header, before decoding)."))]),
+        inspect.Parameter("max_file_bytes", inspect.Parameter.KEYWORD_ONLY, default=defaults.max_file_bytes,
+                          annotation=Annotated[int, typer.Option(help="Refuse any single input file larger than this.")]),
+        inspect.Parameter("max_text_chars", inspect.Parameter.KEYWORD_ONLY, default=defaults.max_text_chars,
+                          annotation=Annotated[int, typer.Option(help=(
+                              "Refuse questions, answers and conversation turns longer than this."))]),
+    ]
     if generates:
         common += [
             inspect.Parameter("vqgan", inspect.Parameter.KEYWORD_ONLY, default="tiny",
@@ -298,6 +311,8 @@ def make_build_command(name: str, module: Any):
         from vlhealth.build import ResumeError
 
         try:
+            limits = Limits(max_image_pixels=kwargs["max_image_pixels"], max_file_bytes=kwargs["max_file_bytes"],
+                            max_text_chars=kwargs["max_text_chars"])
             with progress_bar(f"build {name}", console=console) as bar:
                 task = bar.add_task(name, total=None)
                 summary = run_build(
@@ -305,6 +320,7 @@ def make_build_command(name: str, module: Any):
                     max_count=kwargs["shard_size"], max_bytes=kwargs["shard_bytes"],
                     progress=lambda done, total: bar.update(task, completed=done, total=total),
                     workers=kwargs["workers"], partition=kwargs["partition"], resume=kwargs["resume"],
+                    limits=limits,
                 )
         except (ResumeError, ValueError) as exc:
             console.print(f"[red]error[/]: {exc}")

@@ -41,13 +41,22 @@ class _Utf8Checked:
         self._fh = fh
         self._decoder = codecs.getincrementaldecoder("utf-8")("strict")
         self.offset = offset  # bytes handed out so far (absolute in the file)
+        self._error: NotUtf8Error | None = None
 
     def read(self, size: int = -1) -> bytes:
+        if self._error is not None:
+            raise self._error
         data = self._fh.read(size)
+        pending = len(self._decoder.getstate()[0])  # bytes of a sequence cut by the previous chunk
         try:
             self._decoder.decode(data, final=not data)
         except UnicodeDecodeError as exc:
-            raise NotUtf8Error(self.offset + exc.start, data[exc.start] if exc.start < len(data) else 0) from None
+            start = max(exc.start - pending, 0)
+            self._error = NotUtf8Error(self.offset + start, data[start] if start < len(data) else 0)
+            # hand out the good bytes before the bad one first: the rows they complete are kept
+            data = data[:start]
+            if not data:
+                raise self._error from None
         self.offset += len(data)
         return data
 
@@ -111,16 +120,73 @@ def _row_problem(row: Any, limits: Limits) -> str | None:
     return None
 
 
+class _TooDeep:
+    """Stands for a row that nests deeper than the limit (never built)."""
+
+
+def _array_items(events: Iterator[tuple[str, Any]], max_depth: int) -> Iterator[Any]:
+    """The elements of a top-level JSON array, built from ijson's ``basic_parse`` events.
+
+    Rows are built here rather than by ``ijson.items``, whose builder keeps a prefix string per open
+    level: a 20 KB row nested 10,000 deep cost it ~250 MB. A row nested deeper than ``max_depth`` is
+    skipped while it is read and yields :class:`_TooDeep`."""
+    depth = 0  # open containers, the top-level array included
+    stack: list[Any] = []  # containers of the row being built
+    keys: list[Any] = []  # per open container: the pending key of a map (None for a list)
+    skipping = False
+    for event, value in events:
+        if event in ("start_map", "start_array"):
+            depth += 1
+            if depth == 1:
+                continue
+            if skipping or depth - 1 > max_depth:
+                skipping = True
+                continue
+            container: Any = {} if event == "start_map" else []
+            if stack:
+                _attach(stack, keys, container)
+            stack.append(container)
+            keys.append(None)
+        elif event in ("end_map", "end_array"):
+            depth -= 1
+            if depth == 0:
+                return
+            if skipping:
+                if depth == 1:
+                    skipping, stack, keys = False, [], []
+                    yield _TooDeep()
+                continue
+            if depth - 1 < len(stack):
+                done = stack.pop()
+                keys.pop()
+                if not stack:
+                    yield done
+        elif event == "map_key":
+            if not skipping:
+                keys[-1] = value
+        elif depth == 1:
+            yield value  # a scalar row
+        elif not skipping:
+            _attach(stack, keys, value)
+
+
+def _attach(stack: list[Any], keys: list[Any], value: Any) -> None:
+    parent = stack[-1]
+    if isinstance(parent, dict):
+        parent[keys[-1]] = value
+    else:
+        parent.append(value)
+
+
 def _list_rows(fh: IO[bytes], rel: str, limits: Limits) -> Iterator[tuple[int, Any] | Reject]:
     import ijson
 
     checked = _Utf8Checked(fh, fh.tell())
     n = 0
     try:
-        for row in ijson.items(checked, "item", use_float=True):
-            problem = _row_problem(row, limits)
-            if problem is not None:
-                yield Reject(rel, f"bad row: row {n} is {problem}", f"row {n}")
+        for row in _array_items(ijson.basic_parse(checked, use_float=True), limits.max_json_depth):
+            if isinstance(row, _TooDeep):
+                yield Reject(rel, f"bad row: row {n} is nested deeper than {limits.max_json_depth} levels", f"row {n}")
             else:
                 yield n, row
             n += 1

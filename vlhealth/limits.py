@@ -90,19 +90,19 @@ def checked_file(path: os.PathLike | str, root: os.PathLike | str | None, limits
 # -- images ---------------------------------------------------------------------------------------
 def open_image_checked(data: bytes, limits: Limits) -> Any:
     """A lazily opened ``PIL.Image`` of ``data`` whose size was checked against ``max_image_pixels``
-    from the header, before any pixel is decoded. Raises :class:`LimitError` (too many pixels, not an
-    image); decoding errors of the caller's ``load()`` are theirs."""
+    from the header, before any pixel is decoded. Raises :class:`LimitError` (too many pixels) or
+    ``OSError`` (not an image)."""
     from PIL import Image, UnidentifiedImageError
 
-    with warnings.catch_warnings():
-        # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that: both are refusals here.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(io.BytesIO(data))
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise LimitError(f"image too large: {plain_reason(str(exc))}") from exc
-        except UnidentifiedImageError as exc:
-            raise LimitError("unreadable image: not a recognised image format") from exc
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # Pillow's own check at open would only warn below 2x its limit: ours follows
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as exc:
+        # Pillow's message holds the BytesIO's memory address: say it without one
+        raise OSError("not a recognised image format") from exc
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
     width, height = img.size
     if width * height > limits.max_image_pixels:
         img.close()
@@ -126,6 +126,21 @@ def decode_limited(img: Any, limits: Limits) -> None:
         raise LimitError(f"image too large: {plain_reason(str(exc))}") from exc
     finally:
         Image.MAX_IMAGE_PIXELS = previous
+
+
+def read_image_file(path: os.PathLike | str, root: os.PathLike | str | None, limits: Limits) -> tuple[bytes, Any]:
+    """``(file bytes, decoded PIL image)`` of an image file, every check above applied in order: inside the
+    root, file size, pixel count from the header, then the decode. The caller closes the image."""
+    data = checked_file(path, root, limits).read_bytes()
+    if not data:
+        raise OSError("empty file")
+    img = open_image_checked(data, limits)
+    try:
+        decode_limited(img, limits)
+    except BaseException:
+        img.close()
+        raise
+    return data, img
 
 
 # -- text -----------------------------------------------------------------------------------------

@@ -333,10 +333,54 @@ def verify_shards(shard_dir: os.PathLike | str) -> list[str]:
         if not path.is_file():
             problems.append(f"{entry['name']}: missing")
             continue
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = file_sha256(path)
         if digest != entry["sha256"]:
             problems.append(f"{entry['name']}: sha256 differs from index.json")
     return problems
+
+
+_VERIFIED: dict[tuple[str, int, int], str] = {}  # (real path, size, mtime_ns) -> sha256, per process
+
+
+def file_sha256(path: os.PathLike | str) -> str:
+    """sha256 of a file, read in 1 MiB chunks (tars are up to 512 MiB)."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def verify_tars(tars: Iterable[os.PathLike | str]) -> int:
+    """Check every tar against the sha256 that ``index.json`` of its folder records, before anything reads it.
+
+    Raises :class:`ShardError` naming the tar when its bytes differ from what was built (bit rot, a
+    partial copy, an edit), or when the folder's ``index.json`` does not list it. A tar without an
+    ``index.json`` beside it has nothing to be compared with and passes. A tar is hashed once per
+    process while its size and mtime stay the same. Returns the number of tars compared.
+    """
+    indexes: dict[Path, dict[str, str] | None] = {}
+    checked = 0
+    for tar in tars:
+        path = Path(tar)
+        folder = path.parent
+        if folder not in indexes:
+            indexes[folder] = ({s["name"]: s["sha256"] for s in load_index(folder)["shards"]}
+                               if (folder / INDEX_NAME).is_file() else None)
+        listed = indexes[folder]
+        if listed is None:
+            continue
+        if path.name not in listed:
+            raise ShardError(path, f"not listed in {INDEX_NAME}: it is not part of the build that wrote the folder")
+        stat = path.stat()
+        token = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        digest = _VERIFIED.get(token) or file_sha256(path)
+        if digest != listed[path.name]:
+            raise ShardError(path, f"sha256 {digest[:16]}... differs from {INDEX_NAME} ({listed[path.name][:16]}...): "
+                                   "the file changed after the build (rebuild or re-copy it; --no-verify skips the check)")
+        _VERIFIED[token] = digest
+        checked += 1
+    return checked
 
 
 # -- reading -------------------------------------------------------------------------------

@@ -186,8 +186,12 @@ def _check_nifti(path: Path, shown: str, check_finite: bool) -> None:
     try:
         proxy = nib.load(str(path)).dataobj  # header only; the proxy knows offset, shape, dtype
         offset, shape, dtype = int(proxy.offset), tuple(proxy.shape), np.dtype(proxy.dtype)
+        pixdim = _raw_pixdim(path)[: min(len(shape), 3)]
     except Exception as exc:  # nibabel raises several types for corrupt headers
         raise VolumeError(shown, f"unreadable NIfTI header ({_short(exc)})") from exc
+    if any(not np.isfinite(v) or v <= 0 for v in pixdim):
+        # ITK would read a flipped or degenerate grid; the orientation belongs in qform/sform, not here
+        raise VolumeError(shown, f"voxel spacing (pixdim) must be positive, got {pixdim}")
     expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if str(path).lower().endswith(".gz"):
         actual = 0
@@ -207,6 +211,21 @@ def _check_nifti(path: Path, shown: str, check_finite: bool) -> None:
         bad = int(np.count_nonzero(~np.isfinite(np.asarray(proxy.get_unscaled()))))
         if bad:
             raise VolumeError(shown, f"{bad} non-finite (NaN/Inf) voxels")
+
+
+def _raw_pixdim(path: Path) -> list[float]:
+    """pixdim[1:4] as stored in a NIfTI-1/2 header (nibabel silently replaces negative values by their abs)."""
+    import struct
+
+    with (gzip.open(path, "rb") if str(path).lower().endswith(".gz") else open(path, "rb")) as fh:
+        head = fh.read(540)
+    for endian in ("<", ">"):
+        size = struct.unpack(endian + "i", head[:4])[0]
+        if size == 348:  # NIfTI-1: pixdim is float32[8] at byte 76
+            return list(struct.unpack(endian + "8f", head[76:108])[1:4])
+        if size == 540:  # NIfTI-2: pixdim is float64[8] at byte 104
+            return list(struct.unpack(endian + "8d", head[104:168])[1:4])
+    return []
 
 
 def _short(exc: BaseException) -> str:

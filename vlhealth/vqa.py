@@ -56,9 +56,8 @@ from vlhealth.limits import (
     Limits,
     check_text_value,
     checked_file,
-    decode_limited,
-    open_image_checked,
     plain_reason,
+    read_image_file,
 )
 from vlhealth.schema import IMAGE_TOKEN, TARGET_IMAGE_TOKEN, Record, Sample, safe_key
 from vlhealth.vocab import canonical_modality  # noqa: F401 - re-exported: its home was here
@@ -329,12 +328,9 @@ def load_image(path: Path, rel: str, root: Path | None = None, limits: Limits | 
     if not path.is_file():
         raise Rejected(rel, "missing image")
     try:
-        data = checked_file(path, root, limits).read_bytes()
-        if not data:
-            raise Rejected(rel, "unreadable image: empty file")
-        with open_image_checked(data, limits) as img:
+        data, opened = read_image_file(path, root, limits)  # full decode: truncated files fail here, not in training
+        with opened as img:
             fmt = (img.format or "").upper()
-            decode_limited(img, limits)  # full decode: truncated files fail here, not in training
             width, height = img.size
             rgb_or_l = img.convert("RGB") if img.mode not in ("L", "RGB") else img.copy()
     except LimitError as exc:
