@@ -261,3 +261,30 @@ def test_hashed_key_set_agrees_with_a_set() -> None:
         assert hashed.add(k) == (k not in plain)
         plain.add(k)
     assert len(hashed) == len(plain) and all(k in hashed for k in plain) and "absent" not in hashed
+
+
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=False, allow_infinity=False),
+              st.text(max_size=8)),
+    lambda children: st.one_of(st.lists(children, max_size=3), st.dictionaries(st.text(max_size=4), children, max_size=3)),
+    max_leaves=12)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(json_values, max_size=6), st.sampled_from(["list", "lines", "object"]))
+def test_streamed_rows_equal_json_loads(tmp_path_factory, rows, shape) -> None:
+    from vlhealth.jsonstream import iter_json_rows
+
+    path = tmp_path_factory.mktemp("rows") / "rows.json"
+    if shape == "list":
+        path.write_text(json.dumps(rows, indent=1), encoding="utf-8")
+        expected = list(enumerate(rows))
+    elif shape == "lines":
+        rows = [{"row": r} for r in rows] + [{"last": 1}, {"end": 2}]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        expected = list(enumerate(rows, 1))
+    else:
+        table = {f"k{i}": {"row": r} for i, r in enumerate(rows)}
+        path.write_text(json.dumps(table, indent=1), encoding="utf-8")
+        expected = [(i, {**v, "_id": k}) for i, (k, v) in enumerate(table.items())]
+    assert list(iter_json_rows(path, "rows.json")) == expected

@@ -125,14 +125,22 @@ class _TooDeep:
 
 
 def _array_items(events: Iterator[tuple[str, Any]], max_depth: int) -> Iterator[Any]:
-    """The elements of a top-level JSON array, built from ijson's ``basic_parse`` events.
+    """The elements of a top-level JSON array, built from ijson's ``basic_parse`` events."""
+    for _key, value in _top_level_items(events, max_depth):
+        yield value
+
+
+def _top_level_items(events: Iterator[tuple[str, Any]], max_depth: int) -> Iterator[tuple[Any, Any]]:
+    """``(key, value)`` of each member of the top-level JSON array (key None) or object, built from
+    ijson's ``basic_parse`` events.
 
     Rows are built here rather than by ``ijson.items``, whose builder keeps a prefix string per open
     level: a 20 KB row nested 10,000 deep cost it ~250 MB. A row nested deeper than ``max_depth`` is
-    skipped while it is read and yields :class:`_TooDeep`."""
-    depth = 0  # open containers, the top-level array included
+    skipped while it is read and comes as :class:`_TooDeep`."""
+    depth = 0  # open containers, the top-level one included
     stack: list[Any] = []  # containers of the row being built
     keys: list[Any] = []  # per open container: the pending key of a map (None for a list)
+    top_key: Any = None  # the key of the current row in a top-level object
     skipping = False
     for event, value in events:
         if event in ("start_map", "start_array"):
@@ -154,18 +162,20 @@ def _array_items(events: Iterator[tuple[str, Any]], max_depth: int) -> Iterator[
             if skipping:
                 if depth == 1:
                     skipping, stack, keys = False, [], []
-                    yield _TooDeep()
+                    yield top_key, _TooDeep()
                 continue
             if depth - 1 < len(stack):
                 done = stack.pop()
                 keys.pop()
                 if not stack:
-                    yield done
+                    yield top_key, done
         elif event == "map_key":
-            if not skipping:
+            if depth == 1:
+                top_key = value
+            elif not skipping:
                 keys[-1] = value
         elif depth == 1:
-            yield value  # a scalar row
+            yield top_key, value  # a scalar row
         elif not skipping:
             _attach(stack, keys, value)
 
@@ -232,17 +242,17 @@ def _object_rows(fh: IO[bytes], rel: str, limits: Limits, offset: int) -> Iterat
     import ijson
 
     try:
-        for _key, value in ijson.kvitems(_Utf8Checked(fh, offset), "", use_float=True):
-            if not isinstance(value, dict):
+        for _key, value in _top_level_items(ijson.basic_parse(_Utf8Checked(fh, offset), use_float=True),
+                                            limits.max_json_depth):
+            if not isinstance(value, dict | _TooDeep):
                 raise Rejected(rel, "bad json: top level is dict, expected a list of rows")
     except NotUtf8Error as exc:
         raise Rejected(rel, f"{exc}; the file is refused") from None
     except (ijson.JSONError, ijson.IncompleteJSONError, RecursionError) as exc:
         raise Rejected(rel, f"bad json: {_ijson_reason(exc)}") from None
     fh.seek(offset)
-    for i, (key, value) in enumerate(ijson.kvitems(fh, "", use_float=True)):
-        problem = _row_problem(value, limits)
-        if problem is not None:
-            yield Reject(rel, f"bad row: row {i} is {problem}", f"row {i}")
+    for i, (key, value) in enumerate(_top_level_items(ijson.basic_parse(fh, use_float=True), limits.max_json_depth)):
+        if isinstance(value, _TooDeep):
+            yield Reject(rel, f"bad row: row {i} is nested deeper than {limits.max_json_depth} levels", f"row {i}")
             continue
         yield i, {**value, "_id": key}
