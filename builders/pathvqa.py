@@ -75,7 +75,7 @@ def discover(ctx: BuildContext) -> Iterator[Item | Reject]:
             continue
         found = True
         try:
-            rows = load_pickle(path, base + rel)
+            rows = load_pickle(path, base + rel, ctx.root, ctx.limits)
         except Rejected as exc:
             yield Reject(exc.file, exc.reason)
             continue
