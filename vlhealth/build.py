@@ -506,7 +506,18 @@ def run_build(
     write_index(out, result.shards, index_name=_meta_name(INDEX_NAME, plan.suffix), source=builder.NAME,
                 **({"partition": list(part)} if part else {}))
     write_json_atomic(out / SPLITS_NAME, splits_record(builder, manifest, ctx.splits, seed))
-    build_info = {
+    build_info = _build_record(builder, manifest, options, seed, vq, command, limits, part, plan, result, rejects)
+    write_json_atomic(out / _meta_name(BUILD_NAME, plan.suffix), build_info)
+    plan.journal_path.unlink(missing_ok=True)
+    return BuildSummary(out, result.samples, sum(rejects.values()), plan.n_items, len(result.shards),
+                        dict(result.counts), dict(rejects), time.perf_counter() - start)
+
+
+def _build_record(builder: ModuleType, manifest: dict[str, Any], options: Any, seed: int, vq: Any,
+                  command: Sequence[str] | None, limits: Limits, part: tuple[int, int] | None, plan: Any,
+                  result: Any, rejects: Counter) -> dict[str, Any]:
+    """The content of ``build.json``: command (relative paths only), versions, manifest, options, counts."""
+    build_info: dict[str, Any] = {
         "command": _recorded_command(command if command is not None else [Path(sys.argv[0]).name, *sys.argv[1:]]),
         "source": builder.NAME,
         "manifest": {"name": manifest["name"], "sha256": manifest["sha256"], "access": manifest["access"],
@@ -524,10 +535,7 @@ def run_build(
         build_info["partition"] = list(part)
     if result.reports:
         build_info["items"] = dict(sorted(result.reports.items()))
-    write_json_atomic(out / _meta_name(BUILD_NAME, plan.suffix), build_info)
-    plan.journal_path.unlink(missing_ok=True)
-    return BuildSummary(out, result.samples, sum(rejects.values()), plan.n_items, len(result.shards),
-                        dict(result.counts), dict(rejects), time.perf_counter() - start)
+    return build_info
 
 
 def _discover_into(builder: ModuleType, ctx: BuildContext, store: ItemStore) -> None:

@@ -17,6 +17,7 @@ from rich.console import Console
 
 import vlhealth.builders as builders
 from vlhealth.build import builder_hook
+from vlhealth.limits import Limits
 
 console = Console(stderr=True)
 
@@ -249,8 +250,8 @@ def _option_parameters(options_cls: type) -> list[inspect.Parameter]:
     return params
 
 
-def make_build_command(name: str, module: Any):
-    generates = bool(builder_hook(module, "GENERATES"))
+def _common_build_parameters(generates: bool) -> list[inspect.Parameter]:
+    """The options every `vlhealth build <source>` command has (generation sources also get --vqgan/--device)."""
     common = [
         inspect.Parameter("root", inspect.Parameter.POSITIONAL_OR_KEYWORD,
                           annotation=Annotated[Path, typer.Argument(help="The source's root folder, in its upstream layout.")]),
@@ -276,7 +277,6 @@ def make_build_command(name: str, module: Any):
                               "Continue a killed build of the same command (finished tars are kept; "
                               "the result equals an uninterrupted build)."))]),
     ]
-    from vlhealth.limits import Limits
 
     defaults = Limits()
     common += [
@@ -296,6 +296,12 @@ def make_build_command(name: str, module: Any):
             inspect.Parameter("device", inspect.Parameter.KEYWORD_ONLY, default="cpu",
                               annotation=Annotated[str, typer.Option(help="Device for VQ encoding (cpu, cuda).")]),
         ]
+    return common
+
+
+def make_build_command(name: str, module: Any):
+    generates = bool(builder_hook(module, "GENERATES"))
+    common = _common_build_parameters(generates)
     own = _option_parameters(module.Options)
 
     def command(**kwargs: Any) -> None:
