@@ -2,7 +2,8 @@
 
 Layout (as released): ``Task1/{brain,pelvis}/<ID>/{ct,mr,mask}.nii.gz`` (the root may be the
 folder holding ``Task1/`` or ``Task1/`` itself). Per patient, every axial slice whose body-mask
-coverage reaches ``--min-coverage`` gives
+coverage reaches ``--min-coverage`` (for val/test patients every slice that touches the body,
+``--eval-slices body``, so that whole volumes can be scored) gives
 
 * ``ct2mri``  input the CT slice (modality CT) -> target the MR slice,
 * ``mri2ct``  input the MR slice (modality MR) -> target the CT slice,
@@ -26,6 +27,12 @@ Members of every sample, in every split (one member set per folder, which the Hu
   masked MAE/PSNR/SSIM — are computed from it; MR: scanner units of the percentile window);
 * ``mask.png``      the body mask on the same 256x256 grid, 0/255.
 
+``provenance.grid`` (:func:`vlhealth.reassemble.slice_grid`) records the canonical volume's shape,
+spacing, origin and direction and where each slice went (square-pixel shape, box in the 256x256
+image), and ``provenance.source_sha256`` the SHA-256 of ct/mr/mask (``--no-source-checksums`` skips
+it): ``healthgpt eval-volumes`` puts generated slices back on the source grid with the first and
+checks it scores against the very source volumes with the second.
+
 Pairs must share one geometry; with ``--register`` the MR is registered to the CT (centred
 rigid then affine, Mattes MI, multi-resolution; :mod:`vlhealth.registration`), resampled on the
 CT grid, a before/after figure is written to ``<out>/registration/<ID>.png`` and the numbers go to
@@ -41,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from vlhealth.build import BuildContext, Item, ItemReport, Reject, Rejected
+from vlhealth.reassemble import file_sha256, slice_grid
 from vlhealth.schema import Record, Sample, encode_png
 from vlhealth.volumes import (
     Volume,
@@ -68,6 +76,10 @@ class Options:
     min_coverage: float = field(default=0.15, metadata={
         "help": "Keep axial slices whose body mask covers at least this fraction of the slice."})
     slice_step: int = field(default=1, metadata={"help": "Use every n-th kept slice."})
+    eval_slices: str = field(default="body", metadata={
+        "help": "Slices of val/test patients: 'body' writes every slice that touches the body mask (so "
+                "`healthgpt eval-volumes` scores whole volumes, as the challenge does); 'same' applies "
+                "--min-coverage and --slice-step as for training."})
     recon: str = field(default="both", metadata={
         "help": "Reconstruction samples from the mr, ct, both or none of the slices."})
     register: bool = field(default=False, metadata={
@@ -75,6 +87,9 @@ class Options:
     mask_background: bool = field(default=True, metadata={
         "help": "Set voxels outside the body mask to the window's low end."})
     anatomy: str = field(default="brain,pelvis", metadata={"help": "Comma-separated anatomies to build."})
+    source_checksums: bool = field(default=True, metadata={
+        "help": "Record the SHA-256 of ct/mr/mask in provenance, so `healthgpt eval-volumes --source-root` "
+                "can check it scores against the very volumes the slices came from."})
 
 
 def _task_root(root: Path) -> Path:
@@ -87,6 +102,8 @@ def discover(ctx: BuildContext) -> Iterator[Item | Reject]:
     bad = [a for a in wanted if a not in ANATOMIES]
     if bad:
         raise ValueError(f"--anatomy: unknown {bad}; choose from {list(ANATOMIES)}")
+    if ctx.options.eval_slices not in ("body", "same"):
+        raise ValueError(f"--eval-slices must be body or same, got {ctx.options.eval_slices!r}")
     if ctx.options.recon not in ("mr", "ct", "both", "none"):
         raise ValueError(f"--recon must be mr, ct, both or none, got {ctx.options.recon!r}")
     for anatomy in wanted:
@@ -167,12 +184,18 @@ def process(item: Item, ctx: BuildContext) -> Iterator[Sample | ItemReport]:
     except ValueError as exc:
         raise Rejected(mr_file, f"MR window: {exc}") from exc
     coverage = mask.reshape(mask.shape[0], -1).mean(axis=1)
-    kept = [int(k) for k in np.flatnonzero(coverage >= opts.min_coverage)][:: max(1, opts.slice_step)]
+    split = ctx.split_of(item.group)
+    if split != "train" and opts.eval_slices == "body":  # held out: the whole body, as the challenge scores it
+        kept = [int(k) for k in np.flatnonzero(coverage > 0)]
+    else:
+        kept = [int(k) for k in np.flatnonzero(coverage >= opts.min_coverage)][:: max(1, opts.slice_step)]
     if not kept:
         raise Rejected(mask_file, f"no axial slice has body-mask coverage >= {opts.min_coverage}")
-    split = ctx.split_of(item.group)
     windows = {"CT": ctw.as_dict(), "MR": mrw.as_dict()}
     files = {"ct": ct_file, "mr": mr_file, "mask": mask_file}
+    # what `healthgpt eval-volumes` needs to put predictions back on the source grid and find the source
+    grid = slice_grid(ct, "axial", SIZE)
+    checksums = {name: file_sha256(ctx.root / f) for name, f in files.items()} if opts.source_checksums else None
     body = Volume(mask.view(np.uint8), ct.spacing, ct.origin, ct.direction, mask_vol.source)
     for k in kept:
         # windowed slice by slice, only the kept ones (a whole float64 volume costs more than reading it);
@@ -214,6 +237,9 @@ def process(item: Item, ctx: BuildContext) -> Iterator[Sample | ItemReport]:
                                   "mask_member": "mask.png",
                                   "decode": "value = lo + v / 65535 * (hi - lo) with target_window"},
                     "registered": registered,
+                    "mask_background": opts.mask_background,
+                    "grid": grid,
+                    **({"source_sha256": checksums} if checksums else {}),
                 },
                 extra={"center": patient[2] if len(patient) > 2 else None},
             )

@@ -132,6 +132,11 @@ from healthgpt.evaluate import EVAL_HELP, eval_command  # noqa: E402
 
 app.command(name="eval", help=EVAL_HELP)(eval_command)
 
+# `healthgpt eval-volumes` (3D SynthRAD2023 scoring) lives in healthgpt/volume_eval.py.
+from healthgpt.volume_eval import EVAL_VOLUMES_HELP, eval_volumes_command  # noqa: E402
+
+app.command(name="eval-volumes", help=EVAL_VOLUMES_HELP)(eval_volumes_command)
+
 # `healthgpt train` lives with the trainer (healthgpt/train.py).
 from healthgpt.train import train_command  # noqa: E402
 

@@ -13,6 +13,7 @@ Public API::
     answer(model, image, question, *, max_new_tokens=256, on_text=None) -> str
     generate_image(model, image, instruction, *, vq=None, constrained=False)
         -> ImageResult(image uint8 [256,256,3] | None, codes int64 [1024], report)
+    generate_images(model, images, instructions, *, vq=None, constrained=False) -> list[ImageResult]
     load_vq_decoder(spec="tiny", device="cpu")      # raises VQUnavailableError if vlhealth.vq is missing
 """
 
@@ -29,7 +30,8 @@ import torch
 from healthgpt.conversation import encode_prompt
 from healthgpt.model import HealthGPT, ImageTokenReport
 
-__all__ = ["ImageResult", "VQUnavailableError", "answer", "generate_image", "load_model", "load_vq_decoder"]
+__all__ = ["ImageResult", "VQUnavailableError", "answer", "generate_image", "generate_images", "load_model",
+           "load_vq_decoder"]
 
 
 class VQUnavailableError(RuntimeError):
@@ -148,14 +150,40 @@ def generate_image(
 
     ``vq``: a loaded VQ tokenizer (``load_vq_decoder``) or None to return only the codes.
     """
-    ids = encode_prompt(model.tokenizer, instruction, template=model.template, image=image is not None,
-                        task="generation")
+    return generate_images(model, [image], [instruction], vq=vq, constrained=constrained,
+                           max_new_tokens=max_new_tokens)[0]
+
+
+def generate_images(
+    model: HealthGPT,
+    images: list[Any],
+    instructions: list[str],
+    *,
+    vq: Any = None,
+    constrained: bool = False,
+    max_new_tokens: int | None = None,
+) -> list[ImageResult]:
+    """:func:`generate_image` for a batch (prompts left-padded so every one ends at the last column).
+
+    ``images`` are all given or all None (the batch shares one visual input path).
+    """
+    if len(images) != len(instructions) or not images:
+        raise ValueError(f"need one instruction per image, got {len(images)} images and {len(instructions)} instructions")
+    with_image = images[0] is not None
+    if any((im is not None) != with_image for im in images):
+        raise ValueError("a batch is either all with images or all without")
+    prompts = [encode_prompt(model.tokenizer, text, template=model.template, image=with_image, task="generation")
+               for text in instructions]
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), model.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    pixel_values = model.vision.preprocess(images).to(model.device) if with_image else None
     kwargs: dict[str, Any] = {}
     if max_new_tokens is not None:
         kwargs["max_new_tokens"] = max_new_tokens
-    codes, reports = model.generate_image_tokens(torch.tensor([ids]), pixel_values=_pixel_values(model, image),
-                                                 constrained=constrained, **kwargs)
-    decoded = None
-    if vq is not None:
-        decoded = np.asarray(vq.decode(codes[:1]))[0]
-    return ImageResult(image=decoded, codes=codes[0], report=reports[0])
+    codes, reports = model.generate_image_tokens(ids, mask, pixel_values, constrained=constrained, **kwargs)
+    decoded = np.asarray(vq.decode(codes)) if vq is not None else [None] * len(prompts)
+    return [ImageResult(image=decoded[i], codes=codes[i], report=reports[i]) for i in range(len(prompts))]

@@ -64,6 +64,14 @@ healthgpt eval --shards "$SHARDS/vqa_rad" --shards "$SHARDS/slake" --shards "$SH
   --shards "$SHARDS/synthrad" --checkpoint "$RUNS/stage3" --preset tiny \
   --out "$DEMO_DIR/eval" --limit 12 --batch-size 8 --max-new-tokens 32 --device cpu
 
+echo "== 6b. SynthRAD2023 as the challenge scores it: whole 3D volumes on the source grid (MR->CT)"
+# bounded: one held-out patient per anatomy, MR->CT only (every slice of it is generated, 1024 tokens each:
+# ~63 slices, ~40 s); one torch thread, as the tiny model's small matrices only contend with more
+healthgpt eval-volumes --shards "$SHARDS/synthrad" --source-root "$RAW/synthrad2023" --checkpoint "$RUNS/stage3" \
+  --preset tiny --out "$DEMO_DIR/eval" --max-patients 1 --batch-size 16 --constrained-images --device cpu --threads 1
+healthgpt eval-volumes --shards "$SHARDS/synthrad" --source-root "$RAW/synthrad2023" --oracle \
+  --out "$DEMO_DIR/eval/oracle_volumes" --max-patients 1 --no-figures   # the round-trip ceiling
+
 echo "== 7. inference with the trained demo model"
 question_image=$(ls "$RAW/vqa_rad/VQA_RAD Image Folder/"*.jpg | head -n 1)
 healthgpt infer --preset tiny --checkpoint "$RUNS/stage3" --image "$question_image" --question "Is there a lesion?"

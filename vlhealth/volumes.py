@@ -58,6 +58,7 @@ __all__ = [
     "Window",
     "apply_window",
     "ct_window",
+    "fit_box",
     "fit_square",
     "list_dicom_series",
     "mr_window",
@@ -65,6 +66,7 @@ __all__ = [
     "read_volume",
     "same_geometry",
     "slice_volume",
+    "square_pixel_shape",
     "volume_suffix",
     "window_ct",
     "window_mr",
@@ -512,10 +514,30 @@ def slice_volume(
     if not square_pixels or np.isclose(spacing[0], spacing[1], rtol=1e-4):
         return image, (float(spacing[0]), float(spacing[1]))
     fine = min(spacing)
-    rows = max(1, round(image.shape[0] * spacing[0] / fine))
-    cols = max(1, round(image.shape[1] * spacing[1] / fine))
-    resampled = _resize(image, (rows, cols), order=0 if mask else 1)
+    shape = square_pixel_shape(image.shape[:2], spacing)
+    resampled = _resize(image, shape, order=0 if mask else 1)
     return resampled, (float(fine), float(fine))
+
+
+def square_pixel_shape(shape: Sequence[int], spacing: Sequence[float]) -> tuple[int, int]:
+    """The (rows, cols) that :func:`slice_volume` resamples a slice of ``shape`` and pixel ``spacing`` to.
+
+    The axis with the larger spacing is resampled to the smaller one; square pixels keep the shape.
+    """
+    rows, cols = int(shape[0]), int(shape[1])
+    if np.isclose(spacing[0], spacing[1], rtol=1e-4):
+        return rows, cols
+    fine = min(spacing)
+    return max(1, round(rows * spacing[0] / fine)), max(1, round(cols * spacing[1] / fine))
+
+
+def fit_box(shape: Sequence[int], size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Where :func:`fit_square` puts an image of ``shape``: its resized (rows, cols) and (top, left) offset."""
+    h, w = int(shape[0]), int(shape[1])
+    scale = size / max(h, w)
+    new_h = min(size, max(1, round(h * scale)))
+    new_w = min(size, max(1, round(w * scale)))
+    return (new_h, new_w), ((size - new_h) // 2, (size - new_w) // 2)
 
 
 def _resize(image: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray:
@@ -675,14 +697,10 @@ def fit_square(
     if img.ndim not in (2, 3) or img.shape[0] == 0 or img.shape[1] == 0:
         raise ValueError(f"fit_square expects a non-empty (H, W) or (H, W, C) image, got {img.shape}")
     h, w = img.shape[:2]
-    scale = size / max(h, w)
-    new_h = min(size, max(1, round(h * scale)))
-    new_w = min(size, max(1, round(w * scale)))
+    (new_h, new_w), (top, left) = fit_box((h, w), size)
     if (new_h, new_w) != (h, w):
         img = _resize(img, (new_h, new_w, *img.shape[2:]), order=order)
     fill = img.min() if pad_value is None else pad_value
     out = np.full((size, size, *img.shape[2:]), fill, dtype=img.dtype)
-    top = (size - new_h) // 2
-    left = (size - new_w) // 2
     out[top : top + new_h, left : left + new_w] = img
     return out

@@ -190,10 +190,11 @@ def synthrad_mae(gt: np.ndarray, pred: np.ndarray, mask: np.ndarray | None = Non
     return float(np.abs(g - p)[m].sum() / m.sum())
 
 
-def synthrad_psnr(gt: np.ndarray, pred: np.ndarray, mask: np.ndarray | None = None) -> float:
-    """Masked PSNR with both images clipped to [-1024, 3000] HU and data range 4024."""
+def synthrad_psnr(gt: np.ndarray, pred: np.ndarray, mask: np.ndarray | None = None,
+                  window: Sequence[float] = HU_RANGE) -> float:
+    """Masked PSNR with both images clipped to ``window`` ([-1024, 3000] HU) and data range hi - lo (4024)."""
     p, g = _pair(pred, gt)
-    lo, hi = HU_RANGE
+    lo, hi = float(window[0]), float(window[1])
     m = _binary(mask, g.shape)
     err = float(np.mean((np.clip(g, lo, hi)[m] - np.clip(p, lo, hi)[m]) ** 2))
     if err == 0.0:
@@ -201,10 +202,12 @@ def synthrad_psnr(gt: np.ndarray, pred: np.ndarray, mask: np.ndarray | None = No
     return float(10.0 * np.log10((hi - lo) ** 2 / err))
 
 
-def synthrad_ssim(gt: np.ndarray, pred: np.ndarray, mask: np.ndarray | None = None) -> float:
-    """SSIM on clipped HU with the outside of the mask set to -1024, averaged inside the mask."""
+def synthrad_ssim(gt: np.ndarray, pred: np.ndarray, mask: np.ndarray | None = None,
+                  window: Sequence[float] = HU_RANGE) -> float:
+    """SSIM on values clipped to ``window`` (HU: [-1024, 3000]) with the outside of the mask set to the
+    window's low end and shifted to start at 0, data range hi - lo, averaged inside the mask (any ndim)."""
     p, g = _pair(pred, gt)
-    lo, hi = HU_RANGE
+    lo, hi = float(window[0]), float(window[1])
     m = _binary(mask, g.shape)
     g = np.where(m, np.clip(g, lo, hi), lo) - lo
     p = np.where(m, np.clip(p, lo, hi), lo) - lo
