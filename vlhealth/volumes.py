@@ -40,7 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import SimpleITK as sitk
@@ -308,6 +308,40 @@ def _check_dicom_headers(files: list[str], shown: str) -> str | None:
     return modalities.pop() if len(modalities) == 1 else None
 
 
+def _read_image(p: Path, shown: str, series_uid: str | None, check_finite: bool) -> tuple[Any, str | None]:
+    """The SimpleITK image of a DICOM folder or a volume file, and the DICOM modality if any."""
+    if p.is_dir():
+        return _read_dicom_series(p, shown, series_uid)
+    suffix = volume_suffix(p)
+    if suffix is None:
+        raise VolumeError(shown, f"unsupported file type (expected one of {', '.join(VOLUME_SUFFIXES)})")
+    if suffix in (".nii", ".nii.gz"):
+        _check_nifti(p, shown, check_finite)
+    try:
+        return sitk.ReadImage(str(p)), None
+    except RuntimeError as exc:
+        raise VolumeError(shown, f"unreadable ({_short(exc)})") from exc
+
+
+def _as_scalar_3d(image: Any, shown: str, require_3d: bool) -> Any:
+    """``image`` as a scalar 3D volume (a 2D image becomes one slice unless ``require_3d``), or a clear refusal."""
+    dim = image.GetDimension()
+    if dim == 4 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise VolumeError(shown, f"expected a scalar 3D volume, got {dim}D with "
+                          f"{image.GetNumberOfComponentsPerPixel()} component(s)")
+    if dim == 2:
+        if require_3d:
+            raise VolumeError(shown, f"2D image {image.GetSize()} where a 3D volume is expected")
+        image = sitk.JoinSeries(image)
+    elif dim != 3:
+        raise VolumeError(shown, f"unsupported image dimension {dim}")
+    if min(image.GetSize()) == 0:
+        raise VolumeError(shown, f"volume has no voxels (size {image.GetSize()})")
+    if require_3d and min(image.GetSize()) < 2:
+        raise VolumeError(shown, f"a single slice (size {image.GetSize()}) where a 3D volume is expected")
+    return image
+
+
 def read_volume(
     path: str | os.PathLike[str],
     *,
@@ -337,7 +371,6 @@ def read_volume(
     root_p = Path(root) if root is not None else None
     shown = _display_path(p, root_p)
     source = _relative_source(p, root_p)
-    modality: str | None = None
     if not p.exists():
         raise VolumeError(shown, "does not exist")
     if root_p is not None:  # a symlink that leaves the source root would smuggle outside data in
@@ -347,34 +380,8 @@ def read_volume(
             resolve_inside(p, root_p)
         except LimitError as exc:
             raise VolumeError(shown, str(exc)) from exc
-    if p.is_dir():
-        image, modality = _read_dicom_series(p, shown, series_uid)
-    else:
-        suffix = volume_suffix(p)
-        if suffix is None:
-            raise VolumeError(shown, f"unsupported file type (expected one of {', '.join(VOLUME_SUFFIXES)})")
-        if suffix in (".nii", ".nii.gz"):
-            _check_nifti(p, shown, check_finite)
-        try:
-            image = sitk.ReadImage(str(p))
-        except RuntimeError as exc:
-            raise VolumeError(shown, f"unreadable ({_short(exc)})") from exc
-
-    dim = image.GetDimension()
-    if dim == 4 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise VolumeError(shown, f"expected a scalar 3D volume, got {dim}D with "
-                          f"{image.GetNumberOfComponentsPerPixel()} component(s)")
-    if dim == 2:
-        if require_3d:
-            raise VolumeError(shown, f"2D image {image.GetSize()} where a 3D volume is expected")
-        image = sitk.JoinSeries(image)
-    elif dim != 3:
-        raise VolumeError(shown, f"unsupported image dimension {dim}")
-    if min(image.GetSize()) == 0:
-        raise VolumeError(shown, f"volume has no voxels (size {image.GetSize()})")
-    if require_3d and min(image.GetSize()) < 2:
-        raise VolumeError(shown, f"a single slice (size {image.GetSize()}) where a 3D volume is expected")
-
+    image, modality = _read_image(p, shown, series_uid, check_finite)
+    image = _as_scalar_3d(image, shown, require_3d)
     image = sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
     array = sitk.GetArrayFromImage(image)
     if array.size == 0:
