@@ -714,3 +714,13 @@ def _with_hparam_options(command: Callable[..., None]) -> None:
 
 
 _with_hparam_options(train_command)
+
+
+def main() -> None:  # pragma: no cover - `python -m healthgpt.train ...` (e.g. under torchrun)
+    app = typer.Typer(add_completion=False, help="HealthGPT three-stage trainer.")
+    app.command("train")(train_command)
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
