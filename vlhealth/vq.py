@@ -52,6 +52,7 @@ __all__ = [
     "convert_checkpoint",
     "load_state_dict_file",
     "load_vq",
+    "save_vq",
 ]
 
 log = logging.getLogger(__name__)
@@ -588,18 +589,12 @@ def convert_checkpoint(
     Training-only keys are dropped; the config goes into the safetensors metadata (``vq_config``)
     and into a JSON file beside the output. Returns a summary dict.
     """
-    from safetensors.torch import save_file
-
     ckpt_path, out_path = Path(ckpt_path), Path(out_path)
     tensors, stored = load_state_dict_file(ckpt_path)
     cfg = _as_config(config) or stored or GUMBEL_F8_CONFIG
     model = VQGAN(cfg)
     dropped = _fit_state_dict(model, tensors, ckpt_path.name)
-    weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    cfg_json = json.dumps(cfg.to_dict(), sort_keys=True)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(out_path), metadata={_CONFIG_METADATA_KEY: cfg_json, "format": "taming-gumbelvq"})
-    out_path.with_suffix(".json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    weights = save_vq(model, out_path)
     return {
         "source": ckpt_path.name,
         "out": out_path.name,
@@ -609,6 +604,24 @@ def convert_checkpoint(
         "config": cfg.to_dict(),
         "sha256": _sha256_file(out_path),
     }
+
+
+def save_vq(model: VQGAN, out_path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Write ``model``'s weights as safetensors with its config in the metadata (``vq_config``) and in a
+    JSON sidecar (``<stem>.json``): what :func:`load_vq`, ``vlhealth build --vqgan``, ``healthgpt eval
+    --vq`` and ``healthgpt infer --vq`` read. Written to a temporary name and renamed (no torn file)."""
+    from safetensors.torch import save_file
+
+    out_path = Path(out_path)
+    cfg = model.config
+    weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    cfg_json = json.dumps(cfg.to_dict(), sort_keys=True)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    save_file(weights, str(tmp), metadata={_CONFIG_METADATA_KEY: cfg_json, "format": "taming-gumbelvq"})
+    os.replace(tmp, out_path)
+    out_path.with_suffix(".json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n", "utf-8")
+    return weights
 
 
 def _as_config(config: VQConfig | Mapping[str, Any] | None) -> VQConfig | None:
