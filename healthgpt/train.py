@@ -15,8 +15,10 @@ start). ``tests/test_train.py`` therefore pre-trains the tiny LLM on text first.
 Loss of an optimizer step: the mean over every label token of its micro-batches on all ranks, so
 accumulation gives the gradient of one batch of ``global_batch`` samples (not a mean of
 per-micro-batch means). The loss-spike guard skips a step whose loss is not finite or above
-``spike_factor x`` the running mean of the last ``spike_window`` accepted losses, logs it to
-``metrics.jsonl``, and stops the run after ``max_spikes`` consecutive skipped steps.
+``spike_factor x`` the running mean of the last ``spike_window`` accepted losses of the same task,
+logs it to ``metrics.jsonl``, and stops the run after ``max_spikes`` consecutive skipped steps.
+A task whose loss ends above where it started is named in a warning (console and
+``train_summary.json``, :mod:`healthgpt.loss_trend`).
 
 Hardware: CUDA (bf16 autocast, gradient checkpointing) when available, else CPU (fp32). Multi-GPU
 and multi-node through ``torchrun`` (DDP; ``--fsdp`` for presets that do not fit one device); gloo
@@ -76,6 +78,7 @@ from healthgpt.data import DataConfig, LoaderState, make_loader, source_sample_c
 from healthgpt.dist import Dist
 from healthgpt.hlora import set_dropout
 from healthgpt.hparams import HPARAM_HELP, HParams, load_hparams, lr_lambda
+from healthgpt.loss_trend import divergence_warnings
 from healthgpt.stages import STAGE_GROUPS, optimizer_groups, stage_groups
 from healthgpt.vision import VisionPreprocessor
 
@@ -146,28 +149,38 @@ class TrainResult:
 
 
 class LossGuard:
-    """Skips non-finite steps and spikes far above the running mean; stops on repeated spikes."""
+    """Skips non-finite steps and spikes far above the running mean; stops on repeated spikes.
 
-    def __init__(self, hp: HParams, history: Sequence[float] = (), consecutive: int = 0) -> None:
+    The running mean is kept per task: in a mixed run a generation batch (a loss over 1024 image
+    tokens) would otherwise be judged against the far lower comprehension losses and skipped as a
+    "spike", so generation would barely train (seen in the demo's stage 3).
+    """
+
+    def __init__(self, hp: HParams, history: Sequence[float] | Mapping[str, Sequence[float]] = (),
+                 consecutive: int = 0) -> None:
         self.factor = hp.spike_factor
         self.min_history = hp.spike_min_history
         self.max_spikes = hp.max_spikes
-        self.history: deque[float] = deque(history, maxlen=hp.spike_window)
+        self.window = hp.spike_window
+        # checkpoints written before the per-task history hold one list: it becomes the "" task's
+        items = history.items() if isinstance(history, Mapping) else [("", history)]
+        self.histories: dict[str, deque[float]] = {k: deque(v, maxlen=self.window) for k, v in items}
         self.consecutive = consecutive
 
-    def check(self, loss: float, grad_norm: float) -> str | None:
+    def check(self, loss: float, grad_norm: float, task: str = "") -> str | None:
         """None when the step may be applied, else the reason to skip it."""
         reason = None
+        history = self.histories.setdefault(task, deque(maxlen=self.window))
         if not math.isfinite(loss):
             reason = f"non-finite loss {loss}"
         elif not math.isfinite(grad_norm):
             reason = f"non-finite gradient norm {grad_norm}"
-        elif len(self.history) >= self.min_history:
-            mean = sum(self.history) / len(self.history)
+        elif len(history) >= self.min_history:
+            mean = sum(history) / len(history)
             if loss > self.factor * mean:
-                reason = f"loss {loss:.4g} > {self.factor:g} x running mean {mean:.4g}"
+                reason = f"loss {loss:.4g} > {self.factor:g} x running mean {mean:.4g}{f' of {task}' if task else ''}"
         if reason is None:
-            self.history.append(loss)
+            history.append(loss)
             self.consecutive = 0
         else:
             self.consecutive += 1
@@ -177,7 +190,7 @@ class LossGuard:
         return self.consecutive >= self.max_spikes
 
     def state(self) -> dict[str, Any]:
-        return {"history": list(self.history), "consecutive": self.consecutive}
+        return {"history": {k: list(v) for k, v in self.histories.items()}, "consecutive": self.consecutive}
 
 
 def trainable_summary(model: Any) -> dict[str, int]:
@@ -386,7 +399,7 @@ def _optimizer_step(run: _Run, batch_hook: Callable[[int, dict[str, Any]], dict[
         grad_norm = float(run.wrapped.clip_grad_norm_(max_norm))
     else:  # under DDP the gradients are already averaged: every rank sees the same norm
         grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, max_norm))
-    reason = run.guard.check(step_loss, grad_norm)
+    reason = run.guard.check(step_loss, grad_norm, max(tasks, key=tasks.get))
     if reason is None:
         run.optimizer.step()
     else:
@@ -539,6 +552,7 @@ def _finish(run: _Run, status: str, console: Any) -> TrainResult:
     cfg, dd, losses = run.cfg, run.dd, run.losses
     summary = trainable_summary(run.model)
     by_task = loss_by_task(losses[len(losses) - len(run.step_tasks):], run.step_tasks)
+    rising = divergence_warnings(by_task)
     final = None
     if status == "finished":
         if dd.main:
@@ -552,7 +566,7 @@ def _finish(run: _Run, status: str, console: Any) -> TrainResult:
                 "groups": list(run.groups), "saved_groups": run.saved_groups, "trainable": summary,
                 "hparams": json.loads(json.dumps(run.hp.to_dict(), default=str)),
                 "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-                "skipped_steps": run.skipped, "loss_by_task": by_task,
+                "skipped_steps": run.skipped, "loss_by_task": by_task, "warnings": rising,
             }, indent=2) + "\n", "utf-8")
         dd.barrier()
     if dd.main:
@@ -560,6 +574,8 @@ def _finish(run: _Run, status: str, console: Any) -> TrainResult:
         for task, v in by_task.items():
             console.print(f"  {task}: loss {v['first']:.4f} -> {v['last']:.4f} (mean of first/last {v['n']} "
                           f"of {v['steps']} steps)")
+        for warning in rising:
+            console.print(f"[bold yellow]warning: {warning}[/bold yellow]", highlight=False)
     return TrainResult(status, run.step, run.total_steps, losses, run.skipped, summary, Path(cfg.out), final)
 
 
