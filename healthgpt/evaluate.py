@@ -54,6 +54,7 @@ import numpy as np
 import torch
 import typer
 
+from healthgpt.baselines import collect_train_reference, generation_baselines, generation_group
 from healthgpt.dist import Dist, device_for, world_info
 from healthgpt.metrics.image import image_metrics, synthrad_metrics, to_hu
 from vlhealth.schema import IMAGE_TOKEN, Record, Sample, decode_image
@@ -100,6 +101,7 @@ class EvalConfig:
     vq: str = "tiny"
     split: str | None = "test"
     limit: int | None = None
+    generation_limit: int | None = None  # per subtask/body part and shard folder: 1024 decoding steps per sample
     batch_size: int = 8
     max_new_tokens: int = 128
     max_image_tokens: int | None = None  # None: 1024 codes + end token (+ slack when unconstrained)
@@ -111,6 +113,7 @@ class EvalConfig:
     max_batches: int | None = None  # stop this run after N batches (tests; a resumable partial run)
     progress: bool = False
     verify: bool = True  # compare each tar's sha256 with index.json before reading it
+    baselines: bool = True  # identity / train-mean / majority / random-choice rows (reads the train split)
 
 
 @dataclass
@@ -189,10 +192,12 @@ def _record_json(members: dict[str, bytes]) -> dict[str, Any] | None:
 
 
 def _iter_members(shards: Sequence[os.PathLike | str], split: str | None, limit: int | None = None,
-                  verify: bool = True) -> Iterator[tuple[str, dict[str, bytes], dict, str]]:
+                  verify: bool = True, generation_limit: int | None = None
+                  ) -> Iterator[tuple[str, dict[str, bytes], dict, str]]:
     """(key, members, record json, tar name) of the wanted split, in shard order; at most ``limit`` per shard
-    folder (so a quick run still covers every benchmark given). With ``verify`` every tar's sha256 is
-    compared with its index.json first."""
+    folder (so a quick run still covers every benchmark given) and at most ``generation_limit`` generation
+    samples per subtask and body part of a folder (so every conversion direction and anatomy is covered).
+    With ``verify`` every tar's sha256 is compared with its index.json first."""
     tars = list_shards(list(shards))
     if not tars:
         raise EvalError(f"no shards found in {', '.join(Path(s).name for s in shards)}")
@@ -203,6 +208,7 @@ def _iter_members(shards: Sequence[os.PathLike | str], split: str | None, limit:
             raise EvalError(str(exc)) from exc
     for folder in shards:
         taken = 0
+        per_group: dict[tuple[Any, Any], int] = {}
         for tar in list_shards(folder):
             for key, members in iter_tar(tar):
                 if limit is not None and taken >= limit:
@@ -212,6 +218,11 @@ def _iter_members(shards: Sequence[os.PathLike | str], split: str | None, limit:
                     raise EvalError(f"{tar.name}: sample {key!r} has no readable json member")
                 if split is not None and rec.get("split") != split:
                     continue
+                if generation_limit is not None and rec.get("task") == "generation":
+                    group = (rec.get("subtask"), rec.get("body_part"))
+                    if per_group.get(group, 0) >= generation_limit:
+                        continue
+                    per_group[group] = per_group.get(group, 0) + 1
                 taken += 1
                 yield key, members, rec, tar.name
 
@@ -229,7 +240,7 @@ def _stream_batches(config: EvalConfig, rank: int, world: int, done: set[str], a
     slots = dict.fromkeys(pending, 0)
     seen: set[str] = set()
     for i, (key, members, rec, tar) in enumerate(_iter_members(config.shards, config.split, config.limit,
-                                                                config.verify)):
+                                                                config.verify, config.generation_limit)):
         if key in seen:
             raise EvalError(f"sample key {key!r} occurs twice in the evaluated shards")
         seen.add(key)
@@ -344,8 +355,9 @@ def _fingerprint(path: os.PathLike | str | None) -> dict[str, Any] | None:
 
 
 class _Runner:
-    def __init__(self, config: EvalConfig, model: Any, vq: Any, lpips: Any) -> None:
+    def __init__(self, config: EvalConfig, model: Any, vq: Any, lpips: Any, train_ref: Any = None) -> None:
         self.config = config
+        self.train_ref = train_ref  # baselines.TrainReference: train-split means for the generation baselines
         self.model = model
         self.vq = vq
         self.lpips = lpips
@@ -409,6 +421,8 @@ class _Runner:
     def generation(self, samples: list[Sample]) -> list[dict[str, Any]]:
         ids, mask, pixel_values, questions = self._batch_inputs(samples, "generation")
         kwargs: dict[str, Any] = {"constrained": self.config.constrained_images}
+        if getattr(self.vq, "config", None) is not None:  # a smaller codebook than the 8192 token rows
+            kwargs["n_codes"] = int(self.vq.config.n_embed)
         if self.config.max_image_tokens is not None:
             kwargs["max_new_tokens"] = self.config.max_image_tokens
         codes, reports = self.model.generate_image_tokens(ids, mask, pixel_values, **kwargs)
@@ -441,6 +455,8 @@ class _Runner:
             if i in recon_of and sample.target is not None:
                 ceiling = _metrics_json(image_metrics(recon_of[i], sample.target))
             rep = reports[i]
+            group = generation_group(rec.subtask, rec.body_part, target_modality(rec))
+            inp = _image_array(sample.input_image) if sample.input_image is not None else None
             records.append({
                 "key": sample.key, "task": rec.task, "subtask": rec.subtask, "source": rec.source,
                 "split": rec.split, "modality": rec.modality, "body_part": rec.body_part,
@@ -450,6 +466,8 @@ class _Runner:
                 "tokens_ok": bool(rep.ok), "token_notes": list(rep.notes),
                 "metrics": _metrics_json(metrics), "hu_metrics": _metrics_json(hu) if hu else None,
                 "vq_ceiling": ceiling,
+                "baselines": {k: _metrics_json(v) for k, v in
+                              generation_baselines(inp, target, group, self.train_ref).items()},
             })
         return records
 
@@ -498,6 +516,7 @@ def _config_record(config: EvalConfig, model: Any, vq: Any, lpips: Any) -> dict[
         "vq": vq.describe() if hasattr(vq, "describe") else str(config.vq),
         "split": config.split,
         "limit": config.limit,
+        "generation_limit": config.generation_limit,
         "batch_size": config.batch_size,
         "max_new_tokens": config.max_new_tokens,
         "max_image_tokens": config.max_image_tokens,
@@ -548,7 +567,8 @@ def run_evaluation(config: EvalConfig, *, model: Any = None, vq: Any = None, lpi
 
     done = set(read_predictions(out))
     all_keys: list[str] = []
-    runner = _Runner(config, model, vq, lpips)
+    train_ref = collect_train_reference(config.shards) if config.baselines else None
+    runner = _Runner(config, model, vq, lpips, train_ref)
     writer = _PartWriter(out / PREDICTIONS_DIR / f"part-r{rank:03d}.jsonl")
     n_new = 0
     stopped = False
@@ -589,7 +609,7 @@ def run_evaluation(config: EvalConfig, *, model: Any = None, vq: Any = None, lpi
 
     result.report = write_report(out, ordered, cfg_record, shards=config.shards, vq=vq,
                                  grids_per_task=config.grids_per_task,
-                                 lpips_status=_lpips_status(config, lpips))
+                                 lpips_status=_lpips_status(config, lpips), train_ref=train_ref)
     result.complete = True
     result.seconds = time.perf_counter() - t0
     from vlhealth.shards import write_json_atomic
@@ -654,6 +674,8 @@ def eval_command(
     vq: Annotated[str, typer.Option(help="VQGAN decoder: 'tiny' or a weights file.")] = "tiny",
     split: Annotated[str, typer.Option(help="Split to evaluate (train, val, test, or 'all').")] = "test",
     limit: Annotated[int | None, typer.Option(help="Evaluate only the first N samples of each --shards folder.")] = None,
+    generation_limit: Annotated[int | None, typer.Option(help="At most N generation samples per subtask and body "
+                                                         "part of each --shards folder.")] = None,
     batch_size: Annotated[int, typer.Option(help="Samples decoded together (per rank).")] = 8,
     max_new_tokens: Annotated[int, typer.Option(help="Answer length limit (comprehension).")] = 128,
     max_image_tokens: Annotated[int | None, typer.Option(help="Image token limit (default 1024 + slack).")] = None,
@@ -682,7 +704,7 @@ def eval_command(
             overrides[name] = value
     config = EvalConfig(
         shards=shards, out=out, preset=preset, checkpoint=checkpoint, released=released, vq=vq,
-        split=None if split == "all" else split, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
+        split=None if split == "all" else split, limit=limit, generation_limit=generation_limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
         max_image_tokens=max_image_tokens, constrained_images=constrained_images,
         lpips_weights=lpips_weights or [], grids_per_task=grids, device=device, overrides=overrides, progress=True,
         verify=verify,

@@ -184,6 +184,8 @@ def generate_images(
     kwargs: dict[str, Any] = {}
     if max_new_tokens is not None:
         kwargs["max_new_tokens"] = max_new_tokens
+    if getattr(vq, "config", None) is not None:  # a smaller codebook than the 8192 token rows
+        kwargs["n_codes"] = int(vq.config.n_embed)
     codes, reports = model.generate_image_tokens(ids, mask, pixel_values, constrained=constrained, **kwargs)
     decoded = np.asarray(vq.decode(codes)) if vq is not None else [None] * len(prompts)
     return [ImageResult(image=decoded[i], codes=codes[i], report=reports[i]) for i in range(len(prompts))]

@@ -164,13 +164,16 @@ class ImageTokenReport:
         return self.had_end and self.padded == 0 and self.truncated == 0 and self.n_other_tokens == 0
 
 
-def parse_image_tokens(ids: Iterable[int], vocab: VocabIds) -> tuple[np.ndarray, ImageTokenReport]:
+def parse_image_tokens(ids: Iterable[int], vocab: VocabIds, n_codes: int = NUM_VQ_CODES
+                       ) -> tuple[np.ndarray, ImageTokenReport]:
     """Turn a generated id sequence into 1024 VQ codes; never raises on malformed input.
 
     Rules: everything up to the first ``<end_index>`` is read (all of it if there is none);
     ``<start_index>`` and ``<pixel_newline>`` are skipped; other non-index tokens are dropped and
     counted; more than 1024 codes are truncated; fewer are padded by repeating the last code (code
-    0 if none was produced). The report says what happened (``report.ok`` when nothing did).
+    0 if none was produced). Index tokens at or beyond ``n_codes`` (a VQGAN with a smaller codebook
+    than the vocabulary's 8192 rows) are dropped like other tokens. The report says what happened
+    (``report.ok`` when nothing did).
     """
     rep = ImageTokenReport()
     codes: list[int] = []
@@ -181,7 +184,7 @@ def parse_image_tokens(ids: Iterable[int], vocab: VocabIds) -> tuple[np.ndarray,
             break
         if t in (vocab.start_index, vocab.pixel_newline):
             continue
-        if vocab.is_index(t):
+        if vocab.is_index(t) and t - vocab.idx_0 < n_codes:
             codes.append(t - vocab.idx_0)
         else:
             rep.n_other_tokens += 1
@@ -538,9 +541,9 @@ class HealthGPT(nn.Module):
             return torch.zeros((bsz, 0), dtype=torch.long, device=self.device)
         return torch.stack(generated, dim=1)
 
-    def image_logits_hook(self) -> Callable[[int, torch.Tensor], torch.Tensor]:
-        """Constrain decoding to 1024 ``<idx_*>`` tokens followed by ``<end_index>``."""
-        lo, hi, end = self.vocab.idx_0, self.vocab.idx_0 + NUM_VQ_CODES, self.vocab.end_index
+    def image_logits_hook(self, n_codes: int = NUM_VQ_CODES) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        """Constrain decoding to 1024 ``<idx_*>`` tokens (the first ``n_codes``) followed by ``<end_index>``."""
+        lo, hi, end = self.vocab.idx_0, self.vocab.idx_0 + min(n_codes, NUM_VQ_CODES), self.vocab.end_index
 
         def hook(step: int, logits: torch.Tensor) -> torch.Tensor:
             masked = torch.full_like(logits, float("-inf"))
@@ -562,20 +565,22 @@ class HealthGPT(nn.Module):
         constrained: bool = False,
         max_new_tokens: int = TOKENS_PER_IMAGE + 40,
         streamer: Callable[[torch.Tensor], None] | None = None,
+        n_codes: int = NUM_VQ_CODES,
     ) -> tuple[np.ndarray, list[ImageTokenReport]]:
         """Generate image tokens (prompt should end with ``<start_index>``, see ``encode_prompt``)
         and parse/repair them into codes ``[B, 1024]``. ``constrained`` masks the logits so that the
-        output is always well formed; the default is free decoding like the released code."""
+        output is always well formed; the default is free decoding like the released code.
+        ``n_codes`` is the VQGAN's codebook size (codes beyond it cannot be decoded)."""
         stops = [self.vocab.end_index] + stop_token_ids_for(self)
         ids = self.generate(
             input_ids, attention_mask, pixel_values, task="generation",
             max_new_tokens=TOKENS_PER_IMAGE + 1 if constrained else max_new_tokens,
-            stop_token_ids=stops, logits_hook=self.image_logits_hook() if constrained else None,
+            stop_token_ids=stops, logits_hook=self.image_logits_hook(n_codes) if constrained else None,
             streamer=streamer,
         )
         codes, reports = [], []
         for row in ids.tolist():
-            c, r = parse_image_tokens(row, self.vocab)
+            c, r = parse_image_tokens(row, self.vocab, n_codes)
             codes.append(c)
             reports.append(r)
         return np.stack(codes), reports

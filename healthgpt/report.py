@@ -29,11 +29,16 @@ from typing import Any
 
 import numpy as np
 
+from healthgpt.baselines import BASELINE_NOTES, comprehension_baselines
 from healthgpt.metrics.answers import ALL_DEFINITION, VQAItem, summarize_vqa
 
 __all__ = ["REPORT_FORMAT", "benchmark_name", "generation_summary", "write_report"]
 
 REPORT_FORMAT = "healthgpt-eval-report/1"
+# baseline rows shown under each generation task (baselines.py), and their display names
+GENERATION_BASELINES = ("identity", "train_mean")
+_PREDICTOR_NAMES = {"identity": "identity (input)", "train_mean": "train mean image", "vq_ceiling": "VQGAN ceiling",
+                    "majority": "majority (train)", "random_choice": "random choice"}
 
 # Display names of known sources, in the paper's column order.
 _BENCHMARKS = {
@@ -89,6 +94,11 @@ def _group_name(rec: dict[str, Any]) -> str:
     return f"{task}/{body}" if body else task
 
 
+def _summary_of(metrics: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    return {"n": len(metrics), "ssim": _mean([m["ssim"] for m in metrics]),
+            "psnr": _mean([m["psnr"] for m in metrics]), "mse": _mean([m["mse"] for m in metrics])}
+
+
 def generation_summary(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per ``subtask/body_part``: n, mean SSIM/PSNR/MSE/LPIPS, HU metrics, ceiling, repairs."""
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -120,8 +130,9 @@ def generation_summary(records: Sequence[dict[str, Any]]) -> dict[str, dict[str,
                            "psnr_hu": _mean([h["psnr_hu"] for h in hu]),
                            "ssim_hu": _mean([h["ssim_hu"] for h in hu])}
         if ceil:
-            entry["vq_ceiling"] = {"n": len(ceil), "ssim": _mean([c["ssim"] for c in ceil]),
-                                   "psnr": _mean([c["psnr"] for c in ceil]), "mse": _mean([c["mse"] for c in ceil])}
+            entry["vq_ceiling"] = _summary_of(ceil)
+        entry["baselines"] = {b: _summary_of(v) for b in GENERATION_BASELINES
+                              if (v := [r["baselines"][b] for r in rs if (r.get("baselines") or {}).get(b)])}
         out[name] = entry
     return out
 
@@ -155,6 +166,19 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
+def _table1_row(label: str, summary: dict[str, Any], comp: dict[str, Any], order: Sequence[str]) -> list[str]:
+    """One Table 1 row; ``comp`` (the model's summary) decides the columns, ``summary`` fills them."""
+    row, shown = [label], []
+    for b in order:
+        s = summary.get(b, {})
+        keys = (["close", "all"] if comp[b]["n_closed"] or comp[b]["n_open"] else []) + (
+            ["choice"] if comp[b]["n_choice"] else [])
+        for key in keys:
+            row.append(_f(s.get(key)))
+            shown += [s[key]] if s.get(key) is not None else []
+    return row + [_f(_mean(shown))]
+
+
 def _markdown(report: dict[str, Any]) -> str:
     model = report["model"]
     lines = ["# HealthGPT evaluation report", ""]
@@ -173,22 +197,17 @@ def _markdown(report: dict[str, Any]) -> str:
     if comp:
         lines += ["## Comprehension", "", "Table 1 layout (%; `close` = closed-question accuracy, `all` = "
                   "all questions, `op` = single-choice accuracy):", ""]
-        header, row = ["Model"], [model["preset"]]
-        shown: list[float] = []
         order = [b for b in _TABLE1_ORDER if b in comp] + sorted(b for b in comp if b not in _TABLE1_ORDER)
+        header = ["Model"]
         for b in order:
-            s = comp[b]
-            if s["n_closed"] or s["n_open"]:
+            if comp[b]["n_closed"] or comp[b]["n_open"]:
                 header += [f"{b} close", f"{b} all"]
-                row += [_f(s["close"]), _f(s["all"])]
-                shown += [v for v in (s["close"], s["all"]) if v is not None]
-            if s["n_choice"]:
+            if comp[b]["n_choice"]:
                 header.append(f"{b} op")
-                row.append(_f(s["choice"]))
-                shown += [s["choice"]] if s["choice"] is not None else []
-        header.append("Avg.")
-        row.append(_f(_mean(shown)))
-        lines += _table(header, [row]) + [""]
+        rows = [_table1_row(model["preset"], comp, comp, order)]
+        for name, summary in (report.get("comprehension_baselines") or {}).items():
+            rows.append(_table1_row(_PREDICTOR_NAMES.get(name, name), summary, comp, order))
+        lines += _table(header + ["Avg."], rows) + [""]
         lines += ["Per benchmark:", ""]
         rows = [[b, str(comp[b]["n_closed"]), str(comp[b]["n_open"]), str(comp[b]["n_choice"]),
                  _f(comp[b]["close"]), _f(comp[b]["open"]), _f(comp[b]["all"]), _f(comp[b]["choice"])]
@@ -221,10 +240,17 @@ def _markdown(report: dict[str, Any]) -> str:
             return f"{sub}-{str(v['body_part']).capitalize()}" if v.get("body_part") else sub
 
         def rows_of(group: dict[str, dict[str, Any]]) -> list[list[str]]:
-            return [[name(v), str(v["n"]), _f(v["ssim"], 100), _f(v["psnr"]), _f(v["mse"]),
-                     _f(v["lpips"], 1, 4), str(v["n_repaired_tokens"])] for v in group.values()]
+            rows = []
+            for v in group.values():
+                rows.append([name(v), "model", str(v["n"]), _f(v["ssim"], 100), _f(v["psnr"]), _f(v["mse"]),
+                             _f(v["lpips"], 1, 4), str(v["n_repaired_tokens"])])
+                others = {**(v.get("baselines") or {}), **({"vq_ceiling": v["vq_ceiling"]} if v.get("vq_ceiling")
+                                                           else {})}
+                rows += [[name(v), _PREDICTOR_NAMES[b], str(m["n"]), _f(m["ssim"], 100), _f(m["psnr"]),
+                          _f(m["mse"]), "–", "–"] for b, m in others.items()]
+            return rows
 
-        header = ["Task", "n", "SSIM", "PSNR (dB)", "MSE", "LPIPS", "repaired"]
+        header = ["Task", "Predictor", "n", "SSIM", "PSNR (dB)", "MSE", "LPIPS", "repaired"]
         for title, group in (("Modality conversion (Table 4 layout)", conv),
                              ("Super-resolution (Table 5 layout)", sr), ("Other generation tasks", other)):
             if group:
@@ -235,18 +261,13 @@ def _markdown(report: dict[str, Any]) -> str:
             lines += _table(["Task", "n", "MAE (HU)", "PSNR (dB)", "SSIM"],
                             [[name(v), str(v["hu"]["n"]), _f(v["hu"]["mae_hu"], 1, 1), _f(v["hu"]["psnr_hu"]),
                               _f(v["hu"]["ssim_hu"], 1, 4)] for v in hu.values()]) + [""]
-        ceil = {k: v for k, v in gen.items() if v.get("vq_ceiling")}
-        if ceil:
-            lines += ["### VQGAN ceiling (target vs its own VQGAN reconstruction)", ""]
-            lines += _table(["Task", "n", "SSIM", "PSNR (dB)", "MSE"],
-                            [[name(v), str(v["vq_ceiling"]["n"]), _f(v["vq_ceiling"]["ssim"], 100),
-                              _f(v["vq_ceiling"]["psnr"]), _f(v["vq_ceiling"]["mse"])] for v in ceil.values()]) + [""]
         if report.get("grids"):
             lines += ["### Examples (input | prediction | target)", ""]
             lines += [f"![{Path(g).stem}]({g})" for g in report["grids"]] + [""]
 
     lines += ["## Notes", "", f"- LPIPS: {report['lpips']}."]
     lines += [f"- `{k}`: {v.rstrip('.')}." for k, v in DEFINITIONS.items()]
+    lines += [f"- baseline `{_PREDICTOR_NAMES[k]}`: {v}." for k, v in BASELINE_NOTES.items()]
     if isinstance(vq, dict) and vq.get("random_weights"):
         lines.append("- The VQGAN has random weights: image metrics measure the pipeline, not image quality.")
     lines.append("")
@@ -326,6 +347,7 @@ def write_report(
     vq: Any = None,
     grids_per_task: int = 4,
     lpips_status: str = "not computed",
+    train_ref: Any = None,
 ) -> dict[str, Any]:
     """Write report.json, report.md and the grids; returns the report dict."""
     from vlhealth.shards import write_atomic
@@ -342,6 +364,8 @@ def write_report(
         "shards": config_record.get("shards", []),
         "counts": {"comprehension": len(comp_recs), "generation": len(gen_recs)},
         "comprehension": comprehension,
+        "comprehension_baselines": comprehension_baselines(comp_recs, train_ref) if comp_recs else {},
+        "baselines": {"definitions": BASELINE_NOTES, **(train_ref.describe() if train_ref is not None else {})},
         "unscorable": unscorable,
         "generation": generation_summary(gen_recs),
         "lpips": lpips_status,
