@@ -152,6 +152,16 @@ app.command(name="export", help=EXPORT_HELP)(export_command)
 app.command(name="publish", help=PUBLISH_HELP)(publish_command)
 app.command(name="serve", help=SERVE_HELP)(serve_command)
 
+# `healthgpt pretrain-text`: brief text pre-training of a small preset's LLM (before stage 1).
+from healthgpt.pretrain_text import pretrain_text_command  # noqa: E402
+
+app.command(name="pretrain-text")(pretrain_text_command)
+
+# `healthgpt verdict`: one line per task, model vs best baseline, targets met or missed.
+from healthgpt.verdict import verdict_command  # noqa: E402
+
+app.command(name="verdict")(verdict_command)
+
 
 if __name__ == "__main__":  # pragma: no cover
     app()

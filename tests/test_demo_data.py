@@ -292,3 +292,24 @@ def test_ixi_falls_back_to_csv_without_xlwt(tmp_path: Path, monkeypatch: pytest.
     assert not (root / "IXI.xls").exists()
     lines = (root / "IXI.csv").read_text(encoding="utf-8").splitlines()
     assert lines[0].startswith("IXI_ID,") and len(lines) >= 6
+
+
+def test_scale_adds_images_and_keeps_the_scale_1_files(tmp_path: Path) -> None:
+    small = write_demo_data(tmp_path / "small", ["vqa_rad", "slake"])
+    big = write_demo_data(tmp_path / "big", ["vqa_rad", "slake"], scale=3)
+    for name in ("vqa_rad", "slake"):
+        a, b = _hashes(small[name]), _hashes(big[name])
+        kept = {k: v for k, v in a.items() if not k.endswith(".json")}  # image files; the JSON lists grow
+        assert kept.items() <= b.items() and len(b) > len(a)
+    rows_small = json.loads((small["vqa_rad"] / "VQA_RAD Dataset Public.json").read_text())
+    rows_big = json.loads((big["vqa_rad"] / "VQA_RAD Dataset Public.json").read_text())
+    assert rows_big[: len(rows_small)] == rows_small and len({r["qid"] for r in rows_big}) == len(rows_big)
+    extra = rows_big[len(rows_small):]
+    # the added closed modality questions are answered from the image: both answers occur
+    modality = [r for r in extra if r["question_type"] == "MODALITY" and r["answer_type"] == "CLOSED"]
+    assert {r["answer"].lower() for r in modality} == {"yes", "no"}
+    assert any(r["phrase_type"].startswith("test_") for r in extra)
+    splits = {s: json.loads((big["slake"] / f"{s}.json").read_text()) for s in ("train", "validate", "test")}
+    assert all(splits.values()) and len({r["img_id"] for s in splits.values() for r in s}) == 27
+    with pytest.raises(ValueError, match="scale"):
+        write_demo_data(tmp_path / "bad", ["slake"], scale=0)

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from tests.helpers import generation_sample, vqa_sample
 from vlhealth.schema import Record, Sample
@@ -93,6 +92,7 @@ def pretrain_tiny_lm(model: Any, steps: int = 60, lr: float = 1e-2, batch: int =
     Deterministic for a given ``seed``; returns the pre-trained LLM state (``model.llm`` keys).
     """
     from healthgpt.conversation import encode_conversation
+    from healthgpt.pretrain_text import pretrain_text
 
     image_tokens = model.vision.num_patches
     encs = []
@@ -102,16 +102,5 @@ def pretrain_tiny_lm(model: Any, steps: int = 60, lr: float = 1e-2, batch: int =
         human = conv[0]["value"].replace("<image>", brightness_description(yes, image_tokens))
         encs.append(encode_conversation(model.tokenizer, [{"from": "human", "value": human}, conv[1]],
                                         template=model.template))
-    gen = torch.Generator().manual_seed(seed)
-    params = model.set_trainable("word_embeddings", "lm_head", "llm_base")
-    opt = torch.optim.AdamW(params, lr=lr)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(len(encs), (batch,), generator=gen).tolist()
-        out = model(**model.collate([encs[k] for k in idx]), task="comprehension", return_logits=False)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-    model.requires_grad_(False)
-    model.eval()
+    pretrain_text(model, encs, steps=steps, lr=lr, batch=batch, seed=seed)
     return {k: v.detach().clone() for k, v in model.llm.state_dict().items()}

@@ -44,16 +44,19 @@ def demo_data(
     out: Annotated[Path, typer.Argument(help="Folder to write the replicas into (one sub-folder per source).")],
     source: Annotated[list[str] | None, typer.Option("--source", "-s", help="Only these sources (repeatable).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives byte-identical files.")] = 0,
+    scale: Annotated[int, typer.Option(help="Make SynthRAD2023, VQA-RAD and SLAKE about this many times larger "
+                                            "(enough data for the demo's model to learn from).")] = 1,
 ) -> None:
     """Write small, deterministic synthetic replicas of the upstream dataset layouts.
 
     Example:
 
         vlhealth demo-data demo/raw --source synthrad2023 --source ixi
+        vlhealth demo-data demo/raw --scale 6
     """
     from vlhealth.demo import write_demo_data
 
-    written = write_demo_data(out, sources=source or None, seed=seed)
+    written = write_demo_data(out, sources=source or None, seed=seed, scale=scale)
     for name, path in written.items():
         console.print(f"[green]wrote[/] {name}: {path}")
 
@@ -398,6 +401,68 @@ def vq_encode(
     codes = tok.encode(arr)[0]
     print(json.dumps({"image": image.name, "tokens": int(codes.size), "distinct": int(np.unique(codes).size),
                       "first": codes[:16].tolist(), "vq": tok.describe()}, indent=2))
+
+
+@vq_app.command("train")
+def vq_train(
+    shards: Annotated[list[Path], typer.Argument(help="Generation shard folders (their target images).")],
+    out: Annotated[Path, typer.Option(help="Output folder: vqgan.safetensors + vqgan.json, report, checkpoint/.")],
+    init: Annotated[Path | None, typer.Option(help="Fine-tune these weights (taming last.ckpt or converted "
+                                                  ".safetensors) instead of training from scratch.")] = None,
+    config: Annotated[Path | None, typer.Option(help="Architecture from scratch: a JSON VQConfig (or taming "
+                                                    "model.yaml config). Default: the small demo config.")] = None,
+    quantizer: Annotated[str | None, typer.Option(help="nearest | gumbel (default: nearest from scratch, "
+                                                     "gumbel with --init).")] = None,
+    steps: Annotated[int, typer.Option(help="Optimizer steps in total (a resumed run continues to this).")] = 300,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 8,
+    crop: Annotated[int | None, typer.Option(help="Train on random square crops of this size.")] = None,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine decay to 10%).")] = 2e-3,
+    disc_start: Annotated[int | None, typer.Option(help="Step at which the patch discriminator starts "
+                                                      "(default: no discriminator).")] = None,
+    disc_weight: Annotated[float, typer.Option(help="Scale of the adaptive GAN weight.")] = 0.5,
+    lpips_weights: Annotated[list[Path] | None, typer.Option(help="Local LPIPS weights (AlexNet + linear heads): "
+                                                                "adds the perceptual loss.")] = None,
+    held_out_split: Annotated[str | None, typer.Option(help="Split reported on (default: test, else val).")] = None,
+    max_images: Annotated[int, typer.Option(help="At most this many train images are loaded.")] = 4000,
+    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (0: only at the end).")] = 100,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Train a VQGAN tokenizer (or fine-tune one) on the target images of generation shards.
+
+    Reconstruction L1 (+ LPIPS with local weights), the quantizer's loss, an optional patch
+    discriminator; resumable; ends with a held-out report (SSIM/PSNR, codebook perplexity and usage).
+
+    Example:
+
+        vlhealth vq train shards/synthrad --out runs/vq-demo --steps 300 --crop 128
+        vlhealth vq train shards/synthrad shards/ixi --out runs/vq-ctmr --init weights/vqgan_f8_8192.safetensors \
+            --steps 20000 --batch-size 16 --lr 1e-5 --disc-start 5000 --device cuda
+    """
+    from vlhealth.vq import VQConfig
+    from vlhealth.vq_train import VQTrainConfig, train_vq
+
+    arch = None
+    if config is not None:
+        text = config.read_text("utf-8")
+        if config.suffix in (".yaml", ".yml"):
+            import yaml
+
+            arch = VQConfig.from_dict(yaml.safe_load(text))
+        else:
+            arch = VQConfig.from_dict(json.loads(text))
+    result = train_vq(VQTrainConfig(
+        shards=shards, out=out, config=arch, init=init, quantizer=quantizer, steps=steps, batch_size=batch_size,
+        crop=crop, lr=lr, disc_start=disc_start, disc_weight=disc_weight, lpips_weights=lpips_weights or (),
+        held_out_split=held_out_split, max_images=max_images, save_every=save_every, resume=resume, seed=seed,
+        device=device))
+    held = result.report["held_out"]
+    print(json.dumps(result.report, indent=2))
+    if held.get("n"):
+        typer.echo(f"held-out {held['split']} ({held['n']} images): SSIM {held['ssim']:.3f}, PSNR {held['psnr']:.2f} dB, "
+                   f"perplexity {held['perplexity']:.1f}, codes used {held['codes_used']}/"
+                   f"{result.report['config']['n_embed']}; weights: {out.name}/{result.weights.name}", err=True)
 
 
 for _name, _module in builder_modules().items():

@@ -11,7 +11,8 @@ Adding a layout (e.g. MIMIC-CXR, LLaVA-Med, OmniMedVQA) takes two steps:
 
    * ``NAME: str`` — the source name (the folder under OUT; use the builder/manifest name),
    * ``write(root: Path, rng: numpy.random.Generator) -> None`` — write the layout under
-     ``root`` (the folder exists and is empty) using only ``rng`` for randomness. Reuse
+     ``root`` (the folder exists and is empty) using only ``rng`` for randomness. A module may
+     also accept ``scale: int`` (more patients/images, drawn after the ``scale = 1`` ones). Reuse
      :mod:`vlhealth.demo.phantom` for images/volumes (``scan_2d``, ``head``, ``render_ct`` ...),
      :mod:`vlhealth.demo._io` for byte-deterministic JSON/JPEG/PNG and
      :func:`vlhealth.volumes.write_volume` for volumes (deterministic ``.nii.gz``).
@@ -28,6 +29,7 @@ a previous copy completely and an interrupted run leaves no half-written source.
 from __future__ import annotations
 
 import importlib
+import inspect
 import shutil
 import zlib
 from pathlib import Path
@@ -65,12 +67,16 @@ def source_rng(name: str, seed: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), zlib.crc32(name.encode("utf-8"))])
 
 
-def write_demo_data(out: Path, sources: list[str] | None = None, seed: int = 0) -> dict[str, Path]:
+def write_demo_data(out: Path, sources: list[str] | None = None, seed: int = 0, scale: int = 1) -> dict[str, Path]:
     """Write the demo layouts under ``out/<NAME>/``; returns ``{NAME: root folder}``.
 
     ``sources`` picks a subset by NAME (default: all, in registry order). Unknown names raise
-    ``ValueError`` listing the known ones.
+    ``ValueError`` listing the known ones. ``scale`` > 1 makes the sources whose ``write`` takes a
+    ``scale`` argument (SynthRAD2023, VQA-RAD, SLAKE) about ``scale`` times larger — enough patients
+    and images for the demo's tasks to be learnable; their first ``scale = 1`` files stay byte-identical.
     """
+    if scale < 1:
+        raise ValueError(f"scale must be >= 1, got {scale}")
     modules = registry()
     chosen = list(modules) if sources is None else list(dict.fromkeys(sources))
     unknown = [s for s in chosen if s not in modules]
@@ -85,7 +91,11 @@ def write_demo_data(out: Path, sources: list[str] | None = None, seed: int = 0) 
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        modules[name].write(tmp, source_rng(name, seed))
+        write = modules[name].write
+        if scale > 1 and "scale" in inspect.signature(write).parameters:
+            write(tmp, source_rng(name, seed), scale=scale)
+        else:
+            write(tmp, source_rng(name, seed))
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)

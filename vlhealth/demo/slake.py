@@ -104,22 +104,58 @@ def _questions(scan: phantom.Scan2D) -> list[dict[str, object]]:
     return q
 
 
-def write(root: Path, rng: np.random.Generator) -> None:
+def _appearance_questions(scan: phantom.Scan2D, rng: np.random.Generator) -> list[dict[str, object]]:
+    """Closed modality/organ questions (SLAKE asks "Is this a CT image?", "Does the picture contain
+    lung?"); asked of the scaled-up images, about one of several possibilities so both answers occur."""
+    modality = str(rng.choice(["CT", "MRI", "X-Ray"]))
+    organ = str(rng.choice(["Brain", "Lung", "Bladder"]))
+    shown_organ = {"head": "Brain", "chest": "Lung", "pelvis": "Bladder"}[scan.region]
+    common = {"q_lang": "en", "answer_type": "CLOSED", "base_type": "vqa", "triple": ["vhead", "_", "_"]}
+    return [
+        {"question": f"Is this {'an' if modality[0] in 'MX' else 'a'} {modality} image?",
+         "answer": "Yes" if modality == MODALITY[scan.modality] else "No", "content_type": "Modality", **common},
+        {"question": f"Does the picture contain {organ.lower()}?", "answer": "Yes" if organ == shown_organ else "No",
+         "content_type": "Organ", **common},
+    ]
+
+
+def _extra_images(count: int) -> list[tuple[str, int, str]]:
+    """Scaled-up image list: every scan kind with and without a lesion in turn; 70/10/20 train/validate/test."""
+    splits = ("train", "train", "test", "train", "train", "validate", "train", "train", "test", "train")
+    return [(phantom.SCAN_KINDS[i % len(phantom.SCAN_KINDS)], (i // len(phantom.SCAN_KINDS)) % 2, splits[i % 10])
+            for i in range(count)]
+
+
+def write(root: Path, rng: np.random.Generator, scale: int = 1) -> None:
     per_split: dict[str, list[dict[str, object]]] = {s: [] for s in SPLITS}
-    qid = 0
-    for img_id, (kind, n_lesions, split) in enumerate(IMAGES):
+    qid = _write_images(root, rng, IMAGES, per_split, img_id=0, qid=0, appearance=False)
+    if scale > 1:  # drawn after the fixed images, from a generator of its own: those stay byte-identical
+        extra = np.random.default_rng(int(rng.integers(2**62)))
+        _write_images(root, extra, _extra_images((scale - 1) * len(IMAGES)), per_split, img_id=len(IMAGES), qid=qid,
+                      appearance=True)
+    for split in SPLITS:
+        write_json(root / f"{split}.json", per_split[split])
+    (root / "mask.txt").write_text("".join(f"{v}:{name}\n" for v, name in MASK_CLASSES.items()),
+                                   encoding="utf-8")
+
+
+def _write_images(root: Path, rng: np.random.Generator, images: tuple | list,
+                  per_split: dict[str, list[dict[str, object]]], img_id: int, qid: int, appearance: bool) -> int:
+    """Write the images and their question.json; append the records to ``per_split``; returns the next qid."""
+    for offset, (kind, n_lesions, split) in enumerate(images):
         size = (int(rng.integers(6, 9)) * 32, int(rng.integers(6, 9)) * 32)
         scan = phantom.scan_2d(rng, kind, n_lesions, size)
-        folder = root / "imgs" / f"xmlab{img_id}"
+        img_id_here = img_id + offset
+        folder = root / "imgs" / f"xmlab{img_id_here}"
         write_jpeg(folder / "source.jpg", scan.image)
         mask, boxes = _mask_and_boxes(scan)
         write_png(folder / "mask.png", mask)
         write_json(folder / "detection.json", boxes, indent=None)
         records = []
-        for q in _questions(scan):
+        for q in _questions(scan) + (_appearance_questions(scan, rng) if appearance else []):
             records.append({
-                "img_id": img_id,
-                "img_name": f"xmlab{img_id}/source.jpg",
+                "img_id": img_id_here,
+                "img_name": f"xmlab{img_id_here}/source.jpg",
                 "question": q["question"],
                 "answer": q["answer"],
                 "q_lang": q["q_lang"],
@@ -134,7 +170,4 @@ def write(root: Path, rng: np.random.Generator) -> None:
             qid += 1
         write_json(folder / "question.json", records)
         per_split[split].extend(records)
-    for split in SPLITS:
-        write_json(root / f"{split}.json", per_split[split])
-    (root / "mask.txt").write_text("".join(f"{v}:{name}\n" for v, name in MASK_CLASSES.items()),
-                                   encoding="utf-8")
+    return qid

@@ -9,6 +9,7 @@ exercise reorientation. The ``overview/`` spreadsheets of the release are not re
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,19 +27,44 @@ PATIENTS = {
 RAS_STORED = {"1PB002"}  # written with x and y flipped (as some converters store NIfTI)
 
 
-def write(root: Path, rng: np.random.Generator) -> None:
-    for anatomy, (ids, base_shape, spacing) in PATIENTS.items():
+def _extra_ids(anatomy: str, count: int, start: int) -> tuple[str, ...]:
+    """More IDs in the release's scheme (centres A/B/C in turn), numbered after the fixed ones."""
+    letter = "B" if anatomy == "brain" else "P"
+    return tuple(f"1{letter}{'ABC'[i % 3]}{start + i:03d}" for i in range(count))
+
+
+def write(root: Path, rng: np.random.Generator, scale: int = 1) -> None:
+    _write_patients(root, rng, {a: (ids, shape, sp) for a, (ids, shape, sp) in PATIENTS.items()})
+    if scale > 1:  # drawn after the fixed patients, from a generator of its own: those stay byte-identical
+        extra = np.random.default_rng(int(rng.integers(2**62)))
+        _write_patients(root, extra, {a: (_extra_ids(a, (scale - 1) * len(ids), len(ids) + 1), shape, sp)
+                                      for a, (ids, shape, sp) in PATIENTS.items()}, varied=True)
+
+
+def _write_patients(root: Path, rng: np.random.Generator,
+                    patients: dict[str, tuple[tuple[str, ...], tuple[int, int, int], tuple[float, float, float]]],
+                    varied: bool = False) -> None:
+    """``varied``: wider poses and a few lesions per patient, so that phantom patients built from one
+    anatomy template are not near-duplicates of each other (the leak check compares train and test slices)."""
+    for anatomy, (ids, base_shape, spacing) in patients.items():
         for pid in ids:
             shape = (
                 base_shape[0] + int(rng.integers(-2, 3)),
                 base_shape[1] + 2 * int(rng.integers(-2, 3)),
                 base_shape[2] + 2 * int(rng.integers(-2, 3)),
             )
-            pose = phantom.random_pose(rng)
-            if anatomy == "brain":
-                anat = phantom.head(shape, spacing, pose)
+            if varied:
+                # turned 12-35 degrees either way: never as upright as the fixed patients' +-10 degrees
+                yaw = float(rng.choice([-1.0, 1.0]) * rng.uniform(12.0, 35.0))
+                pose = replace(phantom.random_pose(rng, scale_jitter=0.3, pitch_deg=8.0, shift=0.12), yaw=yaw)
+                region = "head" if anatomy == "brain" else "pelvis"
+                lesions = phantom.random_lesions(rng, region, int(rng.integers(1, 4)), radius=(0.08, 0.16))
             else:
-                anat = phantom.pelvis(shape, spacing, pose, bladder_fill=float(rng.uniform(0.6, 1.3)))
+                pose, lesions = phantom.random_pose(rng), []
+            if anatomy == "brain":
+                anat = phantom.head(shape, spacing, pose, lesions)
+            else:
+                anat = phantom.pelvis(shape, spacing, pose, lesions, bladder_fill=float(rng.uniform(0.6, 1.3)))
             ct = phantom.render_ct(anat.labels, rng)
             gain = float(rng.uniform(0.8, 1.25))  # scanner-to-scanner scale differences
             mr = phantom.render_mr(anat.labels, rng, "T1", gain=gain)

@@ -67,17 +67,55 @@ def _questions(scan: phantom.Scan2D, rng: np.random.Generator) -> list[tuple[str
     return out
 
 
-def write(root: Path, rng: np.random.Generator) -> None:
-    numbers = sorted(int(v) for v in rng.choice(np.arange(15000, 60000), size=len(IMAGES), replace=False))
+def _appearance_questions(scan: phantom.Scan2D, rng: np.random.Generator) -> list[tuple[str, str, object, str, str]]:
+    """Closed questions about what the whole image shows (modality, organ), asked of the scaled-up images.
+
+    VQA-RAD asks many of these ("Is this a CT?", "Is this the brain?"); the answer is in the pixels
+    even at low resolution, and each asks about one of several possibilities, so yes and no both occur.
+    """
+    yes, no = ("Yes", "No") if rng.integers(0, 2) else ("yes", "no")
+    modality = str(rng.choice(["CT", "MRI", "x-ray"]))
+    organ = str(rng.choice(["brain", "chest", "pelvis"]))
+    shown_modality = MODALITY_WORD[scan.modality]
+    return [
+        (f"Is this {'an' if modality[0] in 'Mx' else 'a'} {modality} image?", "", yes if modality == shown_modality else no,
+         "CLOSED", "MODALITY"),
+        (f"Does this image show the {organ}?", "", yes if organ == ORGAN_WORD[scan.region] else no, "CLOSED", "ORGAN"),
+    ]
+
+
+def _extra_images(count: int, rng: np.random.Generator) -> list[tuple[str, int, tuple[int, int], bool]]:
+    """Scaled-up image list: every scan kind with and without a lesion in turn, one in five held out."""
+    out = []
+    for i in range(count):
+        kind = phantom.SCAN_KINDS[i % len(phantom.SCAN_KINDS)]
+        size = (int(rng.integers(7, 9)) * 32, int(rng.integers(7, 9)) * 32)
+        out.append((kind, (i // len(phantom.SCAN_KINDS)) % 2, size, i % 5 == 4))
+    return out
+
+
+def write(root: Path, rng: np.random.Generator, scale: int = 1) -> None:
+    records = _write_images(root, rng, IMAGES, 15000, qid=0, appearance=False)
+    if scale > 1:  # drawn after the fixed images, from a generator of its own: those stay byte-identical
+        extra = np.random.default_rng(int(rng.integers(2**62)))
+        images = _extra_images((scale - 1) * len(IMAGES), extra)
+        records += _write_images(root, extra, images, 60001, qid=len(records), appearance=True)
+    write_json(root / JSON_NAME, records)
+
+
+def _write_images(root: Path, rng: np.random.Generator, images: tuple | list, first_number: int, qid: int,
+                  appearance: bool) -> list[dict[str, object]]:
+    span = np.arange(first_number, first_number + 45000)
+    numbers = sorted(int(v) for v in rng.choice(span, size=len(images), replace=False))
     records: list[dict[str, object]] = []
-    qid = 0
-    for (kind, n_lesions, size, is_test), number in zip(IMAGES, numbers, strict=True):
+    for (kind, n_lesions, size, is_test), number in zip(images, numbers, strict=True):
         scan = phantom.scan_2d(rng, kind, n_lesions, size)
         image_name = f"synpic{number}.jpg"
         write_jpeg(root / IMAGE_DIR / image_name, scan.image)
         case_url = f"https://medpix.nlm.nih.gov/case?id={uuid.UUID(int=int(rng.integers(0, 2**62)))}"
         prefix = "test_" if is_test else ""
-        for question, paraphrase, answer, answer_type, qtype in _questions(scan, rng):
+        questions = _questions(scan, rng) + (_appearance_questions(scan, rng) if appearance else [])
+        for question, paraphrase, answer, answer_type, qtype in questions:
             linked = str(uuid.UUID(int=int(rng.integers(0, 2**62)) << 64 | int(rng.integers(0, 2**62))))
             base = {
                 "qid": qid,
@@ -101,4 +139,4 @@ def write(root: Path, rng: np.random.Generator) -> None:
                 records.append({**base, "qid": qid, "phrase_type": prefix + "para", "question": paraphrase,
                                 "question_rephrase": "NULL", "question_relation": "strict agreement"})
                 qid += 1
-    write_json(root / JSON_NAME, records)
+    return records
