@@ -458,7 +458,9 @@ def vq_train(
         held_out_split=held_out_split, max_images=max_images, save_every=save_every, resume=resume, seed=seed,
         device=device))
     held = result.report["held_out"]
-    print(json.dumps(result.report, indent=2))
+    rec = result.report["reconstruction_l1"]
+    typer.echo(f"vq train: {result.steps} steps, reconstruction L1 {rec['first']:.4f} -> {rec['last']:.4f}; "
+               f"report: {out.name}/vq_train_report.json, curve: {out.name}/loss.png", err=True)
     if held.get("n"):
         typer.echo(f"held-out {held['split']} ({held['n']} images): SSIM {held['ssim']:.3f}, PSNR {held['psnr']:.2f} dB, "
                    f"perplexity {held['perplexity']:.1f}, codes used {held['codes_used']}/"
