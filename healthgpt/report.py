@@ -193,78 +193,8 @@ def _markdown(report: dict[str, Any]) -> str:
                  f"(split `{model.get('split')}`; shards: {', '.join(report['shards'])}).")
     lines.append("")
 
-    comp = report["comprehension"]
-    if comp:
-        lines += ["## Comprehension", "", "Table 1 layout (%; `close` = closed-question accuracy, `all` = "
-                  "all questions, `op` = single-choice accuracy):", ""]
-        order = [b for b in _TABLE1_ORDER if b in comp] + sorted(b for b in comp if b not in _TABLE1_ORDER)
-        header = ["Model"]
-        for b in order:
-            if comp[b]["n_closed"] or comp[b]["n_open"]:
-                header += [f"{b} close", f"{b} all"]
-            if comp[b]["n_choice"]:
-                header.append(f"{b} op")
-        rows = [_table1_row(model["preset"], comp, comp, order)]
-        for name, summary in (report.get("comprehension_baselines") or {}).items():
-            rows.append(_table1_row(_PREDICTOR_NAMES.get(name, name), summary, comp, order))
-        lines += _table(header + ["Avg."], rows) + [""]
-        lines += ["Per benchmark:", ""]
-        rows = [[b, str(comp[b]["n_closed"]), str(comp[b]["n_open"]), str(comp[b]["n_choice"]),
-                 _f(comp[b]["close"]), _f(comp[b]["open"]), _f(comp[b]["all"]), _f(comp[b]["choice"])]
-                for b in order]
-        lines += _table(["Benchmark", "n closed", "n open", "n choice", "close", "open (recall)", "all", "choice"],
-                        rows) + [""]
-        choice_benches = [b for b in order if comp[b]["by_modality"]]
-        if choice_benches:
-            mods = sorted({m for b in choice_benches for m in comp[b]["by_modality"]})
-            lines += ["Single-choice accuracy by modality (Table 9 layout, %):", ""]
-            rows = [[b] + [_f(comp[b]["by_modality"].get(m, {}).get("choice")) for m in mods] + [_f(comp[b]["choice"])]
-                    for b in choice_benches]
-            lines += _table(["Benchmark"] + mods + ["Overall"], rows) + [""]
-        lines += [f"Definition of `all`: {ALL_DEFINITION}", ""]
-        if report.get("unscorable"):
-            lines += [f"{report['unscorable']} choice question(s) whose reference is none of their options "
-                      "were left out.", ""]
-
-    gen = report["generation"]
-    if gen:
-        lines += ["## Generation", ""]
-        conv = {k: v for k, v in gen.items() if v["subtask"] in ("ct2mri", "mri2ct")}
-        sr = {k: v for k, v in gen.items() if v["subtask"] == "sr4x"}
-        other = {k: v for k, v in gen.items() if k not in conv and k not in sr}
-
-        def name(v: dict[str, Any]) -> str:
-            sub = _SUBTASKS.get(v["subtask"], v["subtask"])
-            if v["subtask"] == "recon" and v.get("target_modality"):
-                sub = f"{sub} {v['target_modality']}"
-            return f"{sub}-{str(v['body_part']).capitalize()}" if v.get("body_part") else sub
-
-        def rows_of(group: dict[str, dict[str, Any]]) -> list[list[str]]:
-            rows = []
-            for v in group.values():
-                rows.append([name(v), "model", str(v["n"]), _f(v["ssim"], 100), _f(v["psnr"]), _f(v["mse"]),
-                             _f(v["lpips"], 1, 4), str(v["n_repaired_tokens"])])
-                others = {**(v.get("baselines") or {}), **({"vq_ceiling": v["vq_ceiling"]} if v.get("vq_ceiling")
-                                                           else {})}
-                rows += [[name(v), _PREDICTOR_NAMES[b], str(m["n"]), _f(m["ssim"], 100), _f(m["psnr"]),
-                          _f(m["mse"]), "–", "–"] for b, m in others.items()]
-            return rows
-
-        header = ["Task", "Predictor", "n", "SSIM", "PSNR (dB)", "MSE", "LPIPS", "repaired"]
-        for title, group in (("Modality conversion (Table 4 layout)", conv),
-                             ("Super-resolution (Table 5 layout)", sr), ("Other generation tasks", other)):
-            if group:
-                lines += [f"### {title}", ""] + _table(header, rows_of(group)) + [""]
-        hu = {k: v for k, v in gen.items() if v.get("hu")}
-        if hu:
-            lines += ["### SynthRAD2023 challenge metrics (HU, body mask)", ""]
-            lines += _table(["Task", "n", "MAE (HU)", "PSNR (dB)", "SSIM"],
-                            [[name(v), str(v["hu"]["n"]), _f(v["hu"]["mae_hu"], 1, 1), _f(v["hu"]["psnr_hu"]),
-                              _f(v["hu"]["ssim_hu"], 1, 4)] for v in hu.values()]) + [""]
-        if report.get("grids"):
-            lines += ["### Examples (input | prediction | target)", ""]
-            lines += [f"![{Path(g).stem}]({g})" for g in report["grids"]] + [""]
-
+    lines += _comprehension_section(report, model)
+    lines += _generation_section(report)
     lines += ["## Notes", "", f"- LPIPS: {report['lpips']}."]
     lines += [f"- `{k}`: {v.rstrip('.')}." for k, v in DEFINITIONS.items()]
     lines += [f"- baseline `{_PREDICTOR_NAMES[k]}`: {v}." for k, v in BASELINE_NOTES.items()]
@@ -272,6 +202,92 @@ def _markdown(report: dict[str, Any]) -> str:
         lines.append("- The VQGAN has random weights: image metrics measure the pipeline, not image quality.")
     lines.append("")
     return "\n".join(lines)
+
+
+
+
+def _comprehension_section(report: dict[str, Any], model: dict[str, Any]) -> list[str]:
+    """Table 1 (model and baselines), per-benchmark counts, Table 9 by modality."""
+    comp = report["comprehension"]
+    if not comp:
+        return []
+    lines: list[str] = []
+    lines += ["## Comprehension", "", "Table 1 layout (%; `close` = closed-question accuracy, `all` = "
+              "all questions, `op` = single-choice accuracy):", ""]
+    order = [b for b in _TABLE1_ORDER if b in comp] + sorted(b for b in comp if b not in _TABLE1_ORDER)
+    header = ["Model"]
+    for b in order:
+        if comp[b]["n_closed"] or comp[b]["n_open"]:
+            header += [f"{b} close", f"{b} all"]
+        if comp[b]["n_choice"]:
+            header.append(f"{b} op")
+    rows = [_table1_row(model["preset"], comp, comp, order)]
+    for name, summary in (report.get("comprehension_baselines") or {}).items():
+        rows.append(_table1_row(_PREDICTOR_NAMES.get(name, name), summary, comp, order))
+    lines += _table(header + ["Avg."], rows) + [""]
+    lines += ["Per benchmark:", ""]
+    rows = [[b, str(comp[b]["n_closed"]), str(comp[b]["n_open"]), str(comp[b]["n_choice"]),
+             _f(comp[b]["close"]), _f(comp[b]["open"]), _f(comp[b]["all"]), _f(comp[b]["choice"])]
+            for b in order]
+    lines += _table(["Benchmark", "n closed", "n open", "n choice", "close", "open (recall)", "all", "choice"],
+                    rows) + [""]
+    choice_benches = [b for b in order if comp[b]["by_modality"]]
+    if choice_benches:
+        mods = sorted({m for b in choice_benches for m in comp[b]["by_modality"]})
+        lines += ["Single-choice accuracy by modality (Table 9 layout, %):", ""]
+        rows = [[b] + [_f(comp[b]["by_modality"].get(m, {}).get("choice")) for m in mods] + [_f(comp[b]["choice"])]
+                for b in choice_benches]
+        lines += _table(["Benchmark"] + mods + ["Overall"], rows) + [""]
+    lines += [f"Definition of `all`: {ALL_DEFINITION}", ""]
+    if report.get("unscorable"):
+        lines += [f"{report['unscorable']} choice question(s) whose reference is none of their options "
+                  "were left out.", ""]
+    return lines
+
+
+def _generation_section(report: dict[str, Any]) -> list[str]:
+    """Tables 4/5 with the baselines beside the model, SynthRAD HU metrics, example grids."""
+    gen = report["generation"]
+    if not gen:
+        return []
+    lines: list[str] = []
+    lines += ["## Generation", ""]
+    conv = {k: v for k, v in gen.items() if v["subtask"] in ("ct2mri", "mri2ct")}
+    sr = {k: v for k, v in gen.items() if v["subtask"] == "sr4x"}
+    other = {k: v for k, v in gen.items() if k not in conv and k not in sr}
+
+    def name(v: dict[str, Any]) -> str:
+        sub = _SUBTASKS.get(v["subtask"], v["subtask"])
+        if v["subtask"] == "recon" and v.get("target_modality"):
+            sub = f"{sub} {v['target_modality']}"
+        return f"{sub}-{str(v['body_part']).capitalize()}" if v.get("body_part") else sub
+
+    def rows_of(group: dict[str, dict[str, Any]]) -> list[list[str]]:
+        rows = []
+        for v in group.values():
+            rows.append([name(v), "model", str(v["n"]), _f(v["ssim"], 100), _f(v["psnr"]), _f(v["mse"]),
+                         _f(v["lpips"], 1, 4), str(v["n_repaired_tokens"])])
+            others = {**(v.get("baselines") or {}), **({"vq_ceiling": v["vq_ceiling"]} if v.get("vq_ceiling")
+                                                       else {})}
+            rows += [[name(v), _PREDICTOR_NAMES[b], str(m["n"]), _f(m["ssim"], 100), _f(m["psnr"]),
+                      _f(m["mse"]), "–", "–"] for b, m in others.items()]
+        return rows
+
+    header = ["Task", "Predictor", "n", "SSIM", "PSNR (dB)", "MSE", "LPIPS", "repaired"]
+    for title, group in (("Modality conversion (Table 4 layout)", conv),
+                         ("Super-resolution (Table 5 layout)", sr), ("Other generation tasks", other)):
+        if group:
+            lines += [f"### {title}", ""] + _table(header, rows_of(group)) + [""]
+    hu = {k: v for k, v in gen.items() if v.get("hu")}
+    if hu:
+        lines += ["### SynthRAD2023 challenge metrics (HU, body mask)", ""]
+        lines += _table(["Task", "n", "MAE (HU)", "PSNR (dB)", "SSIM"],
+                        [[name(v), str(v["hu"]["n"]), _f(v["hu"]["mae_hu"], 1, 1), _f(v["hu"]["psnr_hu"]),
+                          _f(v["hu"]["ssim_hu"], 1, 4)] for v in hu.values()]) + [""]
+    if report.get("grids"):
+        lines += ["### Examples (input | prediction | target)", ""]
+        lines += [f"![{Path(g).stem}]({g})" for g in report["grids"]] + [""]
+    return lines
 
 
 # -------------------------------------------------------------------------------- grids
