@@ -115,16 +115,19 @@ def test_corpus_through_the_cli_exit_code_and_peak_memory(demo: Path, tmp_path: 
     palette PNG alone took 1.5 GB before it was refused from its header)."""
     bad = _copy(demo, "pubmedvision", tmp_path / "bad")
     fuzz_inputs.corrupt_pubmedvision(bad, tmp_path / "outside")
-    child = ("import resource, sys\nfrom vlhealth.cli import app\n"
+    # peak RSS from the child's own VmHWM: ru_maxrss after exec also counts the pre-exec copy of this
+    # (large, late in a full test session) pytest process, which made the bound fail for the wrong reason
+    child = ("import re, sys\nfrom vlhealth.cli import app\n"
              f"sys.argv = ['vlhealth', 'build', 'pubmedvision', {str(bad)!r}, '--out', {str(tmp_path / 'out')!r}, "
              "'--strict']\ntry:\n    app()\nexcept SystemExit as exc:\n    code = exc.code\nelse:\n    code = 0\n"
-             "print('RESULT', code, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, file=sys.stderr)\n")
+             "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)\n"
+             "print('RESULT', code, int(hwm) // 1024, file=sys.stderr)\n")
     done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, cwd=REPO, timeout=300)
     result = [line for line in done.stderr.splitlines() if line.startswith("RESULT")]
     assert result, done.stderr[-2000:]
     _, code, rss_mib = result[-1].split()
     assert int(code) == 1, done.stdout + done.stderr[-2000:]
-    assert int(rss_mib) < 600, f"peak RSS {rss_mib} MiB"
+    assert 50 < int(rss_mib) < 600, f"peak RSS {rss_mib} MiB"
     assert "rejected" in done.stdout + done.stderr
 
 
