@@ -1,6 +1,7 @@
 """The ``healthgpt`` command line (typer app ``app``).
 
-Commands: ``infer`` (this module). The trainer and evaluator add ``train`` and ``eval`` here:
+Commands: ``infer`` (this module), ``train``, ``eval`` and the ``experiment`` group. The trainer and
+evaluator add ``train`` and ``eval`` here:
 define ``@app.command()`` functions in this file (or ``app.command()(fn)`` from their modules,
 imported below the ``app`` definition); every command's help ends with an ``Example:`` block.
 """
@@ -161,6 +162,11 @@ app.command(name="pretrain-text")(pretrain_text_command)
 from healthgpt.verdict import verdict_command  # noqa: E402
 
 app.command(name="verdict")(verdict_command)
+
+# `healthgpt experiment run|collect|list` lives in healthgpt/experiment/.
+from healthgpt.experiment.cli import experiment_app  # noqa: E402
+
+app.add_typer(experiment_app, name="experiment")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -690,6 +690,8 @@ def eval_command(
     seed: Annotated[int, typer.Option(help="Seed of random (tiny) weights.")] = 0,
     verify: Annotated[bool, typer.Option(help=(
         "Compare each tar's sha256 with its folder's index.json before reading it (--no-verify skips it)."))] = True,
+    model_set: Annotated[list[str] | None, typer.Option(
+        "--model-set", help="Model preset override key=value, as given to healthgpt train (variant, experts, ...).")] = None,
 ) -> None:
     from rich.console import Console
 
@@ -702,6 +704,9 @@ def eval_command(
     for name, value in (("llm_path", llm_path), ("clip_path", clip_path), ("dtype", dtype)):
         if value is not None:
             overrides[name] = value
+    from healthgpt.train import _parse_sets
+
+    overrides.update(_parse_sets(model_set or []))
     config = EvalConfig(
         shards=shards, out=out, preset=preset, checkpoint=checkpoint, released=released, vq=vq,
         split=None if split == "all" else split, limit=limit, generation_limit=generation_limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
@@ -711,7 +716,7 @@ def eval_command(
     )
     try:
         result = run_evaluation(config)
-    except (EvalError, LPIPSWeightsError, FileNotFoundError, ValueError) as err:
+    except (EvalError, LPIPSWeightsError, FileNotFoundError, ValueError, TypeError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from err
     if not result.complete:

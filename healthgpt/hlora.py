@@ -27,6 +27,10 @@ Plugin variants (``AdapterConfig.variant``), selectable for ablations and benchm
 
 Dropout follows the released code in position (applied to ``A(x)``, after the input projection).
 
+Shared plugin (``AdapterConfig.share``, preset override ``shared_plugin=true``): a task whose config
+says ``share="comprehension"`` has no plugin of its own and runs the comprehension plugin, i.e. one
+adapter for both tasks, the unified baseline behind the paper's task-conflict figure (Figure 2).
+
 Parameter names inside a wrapped linear (``...q_proj.`` prefix omitted)::
 
     base_layer.weight / base_layer.bias                      frozen base weights
@@ -68,13 +72,15 @@ Variant = Literal["hlora", "lora", "moelora"]
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    """One task plugin's hyper-parameters: total rank ``r``, ``alpha``, ``experts`` (k), dropout."""
+    """One task plugin's hyper-parameters: total rank ``r``, ``alpha``, ``experts`` (k), dropout, and
+    ``share`` (another task whose plugin this task runs instead of an own one)."""
 
     r: int
     alpha: float
     experts: int = 4
     dropout: float = 0.0
     variant: Variant = "hlora"
+    share: str | None = None
 
     def __post_init__(self) -> None:
         if self.r <= 0:
@@ -91,7 +97,10 @@ class AdapterConfig:
         return self.alpha / self.r * self.experts
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if out["share"] is None:  # checkpoints written before `share` existed compare equal
+            del out["share"]
+        return out
 
 
 def _dropout(p: float) -> nn.Module:
@@ -208,9 +217,14 @@ class HLoRALinear(nn.Module):
         self.plugins = nn.ModuleDict(
             {
                 task: _PLUGINS[cfg.variant](self.in_features, self.out_features, cfg).to(**factory)
-                for task, cfg in configs.items()
+                for task, cfg in configs.items() if cfg.share is None
             }
         )
+        # task -> the plugin it runs (its own, or the one it shares)
+        self.routes = {task: cfg.share or task for task, cfg in configs.items()}
+        for task, target in self.routes.items():
+            if target not in self.plugins:
+                raise ValueError(f"task {task!r} shares the plugin of {target!r}, which has no plugin of its own")
         self.active_task: str | None = next(iter(configs), None)
 
     @property
@@ -222,15 +236,15 @@ class HLoRALinear(nn.Module):
         return self.base_layer.bias
 
     def set_task(self, task: str | None) -> None:
-        if task is not None and task not in self.plugins:
-            raise KeyError(f"no H-LoRA plugin for task {task!r}; have {sorted(self.plugins)}")
+        if task is not None and task not in self.routes:
+            raise KeyError(f"no H-LoRA plugin for task {task!r}; have {sorted(self.routes)}")
         self.active_task = task
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         if self.active_task is None:
             return out
-        plugin = self.plugins[self.active_task]
+        plugin = self.plugins[self.routes[self.active_task]]
         return out + plugin(x.to(plugin_dtype(plugin))).to(out.dtype)
 
     def extra_repr(self) -> str:

@@ -243,8 +243,10 @@ class HealthGPT(nn.Module):
         adapters: Mapping[str, AdapterConfig],
         template: str,
         preset: str = "custom",
+        feature_levels: Mapping[str, str] | None = None,
     ) -> HealthGPT:
-        """Extend the vocabulary, split embeddings, inject H-LoRA, attach vision (see module doc)."""
+        """Extend the vocabulary, split embeddings, inject H-LoRA, attach vision (see module doc).
+        ``feature_levels`` overrides the visual feature level per task (``healthgpt.vision``)."""
         n_old = len(tokenizer)
         vocab = extend_tokenizer(tokenizer)
         if vocab.first_new != n_old:
@@ -272,7 +274,8 @@ class HealthGPT(nn.Module):
         wrapped = inject_hlora(decoder, adapters)
         if not wrapped:
             raise ValueError("no nn.Linear found in the LLM decoder to wrap with H-LoRA")
-        vision = HierarchicalVision(vision_tower, image_processor, int(llm.config.hidden_size))
+        vision = HierarchicalVision(vision_tower, image_processor, int(llm.config.hidden_size),
+                                    dict(feature_levels or {}))
         model = cls(llm, vision, tokenizer, vocab=vocab, template=template, adapters=adapters, preset=preset)
         model.set_trainable()  # nothing trainable until the trainer says so
         return model

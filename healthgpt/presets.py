@@ -29,7 +29,10 @@ A missing path raises ``MissingWeightsError`` saying what to download and where 
 
 Overrides accepted by every preset: ``variant`` (``hlora``/``lora``/``moelora``), ``comp_r``,
 ``comp_alpha``, ``gen_r``, ``gen_alpha``, ``experts``, ``dropout``, ``template``, ``dtype``
-(``float32``/``bfloat16``/``float16``), ``seed``. ``tiny`` also takes ``arch`` (``llama`` or
+(``float32``/``bfloat16``/``float16``), ``seed``, and ``comprehension_features`` /
+``generation_features`` (``abstract`` or ``concrete``: the visual feature level a task reads; the
+defaults are the paper's abstract/concrete, swapped for the Figure 6 ablation), ``shared_plugin``
+(true: one adapter plugin, the comprehension one, serves both tasks; Figure 2's unified baseline). ``tiny`` also takes ``arch`` (``llama`` or
 ``phi3``: the Phi-3 module names ``qkv_proj``/``gate_up_proj``, used to test the released-key
 mapping), ``hidden``, ``layers``, ``image_size``, ``patch_size``.
 
@@ -155,10 +158,27 @@ def _adapters(ov: dict[str, Any], comp_r: int, comp_alpha: float, gen_r: int | N
     out = {"comprehension": AdapterConfig(comp_r, comp_alpha, k, dropout, variant)}
     gen_r = ov.pop("gen_r", gen_r)
     gen_alpha = ov.pop("gen_alpha", gen_alpha)
+    if _flag(ov.pop("shared_plugin", False)):  # one plugin for both tasks (the task-conflict baseline)
+        if gen_r is None:
+            raise ValueError("shared_plugin: this preset has no generation task")
+        out["generation"] = AdapterConfig(comp_r, comp_alpha, k, dropout, variant, share="comprehension")
+        return out
     if gen_r is not None:
         out["generation"] = AdapterConfig(int(gen_r), float(gen_alpha if gen_alpha is not None else 2 * gen_r),
                                           k, dropout, variant)
     return out
+
+
+def _flag(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+def _feature_levels(ov: dict[str, Any]) -> dict[str, str]:
+    """The ``<task>_features`` overrides (visual feature level per task), popped from ``ov``."""
+    return {task: str(ov.pop(f"{task}_features")) for task in ("comprehension", "generation")
+            if f"{task}_features" in ov}
 
 
 def _dtype(name: str | torch.dtype | None) -> torch.dtype:
@@ -188,12 +208,14 @@ def _build_tiny(ov: dict[str, Any]) -> HealthGPT:
     template = ov.pop("template", "chatml")
     dtype = _dtype(ov.pop("dtype", None))
     adapters = _adapters(ov, 8, 16, 16, 32)
+    levels = _feature_levels(ov)
     _check_unused("tiny", ov)
     tokenizer = tiny_tokenizer()
     llm = _tiny_llm(len(tokenizer), arch, hidden, layers, seed)
     tower, proc = _small_clip(image_size, patch_size, seed)
     torch.manual_seed(seed + 2)
-    model = HealthGPT.from_parts(llm, tokenizer, tower, proc, adapters=adapters, template=template, preset="tiny")
+    model = HealthGPT.from_parts(llm, tokenizer, tower, proc, adapters=adapters, template=template, preset="tiny",
+                                 feature_levels=levels)
     return model.to(dtype)
 
 
@@ -225,6 +247,7 @@ def _build_smollm2(ov: dict[str, Any]) -> HealthGPT:
     image_size = int(ov.pop("image_size", 64))
     patch_size = int(ov.pop("patch_size", 16))
     adapters = _adapters(ov, 16, 32, 32, 64)
+    levels = _feature_levels(ov)
     _check_unused("smollm2-135m", ov)
     gguf = smollm2_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -232,7 +255,7 @@ def _build_smollm2(ov: dict[str, Any]) -> HealthGPT:
     tower, proc = _small_clip(image_size, patch_size, seed, hidden=64, layers=3)
     torch.manual_seed(seed + 2)
     model = HealthGPT.from_parts(llm, tokenizer, tower, proc, adapters=adapters, template=template,
-                                 preset="smollm2-135m")
+                                 preset="smollm2-135m", feature_levels=levels)
     return model.to(dtype)
 
 
@@ -251,12 +274,14 @@ def _build_real(preset: str, ov: dict[str, Any]) -> HealthGPT:
     dtype = _dtype(ov.pop("dtype", "bfloat16"))
     ov.pop("seed", None)
     adapters = _adapters(ov, cr, ca, gr, ga)
+    levels = _feature_levels(ov)
     _check_unused(preset, ov)
     tokenizer = AutoTokenizer.from_pretrained(llm_dir, padding_side="right")
     llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype)
     tower = CLIPVisionModel.from_pretrained(clip_dir, dtype=dtype).eval()
     proc = _CLIPProcessor.from_pretrained(clip_dir)
-    model = HealthGPT.from_parts(llm, tokenizer, tower, proc, adapters=adapters, template=template, preset=preset)
+    model = HealthGPT.from_parts(llm, tokenizer, tower, proc, adapters=adapters, template=template, preset=preset,
+                                 feature_levels=levels)
     # adapters and new rows are created in float32; keep everything in one dtype
     return model.to(dtype)
 

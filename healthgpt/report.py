@@ -32,7 +32,8 @@ import numpy as np
 from healthgpt.baselines import BASELINE_NOTES, comprehension_baselines
 from healthgpt.metrics.answers import ALL_DEFINITION, VQAItem, summarize_vqa
 
-__all__ = ["REPORT_FORMAT", "benchmark_name", "generation_summary", "write_report"]
+__all__ = ["REPORT_FORMAT", "benchmark_name", "benchmark_order", "generation_summary", "table1_average",
+           "table1_columns", "write_report"]
 
 REPORT_FORMAT = "healthgpt-eval-report/1"
 # baseline rows shown under each generation task (baselines.py), and their display names
@@ -153,6 +154,29 @@ def _comprehension(records: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], i
     return summarize_vqa(items), unscorable
 
 
+def benchmark_order(comp: dict[str, Any]) -> list[str]:
+    """The paper's Table 1 order, then any other benchmark alphabetically."""
+    return [b for b in _TABLE1_ORDER if b in comp] + sorted(b for b in comp if b not in _TABLE1_ORDER)
+
+
+def table1_columns(comp: dict[str, Any]) -> list[tuple[str, float | None]]:
+    """Table 1 columns of a report's ``comprehension`` part: ``<benchmark> close`` and ``all`` (when it has
+    closed or open questions) and ``<benchmark> op`` (single-choice), in the paper's order (%)."""
+    out: list[tuple[str, float | None]] = []
+    for b in benchmark_order(comp):
+        s = comp[b]
+        if s["n_closed"] or s["n_open"]:
+            out += [(f"{b} close", s["close"]), (f"{b} all", s["all"])]
+        if s["n_choice"]:
+            out.append((f"{b} op", s["choice"]))
+    return out
+
+
+def table1_average(comp: dict[str, Any]) -> float | None:
+    """Table 1's "Avg.": the mean of the shown columns."""
+    return _mean([v for _, v in table1_columns(comp)])
+
+
 # -------------------------------------------------------------------------------- markdown
 
 
@@ -195,6 +219,7 @@ def _markdown(report: dict[str, Any]) -> str:
 
     lines += _comprehension_section(report, model)
     lines += _generation_section(report)
+
     lines += ["## Notes", "", f"- LPIPS: {report['lpips']}."]
     lines += [f"- `{k}`: {v.rstrip('.')}." for k, v in DEFINITIONS.items()]
     lines += [f"- baseline `{_PREDICTOR_NAMES[k]}`: {v}." for k, v in BASELINE_NOTES.items()]
@@ -214,13 +239,8 @@ def _comprehension_section(report: dict[str, Any], model: dict[str, Any]) -> lis
     lines: list[str] = []
     lines += ["## Comprehension", "", "Table 1 layout (%; `close` = closed-question accuracy, `all` = "
               "all questions, `op` = single-choice accuracy):", ""]
-    order = [b for b in _TABLE1_ORDER if b in comp] + sorted(b for b in comp if b not in _TABLE1_ORDER)
-    header = ["Model"]
-    for b in order:
-        if comp[b]["n_closed"] or comp[b]["n_open"]:
-            header += [f"{b} close", f"{b} all"]
-        if comp[b]["n_choice"]:
-            header.append(f"{b} op")
+    order = benchmark_order(comp)
+    header = ["Model"] + [name for name, _ in table1_columns(comp)]
     rows = [_table1_row(model["preset"], comp, comp, order)]
     for name, summary in (report.get("comprehension_baselines") or {}).items():
         rows.append(_table1_row(_PREDICTOR_NAMES.get(name, name), summary, comp, order))

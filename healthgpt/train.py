@@ -127,7 +127,8 @@ class TrainConfig:
     fsdp: bool = False
     tensorboard: bool = False
     progress: bool = True
-    preset_overrides: dict[str, Any] = field(default_factory=dict)
+    preset_overrides: dict[str, Any] = field(default_factory=dict)  # build_model(...) overrides (--model-set)
+    groups: tuple[str, ...] = ()  # parameter groups to train instead of the stage's (--groups; ablations)
     debug_nan_at: tuple[int, ...] = ()  # optimizer steps whose first micro-batch gets NaN pixels
     debug_exit_after: int | None = None  # hard exit (no checkpoint) after this step: simulates a kill
     debug_log_keys: bool = False  # write the sample keys each rank trained on to OUT/keys-rank<R>.txt
@@ -260,7 +261,7 @@ def setup(cfg: TrainConfig, dd: Dist, device_kind: str, model: Any) -> _Run:
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device_kind == "cuda" else "fp32")
     use_gc = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else device_kind == "cuda"
     hp = load_hparams(cfg.preset, cfg.stage, cfg.overrides, cfg.config, task=cfg.task)
-    groups = stage_groups(cfg.stage, cfg.task)
+    groups = tuple(cfg.groups) or stage_groups(cfg.stage, cfg.task)
     num_workers = cfg.num_workers if cfg.num_workers is not None else (4 if device_kind == "cuda" else 0)
 
     model, params, trained_before = _prepare_model(cfg, hp, groups, model, console)
@@ -563,6 +564,7 @@ def _finish(run: _Run, status: str, console: Any) -> TrainResult:
             (final_dir / "train_summary.json").write_text(json.dumps({
                 "preset": cfg.preset, "stage": cfg.stage, "task": cfg.task, "steps": run.step,
                 "shards": [str(Path(s).name) for s in cfg.shards],  # names only (no local paths)
+                "model_overrides": json.loads(json.dumps(cfg.preset_overrides, default=str)),
                 "groups": list(run.groups), "saved_groups": run.saved_groups, "trainable": summary,
                 "hparams": json.loads(json.dumps(run.hp.to_dict(), default=str)),
                 "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
@@ -626,12 +628,13 @@ def _print_summary(console: Any, summary: Mapping[str, int], losses: Sequence[fl
 # ------------------------------------------------------------------------------------ CLI
 
 
-def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
+def _parse_sets(items: Sequence[str], option: str = "--set") -> dict[str, Any]:
+    """``key=value`` items (values read as YAML: ``4`` is a number, ``true`` a flag)."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise typer.BadParameter(f"--set expects key=value, got {item!r}")
+            raise typer.BadParameter(f"{option} expects key=value, got {item!r}")
         out[key.strip().replace("-", "_")] = yaml.safe_load(value)
     return out
 
@@ -663,6 +666,8 @@ def train_command(
     init: Annotated[list[Path] | None, typer.Option(help="Previous stage's --out folder (or a trainable .safetensors); repeat to merge runs.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in --out.")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Any hyper-parameter as key=value (same as its own option).")] = None,
+    model_set: Annotated[list[str] | None, typer.Option("--model-set", help="Model preset override key=value (variant=lora|moelora|hlora, experts=8, comp_r=32, comprehension_features=concrete, shared_plugin=true, ...); give healthgpt eval the same.")] = None,
+    groups: Annotated[str | None, typer.Option(help="Train these parameter groups (comma-separated) instead of the stage's, e.g. a one-stage mixed baseline.")] = None,
     config: Annotated[Path | None, typer.Option(help="Training YAML (default healthgpt/configs/train_<preset>.yaml).")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     split: Annotated[str, typer.Option(help="Split to train on.")] = "train",
@@ -705,6 +710,8 @@ def train_command(
         num_workers=num_workers, save_every=save_every, keep=keep, device=device, precision=precision,
         gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, tensorboard=tensorboard, progress=progress,
         debug_nan_at=tuple(debug_nan_at or ()), debug_exit_after=debug_exit_after, debug_log_keys=debug_log_keys,
+        preset_overrides=_parse_sets(model_set or [], "--model-set"),
+        groups=tuple(g.strip() for g in (groups or "").split(",") if g.strip()),
     )
     logging.basicConfig(level=logging.WARNING)
     try:
@@ -712,7 +719,7 @@ def train_command(
     except TrainingDiverged as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(3) from None
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except (ValueError, FileNotFoundError, KeyError, TypeError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
     if result.status == "preempted":

@@ -8,6 +8,11 @@
 Hard routing: only the layers needed for the requested level run (generation stops after the first
 encoder layer). The tower is frozen (``requires_grad=False``) and evaluated under ``no_grad``.
 
+``feature_levels`` swaps the level a task reads (``{"comprehension": "concrete"}``: comprehension
+on first-layer features), for the paper's Figure 6 ablation (preset override
+``comprehension_features`` / ``generation_features``). Each task keeps its own adapter
+(``abstract_adapter`` is the comprehension adapter whatever level feeds it).
+
 ``mlp2x_gelu`` is ``Linear(d_vision, d_llm) -> GELU -> Linear(d_llm, d_llm)`` as an
 ``nn.Sequential`` (parameter keys ``0.weight``, ``0.bias``, ``2.weight``, ``2.bias``; the same as the
 released ``mm_projector``).
@@ -19,7 +24,7 @@ normalise). Accepts PIL images, uint8 arrays ``[H,W]``/``[H,W,3]``, or paths.
 The training loader uses :class:`VisionPreprocessor` (picklable for loader workers), by default
 through :class:`FastClipPreprocessor`, which gives the same numbers without the processor's overhead.
 
-Public API: ``HierarchicalVision(tower, processor, llm_hidden)``, ``.features(pixel_values, task)``,
+Public API: ``HierarchicalVision(tower, processor, llm_hidden, feature_levels=None)``, ``.features(pixel_values, task)``,
 ``.preprocess(images) -> pixel_values``, ``.num_patches``, ``expand2square``,
 ``VisionPreprocessor(processor, fast=False)`` / ``.from_model(model)``,
 ``FastClipPreprocessor.from_processor(processor)``, ``decode_input_image(data, where)``.
@@ -38,7 +43,9 @@ from PIL import Image
 from torch import nn
 
 __all__ = [
+    "DEFAULT_FEATURE_LEVELS",
     "FEATURE_LAYER",
+    "LEVEL_LAYER",
     "FastClipPreprocessor",
     "HierarchicalVision",
     "VisionPreprocessor",
@@ -47,8 +54,11 @@ __all__ = [
     "mlp2x_gelu",
 ]
 
-# hidden-state index used per task (hidden_states[0] is the embedding output)
-FEATURE_LAYER: dict[str, int] = {"comprehension": -2, "generation": 1}
+# hidden-state index of each feature level (hidden_states[0] is the embedding output)
+LEVEL_LAYER: dict[str, int] = {"abstract": -2, "concrete": 1}
+# the paper's routing: comprehension reads abstract features, generation concrete ones
+DEFAULT_FEATURE_LEVELS: dict[str, str] = {"comprehension": "abstract", "generation": "concrete"}
+FEATURE_LAYER: dict[str, int] = {task: LEVEL_LAYER[level] for task, level in DEFAULT_FEATURE_LEVELS.items()}
 
 
 def mlp2x_gelu(d_in: int, d_out: int) -> nn.Sequential:
@@ -86,7 +96,8 @@ def _to_pil(image: Any) -> Image.Image:
 class HierarchicalVision(nn.Module):
     """Frozen CLIP vision tower + ``abstract_adapter`` (comprehension) + ``concrete_adapter``."""
 
-    def __init__(self, tower: nn.Module, processor: Any, llm_hidden: int) -> None:
+    def __init__(self, tower: nn.Module, processor: Any, llm_hidden: int,
+                 feature_levels: Mapping[str, str] | None = None) -> None:
         super().__init__()
         self.tower = tower
         self.processor = processor
@@ -97,10 +108,17 @@ class HierarchicalVision(nn.Module):
         n_layers = tower.config.num_hidden_layers
         if n_layers < 2:
             raise ValueError("the CLIP tower needs at least 2 layers for hierarchical features")
+        self.feature_levels = dict(DEFAULT_FEATURE_LEVELS)
+        for task, level in (feature_levels or {}).items():
+            if task not in DEFAULT_FEATURE_LEVELS or level not in LEVEL_LAYER:
+                raise ValueError(f"feature_levels: {task!r}: {level!r}; tasks {sorted(DEFAULT_FEATURE_LEVELS)}, "
+                                 f"levels {sorted(LEVEL_LAYER)}")
+            self.feature_levels[task] = level
         # number of encoder layers to run for each task
-        self._depth = {
-            task: (idx if idx >= 0 else n_layers + 1 + idx) for task, idx in FEATURE_LAYER.items()
-        }
+        self._depth = {}
+        for task, level in self.feature_levels.items():
+            idx = LEVEL_LAYER[level]
+            self._depth[task] = idx if idx >= 0 else n_layers + 1 + idx
 
     @property
     def num_patches(self) -> int:

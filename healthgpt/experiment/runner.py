@@ -1,0 +1,274 @@
+"""Run an experiment's grid: one ``healthgpt train`` process per train step, one ``healthgpt eval``.
+
+Layout under ``--out`` (one folder per experiment)::
+
+    OUT/<experiment>/experiment.json         the spec as run (YAML content, form, variables)
+    OUT/<experiment>/runs/<cell>__s<seed>/
+        command.sh                           the exact commands (paths relative to the folder the
+                                             experiment was started in)
+        run.json                             config, status and every attempt (session, host, seconds)
+        logs/<step>.log                      each process's output
+        <step>/metrics.jsonl, <step>/final/train_summary.json, <step>/checkpoints/
+        eval/report.json, eval/report.md, eval/predictions.jsonl
+    OUT/results.md, OUT/results.json, OUT/<experiment>/loss_curves.png   (healthgpt.experiment.collect)
+
+Resume: a train step with ``final/train_summary.json`` is skipped; one with a checkpoint continues
+with the trainer's ``--resume``; an eval with ``report.json`` is skipped (an interrupted one
+continues by itself). A run folder made with a different config is refused.
+
+Timing: every process is timed, and the session (one ``healthgpt experiment run`` invocation) and
+host that trained each step are recorded, so time ratios are only formed between runs trained in
+the same session (``collect``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from healthgpt.experiment.spec import Experiment, ExperimentError, RunSpec, StepSpec, expand, partition_runs
+
+__all__ = ["RUN_FILE", "RunOutcome", "execute_run", "new_session", "plan", "run_experiments", "step_finished"]
+
+RUN_FILE = "run.json"
+RUN_FORMAT = "healthgpt-experiment-run/1"
+EXPERIMENT_FILE = "experiment.json"
+SUMMARY = Path("final") / "train_summary.json"
+
+
+@dataclass
+class Session:
+    id: str
+    host: str
+
+
+def new_session() -> Session:
+    return Session(uuid.uuid4().hex[:12], socket.gethostname())
+
+
+@dataclass
+class RunOutcome:
+    run_id: str
+    status: str  # finished | failed
+    trained: list[str] = field(default_factory=list)  # steps trained (or continued) by this call
+    evaluated: bool = False
+    message: str = ""
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Atomic JSON, keys in their given order (the order of a YAML's axes is its cells' order)."""
+    from vlhealth.shards import write_atomic
+
+    write_atomic(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def step_finished(step_out: str | os.PathLike[str]) -> bool:
+    return (Path(step_out) / SUMMARY).is_file()
+
+
+def _command_lines(run: RunSpec, exp: Experiment, form: str) -> str:
+    lines = ["#!/usr/bin/env bash",
+             f"# {exp.name} ({form} form), cell {run.cell}, seed {run.seed}: the exact commands of this run.",
+             "# Paths are relative to the folder `healthgpt experiment run` was started in.",
+             "# A step with a checkpoint under its --out continues with --resume added.",
+             "set -euo pipefail"]
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in run.env.items()]
+    lines += [shlex.join([*_program(run, "train"), *s.argv]) for s in run.steps]
+    lines.append(shlex.join([*_program(run, "eval"), *run.eval_argv]))
+    return "\n".join(lines) + "\n"
+
+
+def _load_record(run: RunSpec) -> dict[str, Any]:
+    path = Path(run.dir) / RUN_FILE
+    config = run.config()
+    if not path.is_file():
+        return {"format": RUN_FORMAT, "experiment": run.experiment, "run_id": run.run_id, "cell": run.cell,
+                "labels": run.labels, "seed": run.seed, "timing_step": run.timing_step, "config": config,
+                "steps": {}, "eval": {"attempts": []}, "status": "pending"}
+    try:
+        record = json.loads(path.read_text("utf-8"))
+    except json.JSONDecodeError as err:
+        raise ExperimentError(f"{run.run_id}/{RUN_FILE}: not valid JSON ({err}); remove the run folder to redo it") from err
+    if record.get("config") != config:
+        raise ExperimentError(
+            f"run {run.run_id} ({run.experiment}) was made with a different configuration (YAML, form, --var or "
+            "--out changed); use a new --out folder or remove that run folder")
+    return record
+
+
+def _program(run: RunSpec, kind: str) -> list[str]:
+    """How a step starts: ``healthgpt <kind>``, or ``<launcher> -m healthgpt.cli <kind>`` (torchrun)."""
+    return [*run.launcher, "-m", "healthgpt.cli", kind] if run.launcher else ["healthgpt", kind]
+
+
+def _run_process(run: RunSpec, kind: str, argv: Sequence[str], log: Path) -> tuple[int, float]:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = run.env
+    cmd = ([*run.launcher, "-m", "healthgpt.cli", kind, *argv] if run.launcher
+           else [sys.executable, "-m", "healthgpt.cli", kind, *argv])
+    full_env = {**os.environ, **env}
+    t0 = time.perf_counter()
+    with open(log, "a", encoding="utf-8") as fh:
+        fh.write(f"\n===== {_now()} healthgpt {kind} {shlex.join(list(argv))}\n")
+        fh.flush()
+        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=full_env, check=False).returncode
+    return rc, time.perf_counter() - t0
+
+
+def _tail(path: Path, n: int = 12) -> str:
+    try:
+        return "\n".join(path.read_text("utf-8", errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def _train_step(run: RunSpec, step: StepSpec, record: dict[str, Any], session: Session) -> tuple[bool, bool]:
+    """(trained now, ok)."""
+    from healthgpt.checkpoints import latest_checkpoint
+
+    entry = record["steps"].setdefault(step.name, {"attempts": [], "status": "pending"})
+    if step_finished(step.out):
+        entry["status"] = "finished"
+        return False, True
+    resume = latest_checkpoint(Path(step.out)) is not None
+    argv = step.argv + (["--resume"] if resume else [])
+    started = _now()
+    rc, seconds = _run_process(run, "train", argv, Path(run.dir) / "logs" / f"{step.name}.log")
+    entry["attempts"].append({"session": session.id, "host": session.host, "resumed": resume, "started": started,
+                              "seconds": round(seconds, 3), "returncode": rc})
+    ok = rc == 0 and step_finished(step.out)
+    entry["status"] = "finished" if ok else "failed"
+    return True, ok
+
+
+def execute_run(run: RunSpec, exp: Experiment, form: str, session: Session,
+                on_phase: Callable[[str], None] | None = None) -> RunOutcome:
+    """Train (or continue) every step of ``run``, then evaluate; skips what is finished."""
+    run_dir = Path(run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = _load_record(run)
+    (run_dir / "command.sh").write_text(_command_lines(run, exp, form), "utf-8")
+    outcome = RunOutcome(run.run_id, "finished")
+    record["status"] = "running"
+    _write_json(run_dir / RUN_FILE, record)
+    try:
+        for step in run.steps:
+            if on_phase:
+                on_phase(step.name)
+            trained, ok = _train_step(run, step, record, session)
+            _write_json(run_dir / RUN_FILE, record)
+            if trained:
+                outcome.trained.append(step.name)
+            if not ok:
+                outcome.status = "failed"
+                outcome.message = (f"healthgpt train ({step.name}) failed; log {run.run_id}/logs/{step.name}.log:\n"
+                                   + _tail(run_dir / "logs" / f"{step.name}.log"))
+                return outcome
+        if not (Path(run.eval_out) / "report.json").is_file():
+            if on_phase:
+                on_phase("eval")
+            started = _now()
+            rc, seconds = _run_process(run, "eval", run.eval_argv, run_dir / "logs" / "eval.log")
+            record["eval"]["attempts"].append({"session": session.id, "host": session.host, "started": started,
+                                               "seconds": round(seconds, 3), "returncode": rc})
+            outcome.evaluated = True
+            if rc != 0 or not (Path(run.eval_out) / "report.json").is_file():
+                outcome.status = "failed"
+                outcome.message = (f"healthgpt eval failed; log {run.run_id}/logs/eval.log:\n"
+                                   + _tail(run_dir / "logs" / "eval.log"))
+                return outcome
+        return outcome
+    finally:
+        record["status"] = outcome.status
+        _write_json(run_dir / RUN_FILE, record)
+
+
+def _experiment_record(exp: Experiment, form: str, variables: dict[str, Any], n_runs: int) -> dict[str, Any]:
+    return {"format": "healthgpt-experiment/1", "name": exp.name, "title": exp.title, "source": exp.source,
+            "form": form, "vars": variables, "n_runs": n_runs, "spec": exp.raw}
+
+
+def plan(experiments: Sequence[Experiment], form: str, out: str | os.PathLike[str],
+         variables: dict[str, Any] | None = None) -> list[tuple[Experiment, RunSpec]]:
+    """Every run of every experiment, in execution order (experiments one after another)."""
+    runs: list[tuple[Experiment, RunSpec]] = []
+    for exp in experiments:
+        runs += [(exp, r) for r in expand(exp, form, Path(out) / exp.name, variables)]
+    return runs
+
+
+def _check_experiment_dir(exp_dir: Path, record: dict[str, Any]) -> None:
+    path = exp_dir / EXPERIMENT_FILE
+    if not path.is_file():
+        return
+    try:
+        previous = json.loads(path.read_text("utf-8"))
+    except json.JSONDecodeError:
+        return
+    for key in ("form", "vars"):  # the runs' own configs are checked one by one (run.json)
+        if previous.get(key) != record.get(key):
+            raise ExperimentError(f"{exp_dir.name}/: this folder holds the experiment run with a different {key} "
+                                  f"({previous.get(key)!r:.80} vs now {record.get(key)!r:.80}); use a new --out")
+
+
+def run_experiments(experiments: Sequence[Experiment], form: str, out: str | os.PathLike[str], *,
+                    share: tuple[int, int] | None = None, variables: dict[str, Any] | None = None,
+                    console: Any = None, progress: bool = True) -> list[RunOutcome]:
+    """Run this share of the grid (all of it by default) and return one outcome per run."""
+    from rich.console import Console
+
+    from vlhealth.progress import progress_bar
+
+    console = console or Console(stderr=True)
+    variables = dict(variables or {})
+    everything = plan(experiments, form, out, variables)
+    for exp in experiments:
+        n = sum(1 for e, _ in everything if e is exp)
+        exp_dir = Path(out) / exp.name
+        record = _experiment_record(exp, form, variables, n)
+        _check_experiment_dir(exp_dir, record)
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(exp_dir / EXPERIMENT_FILE, record)
+    index = {id(r): i for i, (_, r) in enumerate(everything)}
+    mine_runs = partition_runs([r for _, r in everything], share)
+    mine = [everything[index[id(r)]] for r in mine_runs]
+    for exp, run in mine:  # refuse a changed config before spending time on anything
+        if (Path(run.dir) / RUN_FILE).is_file():
+            _load_record(run)
+    session = new_session()
+    outcomes: list[RunOutcome] = []
+    bar = progress_bar("experiment", "{task.fields[current]}", console=console,
+                       enabled=progress and console.is_terminal)
+    with bar:
+        task = bar.add_task("runs", total=len(mine), current="")
+        for exp, run in mine:
+            def phase(name: str, exp: Experiment = exp, run: RunSpec = run) -> None:
+                bar.update(task, current=f"{exp.name}: {run.cell} seed {run.seed} ({name})")
+
+            t0 = time.perf_counter()
+            outcome = execute_run(run, exp, form, session, on_phase=phase)
+            outcomes.append(outcome)
+            bar.advance(task)
+            did = ", ".join([f"trained {', '.join(outcome.trained)}"] * bool(outcome.trained)
+                            + ["evaluated"] * outcome.evaluated) or "already finished"
+            colour = "green" if outcome.status == "finished" else "red"
+            console.print(f"[{colour}]{outcome.status}[/{colour}] {exp.name} {run.run_id}: {did} "
+                          f"({time.perf_counter() - t0:.1f} s)")
+            if outcome.message:
+                console.print(outcome.message, markup=False, highlight=False)
+    return outcomes
