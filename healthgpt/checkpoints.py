@@ -221,6 +221,10 @@ def load_trainable(model: HealthGPT, path: str | os.PathLike[str], strict: bool 
         if meta["adapters"] != ours:
             raise CheckpointError(f"{source}: adapter configuration {meta['adapters']} differs from the "
                                   f"model's {ours}")
+    levels = dict(model.vision.feature_levels)
+    if strict and meta.get("feature_levels") and meta["feature_levels"] != levels:
+        raise CheckpointError(f"{source}: trained with visual feature levels {meta['feature_levels']}, the model "
+                              f"reads {levels} (pass the same comprehension_features/generation_features)")
     params = dict(model.named_parameters(remove_duplicate=False))
     unknown = sorted(k for k in tensors if k not in params)
     if unknown:

@@ -10,8 +10,9 @@ Per run (``run_metrics``), from its own files:
   MRI->CT together), ``gen/recon/*``, ``gen/sr/*``; ``gen_avg`` (mean SSIM x100 over those
   columns present, as Table 4's RECOM/MTRANS/SR average to Table 10's gen. avg); a column or claim
   may name ``mean(metric, metric, ...)``;
-* the timing step's ``metrics.jsonl``: ``step_time_s``, the median wall time per optimizer step
-  (the first step, which pays one-off set-up, left out);
+* the timing step's ``metrics.jsonl``: ``step_time_s``, the wall time per optimizer step (per task
+  the median, weighted by the task's share of the steps; the first step, which pays one-off set-up,
+  left out);
 * the last train step's ``metrics.jsonl``: ``loss/<task>/first|last|mean`` (mean = the area under
   that task's loss curve per step: lower converges faster), ``steps``.
 
@@ -76,12 +77,20 @@ def read_loss_curve(step_dir: str | Path) -> list[tuple[int, str, float]]:
 
 
 def step_time(step_dir: str | Path, skip_first: int = 1) -> float | None:
-    """Median wall time per optimizer step (seconds), the first ``skip_first`` steps left out."""
+    """Wall time per optimizer step (seconds): the median step time of each task, weighted by the task's
+    share of the steps (a mixed run's comprehension and generation steps differ tenfold in cost, so one
+    median over both would jump between them); the first ``skip_first`` steps (one-off set-up) left out."""
     recs = sorted(_read_jsonl(Path(step_dir) / "metrics.jsonl"), key=lambda r: r.get("step", 0))
-    times = [float(r["step_time_s"]) for r in recs if r.get("step", 0) > skip_first and "step_time_s" in r]
-    if not times:
-        times = [float(r["step_time_s"]) for r in recs if "step_time_s" in r]
-    return statistics.median(times) if times else None
+    recs = [r for r in recs if "step_time_s" in r]
+    kept = [r for r in recs if r.get("step", 0) > skip_first] or recs
+    by_task: dict[str, list[float]] = defaultdict(list)
+    for r in kept:
+        tasks = r.get("tasks") or {}
+        by_task[max(tasks, key=tasks.get) if tasks else "unknown"].append(float(r["step_time_s"]))
+    total = sum(len(v) for v in by_task.values())
+    if not total:
+        return None
+    return sum(len(v) / total * statistics.median(v) for v in by_task.values())
 
 
 def _weighted(entries: Sequence[Mapping[str, Any]], key: str, scale: float = 1.0) -> float | None:
