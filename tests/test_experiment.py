@@ -264,7 +264,7 @@ class FakeProcesses:
             _fake_outputs(out, [5.0] + [t] * 5, [3.0, 2.5, 2.0, 1.8, 1.5, 1.2])
         else:
             seed = int(_opt(argv, "--seed")[0])
-            base = {"LoRA/k=1": 40.0, "MoE/k=2": 45.0, "MoE/k=8": 45.0, "H/k=2": 60.0, "H/k=8": 60.0}[run.cell]
+            base = {"LoRA/k=1": 40.0, "MoE/k=2": 45.0, "MoE/k=8": 45.0, "H/k=2": 60.0, "H/k=8": 60.0}.get(run.cell, 50.0)
             _fake_report(out, base + seed, 0.5 + 0.01 * seed)
         return 0, 0.1
 
@@ -382,3 +382,30 @@ def test_time_ratios_are_only_formed_within_one_session(tmp_path: Path, monkeypa
 def test_summary_json_round_trip() -> None:
     s = Summary(1.0, 0.5, 3, (0.5, 1.0, 1.5))
     assert s.to_json() == {"mean": 1.0, "std": 0.5, "n": 3, "values": [0.5, 1.0, 1.5]}
+
+
+def test_a_run_equal_to_another_experiments_run_is_reused_not_retrained(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    exp = parse_experiment(SPEC, "toy.yaml")
+    other = json.loads(json.dumps(SPEC))
+    other["name"] = "toy-subset"  # the H/k=2 cell again (model options in another order), and a new one
+    other["axes"] = {"variant": [{"label": "H", "model": {"experts": 2, "variant": "hlora"}},
+                                 {"label": "H4", "model": {"experts": 4, "variant": "hlora"}}]}
+    other["baseline"], other["claims"], other["paper"], other["extra_cells"] = None, [], {}, []
+    del other["axes"]["variant"][0]["model"]["experts"]
+    other["forms"]["small"]["model"] = {"experts": 2, "comp_r": 32}
+    fake = FakeProcesses()
+    monkeypatch.setattr(runner_mod, "_run_process", fake)
+    runner_mod.run_experiments([exp], "small", "out", progress=False)
+    fake.calls.clear()
+    outcomes = runner_mod.run_experiments([parse_experiment(other, "sub.yaml")], "small", "out", progress=False)
+    reused = [o for o in outcomes if o.reused_from]
+    assert [o.reused_from for o in reused] == [f"toy/runs/h__k-2__s{s}" for s in range(3)]
+    assert len(fake.calls) == 3 * 3  # only the H4 runs trained and evaluated
+    record = json.loads(Path("out/toy-subset/runs/h__s0/run.json").read_text("utf-8"))
+    original = json.loads(Path("out/toy/runs/h__k-2__s0/run.json").read_text("utf-8"))
+    assert record["reused_from"] == "toy/runs/h__k-2__s0" and record["steps"] == original["steps"]
+    assert Path("out/toy-subset/runs/h__s0/eval/report.json").is_file()
+    res = collect_experiment(Path("out/toy-subset"))
+    assert res.counts()["finished"] == 6

@@ -64,7 +64,7 @@ def run(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     from healthgpt.experiment.collect import collect
-    from healthgpt.experiment.runner import plan, run_experiments
+    from healthgpt.experiment.runner import plan, program, run_experiments
     from healthgpt.experiment.spec import ExperimentError, load_experiment, partition_runs
     from vlhealth.build import parse_partition
 
@@ -82,8 +82,8 @@ def run(
                 if id(r) in mine:
                     typer.echo(f"# {exp.name} #{r.index}: {r.cell}, seed {r.seed} -> {r.dir}")
                     for s in r.steps:
-                        typer.echo(shlex.join(["healthgpt", "train", *s.argv]))
-                    typer.echo(shlex.join(["healthgpt", "eval", *r.eval_argv]))
+                        typer.echo(shlex.join([*program(r, "train"), *s.argv]))
+                    typer.echo(shlex.join([*program(r, "eval"), *r.eval_argv]))
             console.print(f"{len(mine)} of {len(everything)} runs (dry run: nothing was run)")
             return
         outcomes = run_experiments(exps, form, out, share=share, variables=variables, console=console,

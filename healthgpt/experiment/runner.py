@@ -16,6 +16,11 @@ Resume: a train step with ``final/train_summary.json`` is skipped; one with a ch
 with the trainer's ``--resume``; an eval with ``report.json`` is skipped (an interrupted one
 continues by itself). A run folder made with a different config is refused.
 
+Twins: a run whose configuration equals a finished run of another experiment under the same OUT
+(the same commands up to their own folder, e.g. ``peft-variants``' H-LoRA and ``experts``' H-LoRA at
+k = 4 in the small forms) is not trained again: the twin's folder is copied and ``run.json`` says
+``reused_from``; the measurement (and its session) is the twin's.
+
 Timing: every process is timed, and the session (one ``healthgpt experiment run`` invocation) and
 host that trained each step are recorded, so time ratios are only formed between runs trained in
 the same session (``collect``).
@@ -39,7 +44,8 @@ from typing import Any
 
 from healthgpt.experiment.spec import Experiment, ExperimentError, RunSpec, StepSpec, expand, partition_runs
 
-__all__ = ["RUN_FILE", "RunOutcome", "execute_run", "new_session", "plan", "run_experiments", "step_finished"]
+__all__ = ["RUN_FILE", "RunOutcome", "canonical_config", "execute_run", "new_session", "plan", "program",
+           "run_experiments", "step_finished"]
 
 RUN_FILE = "run.json"
 RUN_FORMAT = "healthgpt-experiment-run/1"
@@ -64,6 +70,59 @@ class RunOutcome:
     trained: list[str] = field(default_factory=list)  # steps trained (or continued) by this call
     evaluated: bool = False
     message: str = ""
+    reused_from: str | None = None
+
+
+def canonical_config(run: RunSpec) -> str:
+    """The run's configuration with its own folder abstracted and option order ignored: equal for two
+    runs that would train and evaluate the same thing."""
+    def pairs(argv: Sequence[str]) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        i = 0
+        while i < len(argv):
+            flag = argv[i]
+            value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else ""
+            out.append((flag, value.replace(run.dir, "<RUN>")))
+            i += 2 if value else 1
+        return sorted(out)
+
+    return json.dumps({"env": sorted(run.env.items()), "launcher": run.launcher, "timing": run.timing_step,
+                       "train": [[s.name, pairs(s.argv)] for s in run.steps], "eval": pairs(run.eval_argv)})
+
+
+def _find_twin(run: RunSpec, out_root: Path) -> Path | None:
+    """A finished run folder of another experiment under ``out_root`` with the same canonical config."""
+    key = canonical_config(run)
+    for record_path in sorted(out_root.glob(f"*/runs/*/{RUN_FILE}")):
+        twin_dir = record_path.parent
+        if twin_dir.resolve() == Path(run.dir).resolve():
+            continue
+        try:
+            record = json.loads(record_path.read_text("utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        if record.get("status") != "finished" or record.get("canonical") != key or record.get("reused_from"):
+            continue
+        if (twin_dir / "eval" / "report.json").is_file():
+            return twin_dir
+    return None
+
+
+def _reuse(run: RunSpec, record: dict[str, Any], twin_dir: Path, out_root: Path) -> str:
+    import shutil
+
+    twin = json.loads((twin_dir / RUN_FILE).read_text("utf-8"))
+    for child in twin_dir.iterdir():
+        if child.name in (RUN_FILE, "command.sh"):
+            continue
+        target = Path(run.dir) / child.name
+        if child.is_dir():
+            shutil.copytree(child, target, dirs_exist_ok=True)
+        else:
+            shutil.copy2(child, target)
+    name = twin_dir.relative_to(out_root).as_posix()
+    record.update(steps=twin["steps"], eval=twin["eval"], reused_from=name)
+    return name
 
 
 def _now() -> str:
@@ -88,8 +147,8 @@ def _command_lines(run: RunSpec, exp: Experiment, form: str) -> str:
              "# A step with a checkpoint under its --out continues with --resume added.",
              "set -euo pipefail"]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in run.env.items()]
-    lines += [shlex.join([*_program(run, "train"), *s.argv]) for s in run.steps]
-    lines.append(shlex.join([*_program(run, "eval"), *run.eval_argv]))
+    lines += [shlex.join([*program(run, "train"), *s.argv]) for s in run.steps]
+    lines.append(shlex.join([*program(run, "eval"), *run.eval_argv]))
     return "\n".join(lines) + "\n"
 
 
@@ -111,7 +170,7 @@ def _load_record(run: RunSpec) -> dict[str, Any]:
     return record
 
 
-def _program(run: RunSpec, kind: str) -> list[str]:
+def program(run: RunSpec, kind: str) -> list[str]:
     """How a step starts: ``healthgpt <kind>``, or ``<launcher> -m healthgpt.cli <kind>`` (torchrun)."""
     return [*run.launcher, "-m", "healthgpt.cli", kind] if run.launcher else ["healthgpt", kind]
 
@@ -162,8 +221,17 @@ def execute_run(run: RunSpec, exp: Experiment, form: str, session: Session,
     run_dir = Path(run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     record = _load_record(run)
+    record["canonical"] = canonical_config(run)
     (run_dir / "command.sh").write_text(_command_lines(run, exp, form), "utf-8")
     outcome = RunOutcome(run.run_id, "finished")
+    done = all(step_finished(s.out) for s in run.steps) and (Path(run.eval_out) / "report.json").is_file()
+    out_root = Path(run.dir).parent.parent.parent
+    twin = None if done or record.get("steps") else _find_twin(run, out_root)
+    if twin is not None:
+        outcome.reused_from = _reuse(run, record, twin, out_root)
+        record["status"] = "finished"
+        _write_json(run_dir / RUN_FILE, record)
+        return outcome
     record["status"] = "running"
     _write_json(run_dir / RUN_FILE, record)
     try:
@@ -247,7 +315,7 @@ def run_experiments(experiments: Sequence[Experiment], form: str, out: str | os.
     index = {id(r): i for i, (_, r) in enumerate(everything)}
     mine_runs = partition_runs([r for _, r in everything], share)
     mine = [everything[index[id(r)]] for r in mine_runs]
-    for exp, run in mine:  # refuse a changed config before spending time on anything
+    for _exp, run in mine:  # refuse a changed config before spending time on anything
         if (Path(run.dir) / RUN_FILE).is_file():
             _load_record(run)
     session = new_session()
@@ -265,7 +333,9 @@ def run_experiments(experiments: Sequence[Experiment], form: str, out: str | os.
             outcomes.append(outcome)
             bar.advance(task)
             did = ", ".join([f"trained {', '.join(outcome.trained)}"] * bool(outcome.trained)
-                            + ["evaluated"] * outcome.evaluated) or "already finished"
+                            + ["evaluated"] * outcome.evaluated
+                            + [f"reused {outcome.reused_from} (same configuration)"] * bool(outcome.reused_from)
+                            ) or "already finished"
             colour = "green" if outcome.status == "finished" else "red"
             console.print(f"[{colour}]{outcome.status}[/{colour}] {exp.name} {run.run_id}: {did} "
                           f"({time.perf_counter() - t0:.1f} s)")
