@@ -67,8 +67,9 @@ def experiment_markdown(res: ExperimentResults, figure: str | None = None) -> st
         lines += ["", exp.paper_note]
     if exp.baseline and any(col.metric == "time_ratio" for col in exp.columns):
         tp = res.time_pairs
-        lines += ["", f"Training time: median wall time per optimizer step relative to `{exp.baseline}` of the same "
-                      f"seed, both trained start to finish in the same session ({tp['same_session']} pairs"
+        lines += ["", f"Training time: wall time per optimizer step (per task the median, weighted by the task mix; "
+                      f"the first step left out) relative to `{exp.baseline}` of the same seed, both trained start "
+                      f"to finish in the same session ({tp['same_session']} pairs"
                       + (f"; {tp['different_sessions']} pairs from different sessions or resumed runs left out"
                          if tp["different_sessions"] else "") + ")."]
     if res.claims:
