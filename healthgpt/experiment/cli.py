@@ -18,7 +18,7 @@ experiment_app = typer.Typer(
     help=(
         "Reproduce the paper's ablations (Tables 4, 5, 10, Figures 2, 6): grids of `healthgpt train` + "
         "`healthgpt eval` runs, tables with the paper's numbers beside ours, verdicts per claim, loss curves.\n\n"
-        "Example:\n\n    healthgpt experiment run peft-variants experts --out runs/exp\n\n"
+        "Example:\n\n    healthgpt experiment run experts peft-variants --out runs/exp\n\n"
         "    healthgpt experiment collect runs/exp"
     ),
     no_args_is_help=True,
@@ -45,9 +45,10 @@ def _parse_vars(items: list[str] | None) -> dict[str, object]:
         "continues unfinished ones (the trainer's --resume). --run i/n (0-based) takes a contiguous share of "
         "the runs, for SLURM arrays or several machines writing into one shared OUT; then run "
         "`healthgpt experiment collect OUT`. Runs execute seed by seed with the cells interleaved, so time "
-        "ratios compare variants measured side by side.\n\n"
+        "ratios compare variants measured side by side. A run equal to a finished run of another experiment "
+        "under OUT is copied, not retrained (experts holds peft-variants' small runs: give experts first).\n\n"
         "Example:\n\n"
-        "    healthgpt experiment run peft-variants experts --out runs/exp\n\n"
+        "    healthgpt experiment run experts peft-variants --out runs/exp\n\n"
         "    healthgpt experiment run peft-variants --out runs/exp --var shards=demo/shards\n\n"
         "    healthgpt experiment run peft-variants --form full --out runs/exp-m3 "
         "--run $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT"
