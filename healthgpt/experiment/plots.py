@@ -1,5 +1,6 @@
 """Loss curves of an experiment: one figure, one panel per task, one line per cell (mean over the
-seeds, the band ± one std), on the optimizer steps of the whole pipeline (stages one after another)."""
+seeds, the band ± one std), on the optimizer steps of the whole pipeline (stages one after another,
+their boundaries dotted)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from healthgpt.experiment.collect import read_loss_curve
 if TYPE_CHECKING:
     from healthgpt.experiment.collect import ExperimentResults
 
-__all__ = ["cell_curves", "plot_loss_curves"]
+__all__ = ["cell_curves", "plot_loss_curves", "stage_boundaries"]
 
 
 def _run_segments(steps: list[str]) -> list[tuple[str, list[tuple[int, str, float]]]]:
@@ -25,6 +26,14 @@ def _run_segments(steps: list[str]) -> list[tuple[str, list[tuple[int, str, floa
         out.append((step_dir, [(offset + s, t, loss) for s, t, loss in curve]))
         offset += max((s for s, _, _ in curve), default=0)
     return out
+
+
+def stage_boundaries(res: ExperimentResults, cell: str) -> list[int]:
+    """Cumulative optimizer steps where a cell's pipeline moves to its next train step (first finished seed)."""
+    for run in (r for r in res.runs if r.cell == cell and res.finished(r)):
+        segments = _run_segments([s.out for s in run.steps])
+        return [max((s for s, _, _ in curve), default=0) for _, curve in segments[:-1]]
+    return []
 
 
 def cell_curves(res: ExperimentResults, cell: str) -> dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
@@ -71,8 +80,10 @@ def plot_loss_curves(res: ExperimentResults, path: str | Path) -> Path | None:
     colours = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20")
     for ax, task in zip(axes[0], tasks, strict=True):
         for i, (cell, by_task) in enumerate(curves.items()):
+            colour = colours(i % colours.N)
+            for edge in stage_boundaries(res, cell):
+                ax.axvline(edge + 0.5, color=colour, ls=":", lw=0.9, alpha=0.6)
             for j, (x, mean, std) in enumerate(by_task.get(task, [])):
-                colour = colours(i % colours.N)
                 ax.plot(x, mean, color=colour, lw=1.6, label=cell if j == 0 else None)
                 ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.15, lw=0)
         ax.set_title(f"{task} loss")
