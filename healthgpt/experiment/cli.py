@@ -71,6 +71,9 @@ def run(
 
     try:
         share = parse_partition(run_share)
+    except ValueError as err:
+        raise typer.BadParameter(f"--run: {err}") from None
+    try:
         exps = [load_experiment(e) for e in experiments]
         names = [e.name for e in exps]
         if len(set(names)) != len(names):
