@@ -23,3 +23,4 @@ def test_the_wheel_installs_only_our_namespaces(tmp_path: Path) -> None:
     assert "vlhealth/builders/synthrad.py" in names
     assert "vlhealth/manifest_files/vqa_rad.yaml" in names
     assert "healthgpt/configs/train_m3.yaml" in names
+    assert "healthgpt/experiments/peft-variants.yaml" in names and "healthgpt/experiment/runner.py" in names
