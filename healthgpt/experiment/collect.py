@@ -275,7 +275,7 @@ def collect_experiment(exp_dir: str | Path) -> ExperimentResults:
 def collect(out: str | Path, *, plots: bool = True) -> list[ExperimentResults]:
     """Collect every experiment folder under ``out``; write results.json, results.md and the plots."""
     from healthgpt.experiment.tables import results_markdown
-    from vlhealth.shards import write_atomic, write_json_atomic
+    from vlhealth.shards import write_atomic
 
     out = Path(out)
     dirs = sorted(p.parent for p in out.glob(f"*/{EXPERIMENT_FILE}"))
@@ -292,8 +292,9 @@ def collect(out: str | Path, *, plots: bool = True) -> list[ExperimentResults]:
             png = plot_loss_curves(res, d / "loss_curves.png")
             if png is not None:
                 figures[res.exp.name] = str(png.relative_to(out))
-    write_json_atomic(out / "results.json", {"format": "healthgpt-experiment-results/1",
-                                            "experiments": [r.to_json() for r in results],
-                                            "figures": figures})
+    doc = {"format": "healthgpt-experiment-results/1", "experiments": [r.to_json() for r in results],
+           "figures": figures}
+    # keys in table order (cells as the YAML lists them), not sorted
+    write_atomic(out / "results.json", (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
     write_atomic(out / "results.md", results_markdown(results, figures).encode("utf-8"))
     return results
