@@ -86,6 +86,7 @@ __all__ = [
     "TRAINABLE_FILE",
     "latest_checkpoint",
     "load_run_weights",
+    "run_lineage",
     "read_checkpoint",
     "rng_state",
     "set_rng_state",
@@ -468,6 +469,27 @@ def load_run_weights(model: HealthGPT, path: str | os.PathLike[str]) -> list[str
     weights = resolve_trainable(path)
     load_trainable(model, weights)
     return list(read_metadata(weights).get("groups", []))
+
+
+def run_lineage(inits: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:
+    """The earlier training runs behind ``--init`` weights, oldest first: per run its folder name, stage,
+    task and shard folder names, read from each run's ``final/train_summary.json`` (which carries its own
+    lineage in turn). A run without a summary (a bare weights file, a checkpoint) is listed with
+    ``shards: None``: its data is unknown, and exports and publishing treat it so."""
+    out: list[dict[str, Any]] = []
+    for init in inits:
+        weights = resolve_trainable(init)
+        summary_path = weights.parent / "train_summary.json"
+        summary = json.loads(summary_path.read_text("utf-8")) if summary_path.is_file() else None
+        if summary is None:
+            entries = [{"run": Path(init).name, "stage": None, "task": None, "shards": None}]
+        else:
+            own_root = weights.parent.parent if weights.parent.name == "final" else weights.parent
+            entries = list(summary.get("lineage", [])) + [
+                {"run": own_root.name, "stage": summary.get("stage"), "task": summary.get("task"),
+                 "shards": summary.get("shards")}]
+        out += [e for e in entries if e not in out]
+    return out
 
 
 def latest_checkpoint(out_dir: str | os.PathLike[str]) -> Path | None:

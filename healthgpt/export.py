@@ -127,6 +127,23 @@ def _stage_record(run: Path) -> dict[str, Any]:
     }
 
 
+def _recorded_lineage(run: Path) -> list[dict[str, Any]]:
+    """The earlier stages the trainer recorded in the run's summary; a stage whose data was not recorded
+    gets a placeholder data name, which ``describe_data`` reports as unknown access."""
+    from healthgpt.checkpoints import resolve_trainable
+
+    weights = resolve_trainable(run)
+    summary_path = _run_root(Path(run), weights) / "final" / "train_summary.json"
+    summary = json.loads(summary_path.read_text("utf-8")) if summary_path.is_file() else {}
+    out = []
+    for e in summary.get("lineage", []):
+        shards = e.get("shards")
+        out.append({"run": e.get("run"), "stage": e.get("stage"), "task": e.get("task"), "steps": None,
+                    "trained_groups": None, "first_loss": None, "last_loss": None, "finished": shards is not None,
+                    "shards": list(shards) if shards is not None else [f"unrecorded data of {e.get('run')}"]})
+    return out
+
+
 def _manifest_access(name: str) -> dict[str, Any] | None:
     from vlhealth.manifests import ManifestError, load_manifest
 
@@ -247,7 +264,13 @@ def export_run(
         shutil.rmtree(tmp)
         raise ExportError(f"{weights.name}: {len(lost)} trained tensor(s) have no place in the export, e.g. {lost[:3]}")
 
-    stages = [_stage_record(Path(r)) for r in earlier] + [_stage_record(run)]
+    stages = [_stage_record(Path(r)) for r in earlier]
+    own = _stage_record(run)
+    # the stages recorded by the trainer (--init chain), so no earlier data goes unseen without --earlier
+    for entry in _recorded_lineage(run):
+        if not any(st["run"] == entry["run"] for st in stages) and entry["run"] != own["run"]:
+            stages.append(entry)
+    stages.append(own)
     data_paths = [Path(d) for d in data]
     training_data = describe_data([s for st in stages for s in st["shards"]], data_paths)
     report = None
@@ -329,7 +352,7 @@ def model_card(info: dict[str, Any], folder: Path) -> str:
         front += ["datasets:", _yaml_list(sources)]
     front.append("---")
     stage_rows = "\n".join(
-        f"| {s['stage']} | {s['task']} | {s['steps']} | {', '.join(s['trained_groups'] or []) or '-'} | "
+        f"| {s['stage']} | {s['task']} | {s['steps'] if s['steps'] is not None else '-'} | {', '.join(s['trained_groups'] or []) or '-'} | "
         f"{', '.join(s['shards']) or '-'} | {_fmt(s['first_loss'])} → {_fmt(s['last_loss'])} |"
         for s in info["stages"])
     data_rows = "\n".join(f"| {d['name']} | {d.get('source') or '-'} | {d['access']} | {d.get('license') or '-'} |"

@@ -69,6 +69,7 @@ from healthgpt.checkpoints import (
     load_run_weights,
     read_checkpoint,
     rng_state,
+    run_lineage,
     save_trainable,
     set_rng_state,
     write_checkpoint,
@@ -227,6 +228,7 @@ class _Run:
     batches: Iterator[dict[str, Any]] = iter(())
     guard: LossGuard | None = None
     streaming: bool = False  # webdataset mode: --resume restarts the data stream
+    lineage: list[dict[str, Any]] = field(default_factory=list)  # the --init runs' stages and data, oldest first
     step: int = 0
     losses: list[float] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
@@ -284,6 +286,8 @@ def setup(cfg: TrainConfig, dd: Dist, device_kind: str, model: Any) -> _Run:
                optimizer, scheduler, device, amp, hp.grad_accum(dd.world), total_steps, LoaderState(num_workers),
                guard=LossGuard(hp), streaming=data_cfg.streaming)
     resume_rng = _resume(run, console) if cfg.resume else None
+    if not cfg.resume:
+        run.lineage = run_lineage(cfg.init)
     if not cfg.resume and dd.main:
         (Path(cfg.out) / "metrics.jsonl").write_text("", "utf-8")
     run.saved_groups = sorted(set(run.trained_before) | set(groups))
@@ -519,6 +523,7 @@ def _resume(run: _Run, console: Any) -> dict[str, Any]:
     run.guard = LossGuard(run.hp, st["guard"]["history"], st["guard"]["consecutive"])
     run.loader_state = LoaderState.from_dict(st["data"][dd.rank], run.loader_state.num_workers)
     run.losses, run.skipped = list(st["losses"]), list(st["skipped"])
+    run.lineage = list(st.get("lineage", []))
     metrics = out / "metrics.jsonl"
     if dd.main and metrics.is_file():  # drop what the interrupted run logged after the checkpoint
         kept = [ln for ln in metrics.read_text("utf-8").splitlines()
@@ -542,6 +547,7 @@ def _checkpoint(run: _Run) -> None:
             "scheduler": run.scheduler.state_dict(), "guard": run.guard.state(), "data": data_states,
             "losses": run.losses, "skipped": run.skipped, "trained_before": run.trained_before,
             "hparams": run.hp.to_dict(), "seed": cfg.seed, "shards": [str(Path(s).name) for s in cfg.shards],
+            "lineage": run.lineage,
         }
         write_checkpoint(Path(cfg.out), run.step, run.model, run.saved_groups, run.optimizer, state, cfg.keep)
     dd.barrier()  # every rank writes its own RNG state into the (now final) folder
@@ -564,6 +570,7 @@ def _finish(run: _Run, status: str, console: Any) -> TrainResult:
             (final_dir / "train_summary.json").write_text(json.dumps({
                 "preset": cfg.preset, "stage": cfg.stage, "task": cfg.task, "steps": run.step,
                 "shards": [str(Path(s).name) for s in cfg.shards],  # names only (no local paths)
+                "lineage": run.lineage,  # the earlier stages this run's weights grew from, with their data
                 "model_overrides": json.loads(json.dumps(cfg.preset_overrides, default=str)),
                 "groups": list(run.groups), "saved_groups": run.saved_groups, "trainable": summary,
                 "hparams": json.loads(json.dumps(run.hp.to_dict(), default=str)),

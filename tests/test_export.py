@@ -237,3 +237,36 @@ def test_cli_help_and_errors(small_run, exported, tmp_path) -> None:
     (busy / "keep.txt").write_text("x")
     res = runner.invoke(app, ["export", str(small_run["run"]), "--out", str(busy)])
     assert res.exit_code == 2 and "not empty" in res.output and (busy / "keep.txt").read_text() == "x"
+
+
+def test_the_init_chain_is_recorded_and_its_data_reaches_the_export(small_run, tmp_path) -> None:
+    """A stage trained from earlier runs records them (stage, task, data) in train_summary.json, and an
+    export of it sees that data without --earlier: data behind the weights cannot be forgotten."""
+    import json
+    import shutil
+
+    from healthgpt.train import TrainConfig, train
+
+    earlier = tmp_path / "stage2"
+    shutil.copytree(small_run["run"], earlier)
+    summary_path = earlier / "final" / "train_summary.json"
+    summary = json.loads(summary_path.read_text("utf-8"))
+    summary.update(stage=2, shards=["mimic_mix"], lineage=[{"run": "s1", "stage": 1, "task": "generation",
+                                                             "shards": ["llava_pretrain"]}])
+    summary_path.write_text(json.dumps(summary), "utf-8")
+    bare = tmp_path / "bare.safetensors"
+    shutil.copy(small_run["run"] / "final" / "trainable.safetensors", bare)
+    out = tmp_path / "stage3"
+    train(TrainConfig(preset="tiny", stage=3, task="comprehension", shards=[str(small_run["comp"])], out=out,
+                      init=(earlier, bare), overrides={"steps": 1, "micro_batch": 2, "global_batch": 2},
+                      save_every=0, progress=False))
+    lineage = json.loads((out / "final" / "train_summary.json").read_text("utf-8"))["lineage"]
+    assert [(e["run"], e["stage"], e["shards"]) for e in lineage] == [
+        ("s1", 1, ["llava_pretrain"]), ("stage2", 2, ["mimic_mix"]), ("bare.safetensors", None, None)]
+
+    info = read_export_info(export_run(out, tmp_path / "export").out)
+    names = {d["name"] for d in info["training_data"]}
+    assert {"llava_pretrain", "mimic_mix", "unrecorded data of bare.safetensors"} <= names
+    assert [s["run"] for s in info["stages"]][-1] == "stage3"
+    with pytest.raises(ExportError, match="unknown|credentialed"):
+        plan_model_publish(tmp_path / "export")
