@@ -3,6 +3,11 @@
 # shards -> statistics -> three-stage training of the `tiny` preset -> evaluation report.
 # Called by `make demo` with the project's virtualenv on PATH; DEMO_DIR picks the output folder.
 set -euo pipefail
+# One CPU thread per process: the demo's numbers are then the same on every machine (floating-point
+# reductions split over a different number of threads give slightly different sums, and the tiny model's
+# training amplifies them: with 2 threads the same commands ended at conversion SSIM 0.07-0.24 instead of
+# 0.45-0.70). It is also faster when the cores are shared. Override by exporting them before `make demo`.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
 DEMO_DIR="${DEMO_DIR:-demo}"
 RAW="$DEMO_DIR/raw"
 SHARDS="$DEMO_DIR/shards"
