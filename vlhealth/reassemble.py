@@ -46,6 +46,7 @@ from vlhealth.volumes import (
     Window,
     _resize_operator,
     fit_box,
+    grey_levels,
     square_pixel_shape,
     volume_suffix,
     write_volume,
@@ -204,13 +205,7 @@ def decode_window(image: np.ndarray, window: Sequence[float]) -> np.ndarray:
     if arr.dtype not in (np.uint8, np.uint16):
         raise ValueError(f"expected an 8- or 16-bit image, got {arr.dtype}")
     top = float(np.iinfo(arr.dtype).max)
-    grey = arr.astype(np.float64)
-    if grey.ndim == 3:
-        if grey.shape[-1] == 1 or (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
-            grey = grey[..., 0]
-        else:
-            grey = grey[..., :3] @ np.array([0.299, 0.587, 0.114])
-    return Window(float(window[0]), float(window[1]), "recorded").decode(grey, top=top)
+    return Window(float(window[0]), float(window[1]), "recorded").decode(grey_levels(arr), top=top)
 
 
 def unfit_slice(values: np.ndarray, grid: SliceGrid, observed: np.ndarray | None = None,

@@ -153,6 +153,18 @@ class Window:
         return d
 
 
+def grey_levels(image: np.ndarray) -> np.ndarray:
+    """The grey levels of an image as float64: a 2D image as it is; an ``HxWx1`` image's channel; an RGB(A)
+    image's first channel when R, G and B are equal (a VQGAN decodes grey as equal channels), else its
+    luma (ITU-R 601 weights). :meth:`Window.decode` then maps the levels back to intensities."""
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        return arr.astype(np.float64)
+    if arr.shape[-1] == 1 or (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
+        return arr[..., 0].astype(np.float64)
+    return arr[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+
+
 # --------------------------------------------------------------------------------------- reading
 
 

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlhealth.volumes import Window, grey_levels
+
 __all__ = [
     "HU_RANGE",
     "LPIPS",
@@ -144,7 +146,7 @@ def image_metrics(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
     """
     p, t = _as_grey_or_rgb(pred), _as_grey_or_rgb(target)
     if p.ndim != t.ndim:
-        p, t = _to_grey(p), _to_grey(t)
+        p, t = grey_levels(p), grey_levels(t)
     if p.shape != t.shape:
         raise ValueError(f"prediction {p.shape} and target {t.shape} differ in size")
     channel_axis = -1 if p.ndim == 3 else None
@@ -155,20 +157,10 @@ def image_metrics(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
     }
 
 
-def _to_grey(img: np.ndarray) -> np.ndarray:
-    if img.ndim == 2:
-        return img.astype(np.float64)
-    if np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 0], img[..., 2]):
-        return img[..., 0].astype(np.float64)
-    return img[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
-
-
 # -- SynthRAD2023 (Hounsfield units) ----------------------------------------------------------
 def to_hu(img8: np.ndarray, window: Sequence[float] = HU_RANGE) -> np.ndarray:
     """Map 8-bit grey levels back to HU through the linear window ``(lo, hi)`` they were made with."""
-    from vlhealth.volumes import Window
-
-    grey = _to_grey(_as_grey_or_rgb(img8)) if np.asarray(img8).ndim == 3 else np.asarray(img8, dtype=np.float64)
+    grey = grey_levels(_as_grey_or_rgb(img8)) if np.asarray(img8).ndim == 3 else np.asarray(img8, dtype=np.float64)
     return Window(float(window[0]), float(window[1]), "ct_hu").decode(grey, top=255.0)
 
 
