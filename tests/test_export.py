@@ -28,13 +28,7 @@ from healthgpt.presets import build_model
 from healthgpt.publish import plan_model_publish, publish_model
 from tests.serve_helpers import free_port, image_message, scan_png
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _build_json(folder: Path, manifest: str, access: str) -> None:

@@ -16,13 +16,7 @@ from healthgpt.hlora import (
     set_active_task,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomize(module: nn.Module, seed: int = 0) -> None:

@@ -6,7 +6,6 @@ import importlib.util
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -16,12 +15,7 @@ from healthgpt.infer import answer, generate_image, load_model
 HAVE_VQ = importlib.util.find_spec("vlhealth.vq") is not None
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

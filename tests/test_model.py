@@ -28,13 +28,7 @@ from healthgpt.conversation import (
 from healthgpt.model import GROUP_NAMES, HealthGPT, parse_image_tokens
 from healthgpt.presets import MissingWeightsError, build_model, tiny_tokenizer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _perturb_plugins(model: HealthGPT, seed: int = 0, scale: float = 0.05) -> None:
