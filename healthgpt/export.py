@@ -123,25 +123,30 @@ def _stage_record(run: Path) -> dict[str, Any]:
         "run": root.name, "stage": summary.get("stage", state.get("stage")), "task": summary.get("task", state.get("task")),
         "steps": summary.get("steps", state.get("step")), "trained_groups": summary.get("groups"),
         "shards": shards, "first_loss": summary.get("first_loss"), "last_loss": summary.get("last_loss"),
-        "finished": bool(summary),
+        "finished": bool(summary), "lineage": summary.get("lineage", []),
     }
 
 
-def _recorded_lineage(run: Path) -> list[dict[str, Any]]:
-    """The earlier stages the trainer recorded in the run's summary; a stage whose data was not recorded
-    gets a placeholder data name, which ``describe_data`` reports as unknown access."""
-    from healthgpt.checkpoints import resolve_trainable
+def _training_stages(run: Path, earlier: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:
+    """The ``--earlier`` runs, then the stages the trainer recorded in the run's summary (its ``--init``
+    chain, so no earlier data goes unseen without ``--earlier``), then the run itself."""
+    stages = [_stage_record(Path(r)) for r in earlier]
+    own = _stage_record(run)
+    for st in stages:
+        st.pop("lineage")
+    for entry in own.pop("lineage"):
+        if not any(st["run"] == entry.get("run") for st in stages) and entry.get("run") != own["run"]:
+            stages.append(_lineage_record(entry))
+    return stages + [own]
 
-    weights = resolve_trainable(run)
-    summary_path = _run_root(Path(run), weights) / "final" / "train_summary.json"
-    summary = json.loads(summary_path.read_text("utf-8")) if summary_path.is_file() else {}
-    out = []
-    for e in summary.get("lineage", []):
-        shards = e.get("shards")
-        out.append({"run": e.get("run"), "stage": e.get("stage"), "task": e.get("task"), "steps": None,
-                    "trained_groups": None, "first_loss": None, "last_loss": None, "finished": shards is not None,
-                    "shards": list(shards) if shards is not None else [f"unrecorded data of {e.get('run')}"]})
-    return out
+
+def _lineage_record(entry: dict[str, Any]) -> dict[str, Any]:
+    """A recorded earlier stage as a stage record; data that was not recorded gets a placeholder name,
+    which ``describe_data`` reports as unknown access."""
+    shards = entry.get("shards")
+    return {"run": entry.get("run"), "stage": entry.get("stage"), "task": entry.get("task"), "steps": None,
+            "trained_groups": None, "first_loss": None, "last_loss": None, "finished": shards is not None,
+            "shards": list(shards) if shards is not None else [f"unrecorded data of {entry.get('run')}"]}
 
 
 def _manifest_access(name: str) -> dict[str, Any] | None:
@@ -264,13 +269,7 @@ def export_run(
         shutil.rmtree(tmp)
         raise ExportError(f"{weights.name}: {len(lost)} trained tensor(s) have no place in the export, e.g. {lost[:3]}")
 
-    stages = [_stage_record(Path(r)) for r in earlier]
-    own = _stage_record(run)
-    # the stages recorded by the trainer (--init chain), so no earlier data goes unseen without --earlier
-    for entry in _recorded_lineage(run):
-        if not any(st["run"] == entry["run"] for st in stages) and entry["run"] != own["run"]:
-            stages.append(entry)
-    stages.append(own)
+    stages = _training_stages(run, earlier)
     data_paths = [Path(d) for d in data]
     training_data = describe_data([s for st in stages for s in st["shards"]], data_paths)
     report = None
