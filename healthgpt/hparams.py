@@ -184,8 +184,8 @@ def load_hparams(preset: str, stage: int, overrides: Mapping[str, Any] | None = 
     shared.update(extra)
     hp = _build(shared, f"{where} mixed")
     if any(cols["comprehension"].get(k) != cols["generation"].get(k) for k in PER_TASK_KEYS):
-        hp.by_task = {t: replace(hp, **{k: _build({**cols[t], **extra}, f"{where} {t}").__dict__[k]
-                                        for k in PER_TASK_KEYS}) for t in TASKS}
+        own = {t: _build({**cols[t], **extra}, f"{where} {t}") for t in TASKS}  # each column, validated once
+        hp.by_task = {t: replace(hp, **{k: getattr(own[t], k) for k in PER_TASK_KEYS}) for t in TASKS}
     return hp
 
 
