@@ -7,6 +7,9 @@ Each baseline is scored by the same metric code, in the same units and tables, a
     bicubic, the classic "do nothing" answer; for 4x super-resolution it is the bicubic upsampling);
   - **train mean**: the mean target image of the *train* split, per subtask / body part / target
     modality (the best constant prediction under MSE);
+  - **blank**: one flat grey level everywhere, the most frequent grey level of those train targets
+    (for most scans the background): what a model scores whose every token collapsed to the
+    background code, so that such a collapse cannot pass for learning;
   - the **VQGAN ceiling** is computed by the evaluator itself (the target's own reconstruction);
 * comprehension
   - **majority**: the most frequent train-split answer for the same question (normalised
@@ -48,6 +51,8 @@ __all__ = [
 BASELINE_NOTES = {
     "identity": "the input image as the prediction (bicubic-resized to the target size)",
     "train_mean": "the mean target image of the train split for the same subtask, body part and target modality",
+    "blank": "a flat image at the most frequent grey level of the same train targets (the background, for most "
+             "scans): the score of a model that outputs nothing but background",
     "vq_ceiling": "the target's own VQGAN reconstruction (a perfect token predictor)",
     "majority": "the most frequent train-split answer to the same (normalised) question, else to the "
                 "benchmark's questions of that answer type",
@@ -75,6 +80,7 @@ class TrainReference:
     by_question: dict[tuple[str, str, str], str] = field(default_factory=dict)
     by_type: dict[tuple[str, str], str] = field(default_factory=dict)
     mean_targets: dict[str, np.ndarray] = field(default_factory=dict)
+    blank_levels: dict[str, int] = field(default_factory=dict)  # most frequent 8-bit grey level per group
     n_answers: int = 0
     n_images: dict[str, int] = field(default_factory=dict)
 
@@ -116,6 +122,7 @@ def collect_train_reference(shards: Sequence[os.PathLike | str], *, split: str =
     per_question: dict[tuple[str, str, str], list[str]] = defaultdict(list)
     per_type: dict[tuple[str, str], list[str]] = defaultdict(list)
     sums: dict[str, np.ndarray] = {}
+    hists: dict[str, np.ndarray] = {}
     counts: dict[str, int] = defaultdict(int)
     for folder in shards:
         for tar in list_shards(folder):
@@ -135,7 +142,7 @@ def collect_train_reference(shards: Sequence[os.PathLike | str], *, split: str =
                     per_question[(bench, kind, question_key(str(conv[-2]["value"])))].append(answer)
                     per_type[(bench, kind)].append(answer)
                 elif rec.get("task") == "generation":
-                    _add_target(rec, members, sums, counts, max_images_per_group, decode_image)
+                    _add_target(rec, members, sums, hists, counts, max_images_per_group, decode_image)
     ref = TrainReference(
         by_question={k: _most_common(v) for k, v in per_question.items()},
         by_type={k: _most_common(v) for k, v in per_type.items()},
@@ -144,11 +151,12 @@ def collect_train_reference(shards: Sequence[os.PathLike | str], *, split: str =
     for group, total in sums.items():
         ref.mean_targets[group] = np.clip(np.rint(total / counts[group]), 0, 255).astype(np.uint8)
         ref.n_images[group] = counts[group]
+        ref.blank_levels[group] = int(np.argmax(hists[group]))  # ties: the darkest
     return ref
 
 
 def _add_target(rec: Mapping[str, Any], members: Mapping[str, bytes], sums: dict[str, np.ndarray],
-                counts: dict[str, int], cap: int, decode: Any) -> None:
+                hists: dict[str, np.ndarray], counts: dict[str, int], cap: int, decode: Any) -> None:
     from healthgpt.evaluate import target_modality
     from vlhealth.schema import Record
 
@@ -162,6 +170,8 @@ def _add_target(rec: Mapping[str, Any], members: Mapping[str, bytes], sums: dict
     if group in sums and sums[group].shape != img.shape:
         return  # a different size cannot be averaged in; the first size seen defines the group's mean
     sums[group] = sums.get(group, np.zeros_like(img)) + img
+    levels = np.clip(np.rint(img), 0, 255).astype(np.int64).ravel()
+    hists[group] = hists.get(group, np.zeros(256, np.int64)) + np.bincount(levels, minlength=256)
     counts[group] += 1
 
 
@@ -178,13 +188,16 @@ def identity_prediction(input_image: np.ndarray, shape: tuple[int, ...]) -> np.n
 
 def generation_baselines(input_image: np.ndarray | None, target: np.ndarray, group: str,
                          ref: TrainReference | None) -> dict[str, dict[str, float]]:
-    """Image metrics of the identity and train-mean predictions for one sample (those that exist)."""
+    """Image metrics of the identity, train-mean and blank predictions for one sample (those that exist)."""
     out: dict[str, dict[str, float]] = {}
     if input_image is not None:
         out["identity"] = image_metrics(identity_prediction(input_image, target.shape), target)
     mean = ref.mean_targets.get(group) if ref is not None else None
     if mean is not None and mean.shape == target.shape[:2]:
         out["train_mean"] = image_metrics(mean, target)
+    level = ref.blank_levels.get(group) if ref is not None else None
+    if level is not None:
+        out["blank"] = image_metrics(np.full(target.shape[:2], level, dtype=np.uint8), target)
     return out
 
 

@@ -91,6 +91,9 @@ def pretrain_text_command(
     batch: Annotated[int, typer.Option(help="Conversations per step.")] = 16,
     split: Annotated[str, typer.Option(help="Split whose conversations are used.")] = "train",
     seed: Annotated[int, typer.Option(help="Seed (model and data order).")] = 0,
+    model_set: Annotated[list[str] | None, typer.Option(
+        "--model-set", help="Model preset override key=value (tiny: hidden=128, layers=4, ...); give healthgpt "
+                            "train and eval the same.")] = None,
 ) -> None:
     """Pre-train the LLM of a small preset briefly on text, so stage 1 has a language model to align to.
 
@@ -104,10 +107,12 @@ def pretrain_text_command(
 
     from healthgpt.checkpoints import save_trainable
     from healthgpt.presets import build_model
+    from healthgpt.train import _parse_sets
     from vlhealth.progress import progress_bar
 
     console = Console(stderr=True)
-    model, _ = build_model(preset, seed=seed)
+    overrides = _parse_sets(model_set or [], "--model-set")
+    model, _ = build_model(preset, **{"seed": seed, **overrides})
     encodings = text_encodings(model, shards, split=split)
     if not encodings:
         raise typer.BadParameter(f"no {split!r} comprehension conversations in "
@@ -130,7 +135,7 @@ def pretrain_text_command(
     save_trainable(model, final / "trainable.safetensors", TEXT_GROUPS)
     k = min(10, len(losses))
     first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
-    summary = {"preset": preset, "steps": steps, "conversations": len(encodings), "lr": lr, "batch": batch,
+    summary = {"preset": preset, "model_set": overrides, "steps": steps, "conversations": len(encodings), "lr": lr, "batch": batch,
                "groups": list(TEXT_GROUPS), "loss_first": first, "loss_last": last,
                "shards": [p.name for p in shards]}
     (final / "pretrain_summary.json").write_text(json.dumps(summary, indent=2) + "\n", "utf-8")

@@ -32,13 +32,14 @@ import numpy as np
 from healthgpt.baselines import BASELINE_NOTES, comprehension_baselines
 from healthgpt.metrics.answers import ALL_DEFINITION, VQAItem, summarize_vqa
 
-__all__ = ["REPORT_FORMAT", "benchmark_name", "benchmark_order", "generation_summary", "table1_average",
+__all__ = ["COLLAPSE_SHARE", "REPORT_FORMAT", "benchmark_name", "benchmark_order", "code_diversity", "generation_summary", "table1_average",
            "table1_columns", "write_report"]
 
 REPORT_FORMAT = "healthgpt-eval-report/1"
 # baseline rows shown under each generation task (baselines.py), and their display names
-GENERATION_BASELINES = ("identity", "train_mean")
-_PREDICTOR_NAMES = {"identity": "identity (input)", "train_mean": "train mean image", "vq_ceiling": "VQGAN ceiling",
+GENERATION_BASELINES = ("identity", "train_mean", "blank")
+_PREDICTOR_NAMES = {"identity": "identity (input)", "train_mean": "train mean image", "blank": "blank (flat background)",
+                    "vq_ceiling": "VQGAN ceiling",
                     "majority": "majority (train)", "random_choice": "random choice"}
 
 # Display names of known sources, in the paper's column order.
@@ -100,6 +101,22 @@ def _summary_of(metrics: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "psnr": _mean([m["psnr"] for m in metrics]), "mse": _mean([m["mse"] for m in metrics])}
 
 
+# a predicted image counts as collapsed when one VQ code fills at least this share of its grid
+COLLAPSE_SHARE = 0.9
+
+
+def code_diversity(code_lists: Sequence[Sequence[int] | None]) -> dict[str, Any]:
+    """How varied the predicted token grids are: the median number of distinct codes per image, and
+    how many images are *collapsed* (one code covers >= ``COLLAPSE_SHARE`` of the grid, e.g. an
+    all-background image that only the SSIM of the black surround makes look decent)."""
+    grids = [np.asarray(c) for c in code_lists if c]
+    if not grids:
+        return {"distinct_codes_median": None, "n_collapsed": None}
+    distinct = [len(np.unique(g)) for g in grids]
+    collapsed = sum(1 for g in grids if np.bincount(g).max() >= COLLAPSE_SHARE * g.size)
+    return {"distinct_codes_median": float(np.median(distinct)), "n_collapsed": collapsed}
+
+
 def generation_summary(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per ``subtask/body_part``: n, mean SSIM/PSNR/MSE/LPIPS, HU metrics, ceiling, repairs."""
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -123,6 +140,7 @@ def generation_summary(records: Sequence[dict[str, Any]]) -> dict[str, dict[str,
             "n_identical": sum(1 for m in metrics if m["psnr"] is None),
             "lpips": _mean(lp) if lp else None,
             "n_repaired_tokens": sum(1 for r in rs if not r.get("tokens_ok", True)),
+            **code_diversity([r.get("codes") for r in rs]),
             "hu": None,
             "vq_ceiling": None,
         }

@@ -12,7 +12,8 @@ import pytest
 
 from healthgpt.baselines import collect_train_reference, comprehension_baselines, generation_baselines
 from healthgpt.loss_trend import divergence_warnings
-from healthgpt.report import write_report
+from healthgpt.metrics.image import image_metrics
+from healthgpt.report import code_diversity, write_report
 from tests.train_data import write_shards
 from vlhealth.schema import Record, Sample
 
@@ -67,6 +68,20 @@ def test_train_reference_and_generation_baselines(shards: Path) -> None:
     assert generation_baselines(small, HALVES, "ct2mri/brain", ref)["identity"]["mse"] == pytest.approx(5000.0)
     # no train targets for a group: no train-mean row
     assert set(generation_baselines(HALVES, HALVES, "mri2ct/pelvis", ref)) == {"identity"}
+    # blank: train targets are all-100 and all-200 (65,536 pixels each); the tie goes to the darker level 100,
+    # so the flat 100 image against halves 100/200 has MSE (0 + 100^2) / 2
+    assert ref.blank_levels == {"ct2mri/brain": 100}
+    assert b["blank"]["mse"] == pytest.approx(5000.0)
+    assert b["blank"] == image_metrics(np.full((256, 256), 100, np.uint8), HALVES)
+
+
+def test_code_diversity_counts_collapsed_grids() -> None:
+    background = [7] * 1024
+    mostly = [7] * 922 + list(range(102))  # code 7 fills 922 + 1 of 1024 cells (>= 90%)
+    varied = [i % 64 for i in range(1024)]
+    d = code_diversity([background, mostly, varied, None])
+    assert d == {"distinct_codes_median": 64.0, "n_collapsed": 2}
+    assert code_diversity([]) == {"distinct_codes_median": None, "n_collapsed": None}
 
 
 def _record(key: str, question: str, reference: str, answer_type: str = "closed",
