@@ -59,6 +59,7 @@ from healthgpt.dist import Dist, device_for, world_info
 from healthgpt.metrics.image import image_metrics, synthrad_metrics, to_hu
 from vlhealth.schema import IMAGE_TOKEN, Record, Sample, decode_image
 from vlhealth.shards import ShardError, iter_tar, list_shards, verify_tars, write_atomic
+from vlhealth.volumes import grey_levels
 
 __all__ = [
     "CONFIG_NAME",
@@ -463,6 +464,7 @@ class _Runner:
                 "target_modality": target_modality(rec),
                 "question": questions[i].replace(IMAGE_TOKEN, "").strip(),
                 "codes": [int(c) for c in codes[i]],
+                "pred_std": float(np.std(grey_levels(preds[i]))),
                 "tokens_ok": bool(rep.ok), "token_notes": list(rep.notes),
                 "metrics": _metrics_json(metrics), "hu_metrics": _metrics_json(hu) if hu else None,
                 "vq_ceiling": ceiling,

@@ -32,7 +32,7 @@ import numpy as np
 from healthgpt.baselines import BASELINE_NOTES, comprehension_baselines
 from healthgpt.metrics.answers import ALL_DEFINITION, VQAItem, summarize_vqa
 
-__all__ = ["COLLAPSE_SHARE", "REPORT_FORMAT", "benchmark_name", "benchmark_order", "code_diversity", "generation_summary", "table1_average",
+__all__ = ["FLAT_STD", "REPORT_FORMAT", "benchmark_name", "benchmark_order", "prediction_diversity", "generation_summary", "table1_average",
            "table1_columns", "write_report"]
 
 REPORT_FORMAT = "healthgpt-eval-report/1"
@@ -50,6 +50,10 @@ _BENCHMARKS = {
 _TABLE1_ORDER = ["VQA-RAD", "SLAKE", "PathVQA", "MMMU-Med", "OMVQA"]
 _SUBTASKS = {"ct2mri": "CT2MRI", "mri2ct": "MRI2CT", "sr4x": "SR 4x", "recon": "Reconstruction",
              "report2cxr": "Report2CXR"}
+
+# a predicted image counts as flat (collapsed to one tone, e.g. all background) below this grey-level std
+FLAT_STD = 5.0
+
 
 DEFINITIONS = {
     "close": "accuracy over closed questions; a yes/no reference is matched by the first whole-word "
@@ -72,6 +76,8 @@ DEFINITIONS = {
                 "clipped to [-1024, 3000] HU, data range 4024, in the mask; SSIM on clipped HU with the "
                 "outside of the mask set to -1024, averaged over window centres in the mask. The prediction's "
                 "8-bit grey levels are mapped to HU through the target's window",
+    "flat": f"model images with an 8-bit grey-level std below {FLAT_STD:g} (one tone everywhere: the model "
+            "fell back to a background code), out of n",
     "vq_ceiling": "the same 8-bit metrics for the VQGAN's own reconstruction of the target "
                   "(decode(target codes) vs target): the best a perfect token predictor could score",
 }
@@ -101,20 +107,15 @@ def _summary_of(metrics: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "psnr": _mean([m["psnr"] for m in metrics]), "mse": _mean([m["mse"] for m in metrics])}
 
 
-# a predicted image counts as collapsed when one VQ code fills at least this share of its grid
-COLLAPSE_SHARE = 0.9
-
-
-def code_diversity(code_lists: Sequence[Sequence[int] | None]) -> dict[str, Any]:
-    """How varied the predicted token grids are: the median number of distinct codes per image, and
-    how many images are *collapsed* (one code covers >= ``COLLAPSE_SHARE`` of the grid, e.g. an
-    all-background image that only the SSIM of the black surround makes look decent)."""
-    grids = [np.asarray(c) for c in code_lists if c]
-    if not grids:
-        return {"distinct_codes_median": None, "n_collapsed": None}
-    distinct = [len(np.unique(g)) for g in grids]
-    collapsed = sum(1 for g in grids if np.bincount(g).max() >= COLLAPSE_SHARE * g.size)
-    return {"distinct_codes_median": float(np.median(distinct)), "n_collapsed": collapsed}
+def prediction_diversity(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """How much the model's images vary: the median number of distinct VQ codes per image, and how many
+    images are *flat* (8-bit grey-level std below ``FLAT_STD``: one tone everywhere, such as a model
+    whose every token fell back to a background code; only the SSIM of a dark surround makes those
+    look decent). Records without ``codes`` / ``pred_std`` are left out of each count."""
+    grids = [np.asarray(r["codes"]) for r in records if r.get("codes")]
+    stds = [float(r["pred_std"]) for r in records if r.get("pred_std") is not None]
+    return {"distinct_codes_median": float(np.median([len(np.unique(g)) for g in grids])) if grids else None,
+            "n_flat": sum(1 for s in stds if s < FLAT_STD) if stds else None}
 
 
 def generation_summary(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -140,7 +141,7 @@ def generation_summary(records: Sequence[dict[str, Any]]) -> dict[str, dict[str,
             "n_identical": sum(1 for m in metrics if m["psnr"] is None),
             "lpips": _mean(lp) if lp else None,
             "n_repaired_tokens": sum(1 for r in rs if not r.get("tokens_ok", True)),
-            **code_diversity([r.get("codes") for r in rs]),
+            **prediction_diversity(rs),
             "hu": None,
             "vq_ceiling": None,
         }
@@ -304,14 +305,15 @@ def _generation_section(report: dict[str, Any]) -> list[str]:
         rows = []
         for v in group.values():
             rows.append([name(v), "model", str(v["n"]), _f(v["ssim"], 100), _f(v["psnr"]), _f(v["mse"]),
-                         _f(v["lpips"], 1, 4), str(v["n_repaired_tokens"])])
+                         _f(v["lpips"], 1, 4), str(v["n_repaired_tokens"]),
+                         "–" if v.get("n_flat") is None else str(v["n_flat"])])
             others = {**(v.get("baselines") or {}), **({"vq_ceiling": v["vq_ceiling"]} if v.get("vq_ceiling")
                                                        else {})}
             rows += [[name(v), _PREDICTOR_NAMES[b], str(m["n"]), _f(m["ssim"], 100), _f(m["psnr"]),
-                      _f(m["mse"]), "–", "–"] for b, m in others.items()]
+                      _f(m["mse"]), "–", "–", "–"] for b, m in others.items()]
         return rows
 
-    header = ["Task", "Predictor", "n", "SSIM", "PSNR (dB)", "MSE", "LPIPS", "repaired"]
+    header = ["Task", "Predictor", "n", "SSIM", "PSNR (dB)", "MSE", "LPIPS", "repaired", "flat"]
     for title, group in (("Modality conversion (Table 4 layout)", conv),
                          ("Super-resolution (Table 5 layout)", sr), ("Other generation tasks", other)):
         if group:

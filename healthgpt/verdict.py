@@ -9,8 +9,8 @@ their numbers (met or missed), never adjusted:
 * VQGAN ceiling on held-out slices >= 0.85 SSIM;
 * CT->MRI and MRI->CT (brain, pelvis): model SSIM above every baseline in the report: the identity
   and the train-mean image (the targets' two), and the blank image (a flat background) where the
-  report has it, so that a model whose images collapsed to background cannot pass; a line says how
-  many of the model's images collapsed (one VQ code over >= 90% of the grid);
+  report has it, so that a model whose images collapsed to background cannot pass; the line says how
+  many of the model's images are flat (one tone everywhere) and how many VQ codes they use;
 * closed questions of VQA-RAD + SLAKE: model accuracy >= majority baseline + 15 points;
 * every training stage's loss, per task, ends at <= 70% of its start.
 """
@@ -77,9 +77,9 @@ def _generation(report: dict[str, Any]) -> list[Check]:
         beats = all(v["ssim"] > s for s in base.values())
         others = ", ".join(f"{_NAMES.get(k, k)} {s:.3f}" for k, s in sorted(base.items()))
         target = group in CONVERSIONS
-        collapsed = v.get("n_collapsed")
-        images = (f" | {collapsed} of {v['n']} model images collapsed, median {v['distinct_codes_median']:.0f} "
-                  f"distinct codes" if collapsed is not None else "")
+        flat = v.get("n_flat")
+        images = (f" | {flat} of {v['n']} model images flat (one tone), median {v['distinct_codes_median']:.0f} "
+                  f"distinct codes" if flat is not None else "")
         out.append(Check(f"gen:{group}", f"{group} (n={v['n']}): model SSIM {v['ssim']:.3f} | best baseline "
                          f"{_NAMES.get(best, best)} {base[best]:.3f} ({others}) | model beats "
                          f"{'all baselines' if beats else 'NOT all baselines'}{images}"

@@ -13,15 +13,22 @@ RAW="$DEMO_DIR/raw"
 SHARDS="$DEMO_DIR/shards"
 rm -rf "$DEMO_DIR"
 mkdir -p "$SHARDS"
+# section: print how long the previous section took, then the new heading (the whole run's clock is $SECONDS)
+last=
+section() {
+  if [[ -n "$last" ]]; then echo "   (took $((SECONDS - last)) s)"; fi
+  last=$SECONDS
+  echo "== $*"
+}
 
 # DEMO_SCALE: SynthRAD2023 / VQA-RAD / SLAKE replicas this many times larger than the layout tests' copies
 DEMO_SCALE="${DEMO_SCALE:-6}"
 VQ_STEPS="${VQ_STEPS:-400}"
 
-echo "== 1. demo data (synthetic replicas of the upstream layouts, scale $DEMO_SCALE) -> $RAW"
+section "1. demo data (synthetic replicas of the upstream layouts, scale $DEMO_SCALE) -> $RAW"
 vlhealth demo-data "$RAW" --scale "$DEMO_SCALE"
 
-echo "== 2. build shards"
+section "2. build shards"
 echo "-- 2a. a small VQGAN tokenizer, trained on the SynthRAD targets (first built with the untrained tiny one)"
 VQ_DIR="$DEMO_DIR/vq"
 synthrad_opts=(--workers 2 --slice-step 3 --recon none)
@@ -55,7 +62,7 @@ vlhealth check-leaks "$SHARDS/synthrad" --json "$DEMO_DIR/synthrad_leaks.json" >
 others=(); for d in "$SHARDS"/*/; do [[ "$d" == */synthrad/ ]] || others+=("$d"); done
 vlhealth check-leaks "${others[@]}" --fail
 
-echo "== 3. statistics"
+section "3. statistics"
 shopt -s nullglob
 built=("$SHARDS"/*/)
 if ((${#built[@]})); then
@@ -63,11 +70,11 @@ if ((${#built[@]})); then
   vlhealth stats "${built[@]}" --json > "$DEMO_DIR/stats.json"
 fi
 
-echo "== 4. stage-2 mix (the paper's Mixed-47k, scaled down: balanced comprehension/generation)"
+section "4. stage-2 mix (the paper's Mixed-47k, scaled down: balanced comprehension/generation)"
 mix=(); for d in "$SHARDS"/*/; do mix+=(--from "$d"); done
 vlhealth mix "${mix[@]}" --n 200 --out "$DEMO_DIR/mix"
 
-echo "== 5. train the tiny preset: text pre-training -> stage 1 (alignment) -> 2 (plugin adaptation) -> 3 (instruction tuning)"
+section "5. train the tiny preset: text pre-training -> stage 1 (alignment) -> 2 (plugin adaptation) -> 3 (instruction tuning)"
 RUNS="$DEMO_DIR/runs"
 # a base LLM that knows some text: the random tiny LLM, briefly trained on the train-split conversations (no images)
 healthgpt pretrain-text --shards "$SHARDS/llava_instruct_text" --shards "$SHARDS/vqa_rad" --shards "$SHARDS/slake" \
@@ -82,12 +89,12 @@ $train --stage 2 --task mixed --shards "$DEMO_DIR/mix" \
 $train --stage 3 --task mixed --shards "$SHARDS/vqa_rad" --shards "$SHARDS/slake" --shards "$SHARDS/synthrad:0.5" \
   --init "$RUNS/stage2" --out "$RUNS/stage3" --steps 200
 
-echo "== 6. evaluate on the held-out splits (baselines in every table)"
+section "6. evaluate on the held-out splits (baselines in every table)"
 healthgpt eval --shards "$SHARDS/vqa_rad" --shards "$SHARDS/slake" --shards "$SHARDS/omnimedvqa" \
   --shards "$SHARDS/synthrad" --checkpoint "$RUNS/stage3" --preset tiny --vq "$VQ" \
   --out "$DEMO_DIR/eval" --generation-limit 8 --batch-size 16 --max-new-tokens 16 --device cpu --constrained-images
 
-echo "== 6b. SynthRAD2023 as the challenge scores it: whole 3D volumes on the source grid (MR->CT)"
+section "6b. SynthRAD2023 as the challenge scores it: whole 3D volumes on the source grid (MR->CT)"
 # bounded: one held-out patient per anatomy, MR->CT only (every slice of it is generated, 1024 tokens each:
 # ~63 slices, ~40 s); one torch thread, as the tiny model's small matrices only contend with more
 healthgpt eval-volumes --shards "$SHARDS/synthrad" --source-root "$RAW/synthrad2023" --checkpoint "$RUNS/stage3" \
@@ -96,7 +103,7 @@ healthgpt eval-volumes --shards "$SHARDS/synthrad" --source-root "$RAW/synthrad2
 healthgpt eval-volumes --shards "$SHARDS/synthrad" --source-root "$RAW/synthrad2023" --oracle \
   --out "$DEMO_DIR/eval/oracle_volumes" --max-patients 1 --no-figures   # the round-trip ceiling
 
-echo "== 7. inference with the trained demo model"
+section "7. inference with the trained demo model"
 question_image=$(ls "$RAW/vqa_rad/VQA_RAD Image Folder/"*.jpg | head -n 1)
 healthgpt infer --preset tiny --checkpoint "$RUNS/stage3" --image "$question_image" --question "Is there a lesion?"
 ct_slice="$DEMO_DIR/eval/ct_input.png"
@@ -109,10 +116,11 @@ PY
 healthgpt infer --preset tiny --checkpoint "$RUNS/stage3" --task generation --image "$ct_slice" --vq "$VQ" \
   --instruction "Convert this CT slice to an MRI slice." --output "$DEMO_DIR/eval/ct2mri_demo.png" --constrained
 
-echo "== 8. verdict: does the model beat the baselines?"
+section "8. verdict: does the model beat the baselines?"
 healthgpt verdict --eval "$DEMO_DIR/eval" --runs "$RUNS" --vq-report "$VQ_DIR/vq_train_report.json" \
   --json "$DEMO_DIR/verdict.json"
 echo "  what limits a missed target here: the tiny preset (2-layer, 64-wide LLM; a random 3-layer CLIP that sees"
 echo "  each image at 32x32 px as 16 patches), a few hundred CPU steps per stage, and ~40 phantom patients /"
 echo "  ~50 VQA images. The same commands with a real preset, GPUs and real data are the experiment that counts."
+echo "   (took $((SECONDS - last)) s; the whole demo $((SECONDS / 60)) min $((SECONDS % 60)) s)"
 echo "demo finished: outputs under $DEMO_DIR/ (stats.png, shards/, vq/, runs/, eval/report.md, eval/ct2mri_demo.png, verdict.json)"

@@ -13,7 +13,7 @@ import pytest
 from healthgpt.baselines import collect_train_reference, comprehension_baselines, generation_baselines
 from healthgpt.loss_trend import divergence_warnings
 from healthgpt.metrics.image import image_metrics
-from healthgpt.report import code_diversity, write_report
+from healthgpt.report import prediction_diversity, write_report
 from tests.train_data import write_shards
 from vlhealth.schema import Record, Sample
 
@@ -75,13 +75,13 @@ def test_train_reference_and_generation_baselines(shards: Path) -> None:
     assert b["blank"] == image_metrics(np.full((256, 256), 100, np.uint8), HALVES)
 
 
-def test_code_diversity_counts_collapsed_grids() -> None:
-    background = [7] * 1024
-    mostly = [7] * 922 + list(range(102))  # code 7 fills 922 + 1 of 1024 cells (>= 90%)
-    varied = [i % 64 for i in range(1024)]
-    d = code_diversity([background, mostly, varied, None])
-    assert d == {"distinct_codes_median": 64.0, "n_collapsed": 2}
-    assert code_diversity([]) == {"distinct_codes_median": None, "n_collapsed": None}
+def test_prediction_diversity_counts_flat_images() -> None:
+    rows = [{"codes": [7] * 1024, "pred_std": 0.0},  # one code, one tone
+            {"codes": [7, 8, 9] * 341 + [7], "pred_std": 4.9},  # three near-black codes: still flat
+            {"codes": [i % 64 for i in range(1024)], "pred_std": 41.0},
+            {"codes": None, "pred_std": None}]
+    assert prediction_diversity(rows) == {"distinct_codes_median": 3.0, "n_flat": 2}
+    assert prediction_diversity([]) == {"distinct_codes_median": None, "n_flat": None}
 
 
 def _record(key: str, question: str, reference: str, answer_type: str = "closed",

@@ -51,12 +51,12 @@ def test_a_collapsed_model_loses_to_the_blank_image(tmp_path: Path) -> None:
     report = _report()
     # beats identity and train mean, but a flat background scores higher: not learned
     report["generation"]["ct2mri/brain"]["baselines"]["blank"] = {"n": 8, "ssim": 0.7}
-    report["generation"]["ct2mri/brain"].update(n_collapsed=8, distinct_codes_median=1.0)
+    report["generation"]["ct2mri/brain"].update(n_flat=8, distinct_codes_median=3.0)
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "report.json").write_text(json.dumps(report))
     check = {c.name: c for c in collect_checks(tmp_path / "eval")}["gen:ct2mri/brain"]
     assert check.passed is False
-    assert "best baseline blank 0.700" in check.line and "8 of 8 model images collapsed" in check.line
+    assert "best baseline blank 0.700" in check.line and "8 of 8 model images flat (one tone), median 3 distinct codes" in check.line
 
 
 def test_cli_prints_the_verdict(tmp_path: Path) -> None:
