@@ -313,3 +313,14 @@ def test_scale_adds_images_and_keeps_the_scale_1_files(tmp_path: Path) -> None:
     assert all(splits.values()) and len({r["img_id"] for s in splits.values() for r in s}) == 27
     with pytest.raises(ValueError, match="scale"):
         write_demo_data(tmp_path / "bad", ["slake"], scale=0)
+
+
+def test_per_source_scale_overrides_the_global_one(tmp_path: Path) -> None:
+    both = write_demo_data(tmp_path / "both", ["vqa_rad", "slake"], scale=3)
+    mixed = write_demo_data(tmp_path / "mixed", ["vqa_rad", "slake"], scale=1, scales={"slake": 3})
+    assert _hashes(mixed["slake"]) == _hashes(both["slake"])  # slake at 3, exactly as --scale 3 writes it
+    assert _hashes(mixed["vqa_rad"]) == _hashes(write_demo_data(tmp_path / "one", ["vqa_rad"])["vqa_rad"])
+    with pytest.raises(ValueError, match=r"no per-source scale for \['ixi'\].*synthrad2023"):
+        write_demo_data(tmp_path / "bad", ["ixi"], scales={"ixi": 2})
+    with pytest.raises(ValueError, match="scale must be >= 1, got 0 for slake"):
+        write_demo_data(tmp_path / "bad", ["slake"], scales={"slake": 0})

@@ -46,17 +46,29 @@ def demo_data(
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives byte-identical files.")] = 0,
     scale: Annotated[int, typer.Option(help="Make SynthRAD2023, VQA-RAD and SLAKE about this many times larger "
                                             "(enough data for the demo's model to learn from).")] = 1,
+    scale_source: Annotated[list[str] | None, typer.Option(
+        "--scale-source", help="NAME=K: this source K times larger instead of --scale (repeatable; "
+                               "synthrad2023, vqa_rad, slake).")] = None,
 ) -> None:
     """Write small, deterministic synthetic replicas of the upstream dataset layouts.
 
     Example:
 
         vlhealth demo-data demo/raw --source synthrad2023 --source ixi
-        vlhealth demo-data demo/raw --scale 6
+        vlhealth demo-data demo/raw --scale 6 --scale-source vqa_rad=30
     """
     from vlhealth.demo import write_demo_data
 
-    written = write_demo_data(out, sources=source or None, seed=seed, scale=scale)
+    scales: dict[str, int] = {}
+    for item in scale_source or []:
+        name, sep, k = item.partition("=")
+        if not sep or not k.strip().isdigit():
+            raise typer.BadParameter(f"expected NAME=K (a whole number), got {item!r}", param_hint="--scale-source")
+        scales[name.strip()] = int(k)
+    try:
+        written = write_demo_data(out, sources=source or None, seed=seed, scale=scale, scales=scales)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--scale-source") from None
     for name, path in written.items():
         console.print(f"[green]wrote[/] {name}: {path}")
 

@@ -32,6 +32,7 @@ import importlib
 import inspect
 import shutil
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 
@@ -67,17 +68,25 @@ def source_rng(name: str, seed: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), zlib.crc32(name.encode("utf-8"))])
 
 
-def write_demo_data(out: Path, sources: list[str] | None = None, seed: int = 0, scale: int = 1) -> dict[str, Path]:
+def write_demo_data(out: Path, sources: list[str] | None = None, seed: int = 0, scale: int = 1,
+                    scales: Mapping[str, int] | None = None) -> dict[str, Path]:
     """Write the demo layouts under ``out/<NAME>/``; returns ``{NAME: root folder}``.
 
     ``sources`` picks a subset by NAME (default: all, in registry order). Unknown names raise
     ``ValueError`` listing the known ones. ``scale`` > 1 makes the sources whose ``write`` takes a
     ``scale`` argument (SynthRAD2023, VQA-RAD, SLAKE) about ``scale`` times larger — enough patients
     and images for the demo's tasks to be learnable; their first ``scale = 1`` files stay byte-identical.
+    ``scales`` overrides ``scale`` per source NAME (``{"vqa_rad": 30}``); a source there must take a scale.
     """
-    if scale < 1:
-        raise ValueError(f"scale must be >= 1, got {scale}")
     modules = registry()
+    per_source = dict(scales or {})
+    for name, k in [("all sources", scale), *per_source.items()]:
+        if int(k) < 1:
+            raise ValueError(f"scale must be >= 1, got {k} for {name}")
+    wrong = [n for n in per_source if n not in modules or "scale" not in inspect.signature(modules[n].write).parameters]
+    if wrong:
+        scalable = [n for n, m in modules.items() if "scale" in inspect.signature(m.write).parameters]
+        raise ValueError(f"no per-source scale for {wrong}; sources that take one: {scalable}")
     chosen = list(modules) if sources is None else list(dict.fromkeys(sources))
     unknown = [s for s in chosen if s not in modules]
     if unknown:
@@ -92,8 +101,9 @@ def write_demo_data(out: Path, sources: list[str] | None = None, seed: int = 0, 
             shutil.rmtree(tmp)
         tmp.mkdir()
         write = modules[name].write
-        if scale > 1 and "scale" in inspect.signature(write).parameters:
-            write(tmp, source_rng(name, seed), scale=scale)
+        k = int(per_source.get(name, scale))
+        if k > 1 and "scale" in inspect.signature(write).parameters:
+            write(tmp, source_rng(name, seed), scale=k)
         else:
             write(tmp, source_rng(name, seed))
         if final.exists():
