@@ -132,10 +132,12 @@ class SplitLMHead(nn.Module):
     def weight(self) -> torch.Tensor:
         return torch.cat([self.old, self.new], 0)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, new_rows: Sequence[slice] | None = None) -> torch.Tensor:
+        """Logits over the old rows and the new rows (or only the ``new_rows`` slices of them, in order)."""
         # the two tables may differ in dtype (fp32 trainable rows next to a bf16 frozen table)
         a = F.linear(h.to(self.old.dtype), self.old)
-        b = F.linear(h.to(self.new.dtype), self.new)
+        new = self.new if new_rows is None else torch.cat([self.new[r] for r in new_rows], 0)
+        b = F.linear(h.to(new.dtype), new)
         dtype = torch.promote_types(a.dtype, b.dtype)
         return torch.cat([a.to(dtype), b.to(dtype)], dim=-1)
 
@@ -451,11 +453,19 @@ class HealthGPT(nn.Module):
         pixel_values: torch.Tensor | None = None,
         task: str | None = None,
         return_logits: bool = True,
+        n_codes: int | None = None,
     ) -> HealthGPTOutput:
         """Causal-LM loss on ``labels`` != -100 (mean over those tokens).
 
         ``return_logits=False`` computes the head only at labelled positions (saves the
         ``[B, T, V]`` logits tensor; ``logits`` is then None).
+
+        ``n_codes`` (with ``return_logits=False``): the codebook size of the VQGAN the targets were
+        tokenized with, when smaller than 8192. The loss's softmax then runs over the live vocabulary
+        only (the text rows, ``<start_index>``, ``<idx_0>``..``<idx_{n_codes-1}>``, ``<end_index>``,
+        ``<pixel_newline>``), as constrained decoding samples from it; the 8192 - ``n_codes`` dead
+        code rows are never computed (with a 256-code VQGAN that is ~3x less work per generation
+        step on the tiny preset). A label beyond the codebook raises ``ValueError``.
         """
         task = task or self.active_task or "comprehension"
         if task != self.active_task:
@@ -465,9 +475,18 @@ class HealthGPT(nn.Module):
                                     use_cache=False).last_hidden_state
         loss = None
         logits = None
+        live = None
+        if n_codes is not None and not return_logits and labels is not None and n_codes < NUM_VQ_CODES:
+            live = self._live_vocabulary(int(n_codes))
         if labels is not None:
             shift_labels = labels[:, 1:]
             sel = shift_labels != IGNORE_INDEX
+            if live is not None:
+                rows, target = live
+                sel_logits = self.lm_head(hidden[:, :-1][sel], new_rows=rows)
+                loss = F.cross_entropy(sel_logits.float(), target(shift_labels[sel])) if sel_logits.shape[0] \
+                    else hidden.sum() * 0.0
+                return HealthGPTOutput(loss=loss, logits=None, labels=labels, attention_mask=mask)
             if return_logits:
                 logits = self.lm_head(hidden)
                 sel_logits = logits[:, :-1][sel]
@@ -480,6 +499,25 @@ class HealthGPT(nn.Module):
         elif return_logits:
             logits = self.lm_head(hidden)
         return HealthGPTOutput(loss=loss, logits=logits, labels=labels, attention_mask=mask)
+
+    def _live_vocabulary(self, n_codes: int) -> tuple[list[slice], Callable[[torch.Tensor], torch.Tensor]]:
+        """New-row slices of a ``n_codes`` codebook and the map from full-vocabulary labels to live indices."""
+        if not 1 <= n_codes <= NUM_VQ_CODES:
+            raise ValueError(f"n_codes must be in [1, {NUM_VQ_CODES}], got {n_codes}")
+        v = self.vocab
+        first, idx0, end = v.first_new, v.idx_0, v.end_index
+        rows = [slice(0, idx0 - first + n_codes), slice(end - first, v.total - first)]
+        dead_lo, dead_hi = idx0 + n_codes, end  # label ids of the codes beyond the codebook
+
+        def target(labels: torch.Tensor) -> torch.Tensor:
+            dead = (labels >= dead_lo) & (labels < dead_hi)
+            if bool(dead.any()):
+                code = int(labels[dead][0]) - idx0
+                raise ValueError(f"a target image code ({code}) is beyond the {n_codes}-code codebook given as "
+                                 f"n_codes (--image-codes): the shards were tokenized with a larger VQGAN")
+            return torch.where(labels >= dead_hi, labels - (dead_hi - dead_lo), labels)
+
+        return rows, target
 
     # ---------------------------------------------------------------- generation
 

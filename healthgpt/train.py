@@ -130,6 +130,7 @@ class TrainConfig:
     progress: bool = True
     preset_overrides: dict[str, Any] = field(default_factory=dict)  # build_model(...) overrides (--model-set)
     groups: tuple[str, ...] = ()  # parameter groups to train instead of the stage's (--groups; ablations)
+    image_codes: int | None = None  # VQGAN codebook size < 8192: the loss's softmax skips the dead code rows
     debug_nan_at: tuple[int, ...] = ()  # optimizer steps whose first micro-batch gets NaN pixels
     debug_exit_after: int | None = None  # hard exit (no checkpoint) after this step: simulates a kill
     debug_log_keys: bool = False  # write the sample keys each rank trained on to OUT/keys-rank<R>.txt
@@ -392,7 +393,7 @@ def _optimizer_step(run: _Run, batch_hook: Callable[[int, dict[str, Any]], dict[
                     attention_mask=batch["attention_mask"].to(run.device),
                     labels=batch["labels"].to(run.device),
                     pixel_values=None if batch["pixel_values"] is None else batch["pixel_values"].to(run.device),
-                    task=batch["task"], return_logits=False,
+                    task=batch["task"], return_logits=False, n_codes=cfg.image_codes,
                 )
             (res.loss * (n_label[a] * dd.world / total_label)).backward()  # DDP averages over ranks: x world
         loss_sum += float(res.loss.detach()) * n_label[a]
@@ -572,6 +573,7 @@ def _finish(run: _Run, status: str, console: Any) -> TrainResult:
                 "shards": [str(Path(s).name) for s in cfg.shards],  # names only (no local paths)
                 "lineage": run.lineage,  # the earlier stages this run's weights grew from, with their data
                 "model_overrides": json.loads(json.dumps(cfg.preset_overrides, default=str)),
+                "image_codes": cfg.image_codes,
                 "groups": list(run.groups), "saved_groups": run.saved_groups, "trainable": summary,
                 "hparams": json.loads(json.dumps(run.hp.to_dict(), default=str)),
                 "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
@@ -675,6 +677,7 @@ def train_command(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Any hyper-parameter as key=value (same as its own option).")] = None,
     model_set: Annotated[list[str] | None, typer.Option("--model-set", help="Model preset override key=value (variant=lora|moelora|hlora, experts=8, comp_r=32, comprehension_features=concrete, shared_plugin=true, ...); give healthgpt eval the same.")] = None,
     groups: Annotated[str | None, typer.Option(help="Train these parameter groups (comma-separated) instead of the stage's, e.g. a one-stage mixed baseline.")] = None,
+    image_codes: Annotated[int | None, typer.Option(min=1, max=8192, help="Codebook size of the VQGAN the generation shards were tokenized with (its config's n_embed), when smaller than 8192: the loss's softmax then runs over those codes only, as `eval --constrained-images` decodes, and the dead code rows are never computed (~3x faster generation steps on the tiny preset with a 256-code VQGAN). A target code beyond it is an error.")] = None,
     config: Annotated[Path | None, typer.Option(help="Training YAML (default healthgpt/configs/train_<preset>.yaml).")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     split: Annotated[str, typer.Option(help="Split to train on.")] = "train",
@@ -718,7 +721,7 @@ def train_command(
         gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, tensorboard=tensorboard, progress=progress,
         debug_nan_at=tuple(debug_nan_at or ()), debug_exit_after=debug_exit_after, debug_log_keys=debug_log_keys,
         preset_overrides=_parse_sets(model_set or [], "--model-set"),
-        groups=tuple(g.strip() for g in (groups or "").split(",") if g.strip()),
+        groups=tuple(g.strip() for g in (groups or "").split(",") if g.strip()), image_codes=image_codes,
     )
     logging.basicConfig(level=logging.WARNING)
     try:

@@ -274,6 +274,35 @@ def test_loss_matches_manual_and_padding_is_invariant() -> None:
             torch.testing.assert_close(logits[i, :n], single, rtol=1e-4, atol=1e-4)
 
 
+def test_loss_over_a_smaller_codebook_is_the_masked_softmax() -> None:
+    """``n_codes``: the same loss as full logits with the dead code rows masked out, without computing them."""
+    model, tok = build_model("tiny", seed=3)
+    _perturb_plugins(model)
+    with torch.no_grad():  # distinct new rows, so that a wrong row mapping changes the loss
+        model.lm_head.new.normal_(0.0, 0.5)
+    n = 16
+    codes = np.arange(1024) % n
+    conv = [{"from": "human", "value": "<image>\nConvert this CT slice to MRI."}, {"from": "gpt", "value": "<target_image>"}]
+    batch = model.collate([encode_conversation(tok, conv, template="chatml", vq_indices=codes)])
+    pv = model.vision.preprocess([_image(1)])
+    v = model.vocab
+    with torch.no_grad():
+        full = model(**batch, pixel_values=pv, task="generation")
+        masked = full.logits.clone()
+        masked[..., v.idx_0 + n:v.end_index] = float("-inf")
+        manual = torch.nn.functional.cross_entropy(masked[:, :-1].reshape(-1, masked.shape[-1]),
+                                                   full.labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+        live = model(**batch, pixel_values=pv, task="generation", return_logits=False, n_codes=n)
+        torch.testing.assert_close(live.loss, manual)
+        assert float(live.loss) < float(full.loss)  # the dead rows no longer take probability mass
+        # 8192 codes (or none given): the plain loss
+        torch.testing.assert_close(model(**batch, pixel_values=pv, task="generation", return_logits=False,
+                                         n_codes=8192).loss, full.loss)
+        with pytest.raises(ValueError, match=r"code \(16\) is beyond the 8-code codebook"):
+            model(**model.collate([encode_conversation(tok, conv, template="chatml", vq_indices=np.full(1024, 16))]),
+                  pixel_values=pv, task="generation", return_logits=False, n_codes=8)
+
+
 def test_generate_with_cache_equals_full_recompute() -> None:
     model, tok = build_model("tiny", seed=4)
     _perturb_plugins(model, scale=0.2)
