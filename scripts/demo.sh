@@ -31,18 +31,28 @@ section "1. demo data (synthetic replicas of the upstream layouts, scale $DEMO_S
 vlhealth demo-data "$RAW" --scale "$DEMO_SCALE" --scale-source vqa_rad="$VQA_SCALE" --scale-source slake="$VQA_SCALE"
 
 section "2. build shards"
+# Two independent single-thread jobs run in the background while the foreground builds (2 cores): the VQGAN
+# training and, once its shards exist, the text pre-training. Each keeps one thread, so its numbers do not
+# depend on what runs beside it; their logs are printed when they are waited for.
+background() {  # background NAME LOG COMMAND...: start, remember the pid
+  local name=$1 log=$2; shift 2
+  echo "   (in the background: $name; log: ${log#"$DEMO_DIR"/})"
+  "$@" > "$log" 2>&1 &
+  eval "pid_$name=\$!"
+}
+finish() {  # finish NAME LOG: wait for it (its failure stops the demo) and show the end of its log
+  local name=$1 log=$2 pid_var="pid_$1"
+  if ! wait "${!pid_var}"; then echo "background job $name failed; its log:"; cat "$log"; exit 1; fi
+  echo "   ($name finished; the end of its log:)"; grep -v '━' "$log" | tail -n 4 | sed 's/^/   | /'
+}
 echo "-- 2a. a small VQGAN tokenizer, trained on the SynthRAD targets (first built with the untrained tiny one)"
 VQ_DIR="$DEMO_DIR/vq"
 synthrad_opts=(--workers 2 --slice-step 3 --recon none)
 vlhealth build synthrad "$RAW/synthrad2023" --out "$VQ_DIR/source" "${synthrad_opts[@]}"
-vlhealth vq train "$VQ_DIR/source" --out "$VQ_DIR" --steps "$VQ_STEPS" --batch-size 8 --crop 64 --save-every 0
+background vq "$DEMO_DIR/vq_train.log" \
+  vlhealth vq train "$VQ_DIR/source" --out "$VQ_DIR" --steps "$VQ_STEPS" --batch-size 8 --crop 64 --save-every 0
 VQ="$VQ_DIR/vqgan.safetensors"
-echo "-- 2b. generation sources, tokenized with that VQGAN"
-vlhealth build synthrad       "$RAW/synthrad2023"   --out "$SHARDS/synthrad" "${synthrad_opts[@]}" --vqgan "$VQ"
-vlhealth build ixi            "$RAW/ixi"            --out "$SHARDS/ixi" --slices 4 --vqgan "$VQ"
-vlhealth build mimic-cxr      "$RAW/mimic_cxr"      --out "$SHARDS/mimic_cxr" --vqgan "$VQ"
-vlhealth build llava-pretrain "$RAW/llava_pretrain" --out "$SHARDS/llava_pretrain" --vqgan "$VQ"
-echo "-- comprehension sources (upstream splits kept)"
+echo "-- 2b. comprehension sources (upstream splits kept)"
 vlhealth build omnimedvqa     "$RAW/omnimedvqa"     --out "$SHARDS/omnimedvqa" --image-format jpg
 # VQA-RAD and SLAKE draw their phantom scans from one generator: at this size a few train images of either
 # near-duplicate a test image of either (as real VQA-RAD has). A first build gives the test images; the
@@ -60,6 +70,16 @@ vlhealth build llava-med      "$RAW/llava_med"      --out "$SHARDS/llava_med"
 vlhealth build llava-instruct "$RAW/llava_instruct" --out "$SHARDS/llava_instruct"
 vlhealth build llava-instruct "$RAW/llava_instruct" --text-only only --out "$SHARDS/llava_instruct_text"
 vlhealth build llava-instruct "$RAW/llava_pretrain" --out "$SHARDS/llava_558k"   # captions (stage-1 alignment)
+# a base LLM that knows some text: the random tiny LLM, briefly trained on the train-split conversations (no images)
+background text "$DEMO_DIR/text-lm.log" \
+  healthgpt pretrain-text --shards "$SHARDS/llava_instruct_text" --shards "$SHARDS/vqa_rad" --shards "$SHARDS/slake" \
+  --out "$DEMO_DIR/text-lm" --steps 400
+finish vq "$DEMO_DIR/vq_train.log"
+echo "-- 2c. generation sources, tokenized with that VQGAN"
+vlhealth build synthrad       "$RAW/synthrad2023"   --out "$SHARDS/synthrad" "${synthrad_opts[@]}" --vqgan "$VQ"
+vlhealth build ixi            "$RAW/ixi"            --out "$SHARDS/ixi" --slices 4 --vqgan "$VQ"
+vlhealth build mimic-cxr      "$RAW/mimic_cxr"      --out "$SHARDS/mimic_cxr" --vqgan "$VQ"
+vlhealth build llava-pretrain "$RAW/llava_pretrain" --out "$SHARDS/llava_pretrain" --vqgan "$VQ"
 
 echo "-- leakage guard: the demo plants a test image (recompressed, resized) in PubMedVision train"
 vlhealth build pubmedvision   "$RAW/pubmedvision"   --out "$DEMO_DIR/leaky/pubmedvision"
@@ -84,19 +104,21 @@ section "4. stage-2 mix (the paper's Mixed-47k, scaled down: balanced comprehens
 mix=(); for d in "$SHARDS"/*/; do mix+=(--from "$d"); done
 vlhealth mix "${mix[@]}" --n 200 --out "$DEMO_DIR/mix"
 
-section "5. train the tiny preset: text pre-training -> stage 1 (alignment) -> 2 (plugin adaptation) -> 3 (instruction tuning)"
+section "5. train the tiny preset: stage 1 (alignment) -> 2 (plugin adaptation) -> 3 (instruction tuning)"
 RUNS="$DEMO_DIR/runs"
-# a base LLM that knows some text: the random tiny LLM, briefly trained on the train-split conversations (no images)
-healthgpt pretrain-text --shards "$SHARDS/llava_instruct_text" --shards "$SHARDS/vqa_rad" --shards "$SHARDS/slake" \
-  --out "$DEMO_DIR/text-lm" --steps 400
+mkdir -p "$RUNS"
+finish text "$DEMO_DIR/text-lm.log"
 # the demo's VQGAN has a small codebook: the loss's softmax runs over its codes only (--image-codes), as the
 # evaluator's constrained decoding does; the 8192 - n dead rows of the LM head are then never computed
 CODES=$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["n_embed"])' "$VQ_DIR/vqgan.json")
 train="healthgpt train --preset tiny --image-codes $CODES"
+# the two stage-1 runs are independent: generation in the background, comprehension in the foreground
+background stage1_generation "$RUNS/stage1-generation.log" \
+  $train --stage 1 --task generation --shards "$SHARDS/synthrad" --init "$DEMO_DIR/text-lm" \
+  --out "$RUNS/stage1-generation" --micro-batch 2 --global-batch 2 --steps 40 --no-progress
 $train --stage 1 --task comprehension --shards "$SHARDS/vqa_rad" --shards "$SHARDS/slake" --init "$DEMO_DIR/text-lm" \
   --out "$RUNS/stage1-comprehension" --steps 200
-$train --stage 1 --task generation --shards "$SHARDS/synthrad" --init "$DEMO_DIR/text-lm" --out "$RUNS/stage1-generation" \
-  --micro-batch 2 --global-batch 2 --steps 40
+finish stage1_generation "$RUNS/stage1-generation.log"
 $train --stage 2 --task mixed --shards "$DEMO_DIR/mix" \
   --init "$RUNS/stage1-comprehension" --init "$RUNS/stage1-generation" --out "$RUNS/stage2" --steps 300
 $train --stage 3 --task mixed --shards "$SHARDS/vqa_rad" --shards "$SHARDS/slake" --shards "$SHARDS/synthrad:0.8" \
