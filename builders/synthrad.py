@@ -168,6 +168,10 @@ def process(item: Item, ctx: BuildContext) -> Iterator[Sample | ItemReport]:
         from vlhealth.registration import register_mr_to_ct, resample_to, similarity_figure
 
         reg = register_mr_to_ct(ct, mr, mask=mask)
+        before_nmi, after_nmi = reg.before.get("nmi"), reg.after.get("nmi")
+        if before_nmi is not None and not (after_nmi is not None and after_nmi >= before_nmi):
+            raise Rejected(mr_file, f"registration made the MR/CT similarity worse (NMI {before_nmi:.3f} -> "
+                                    f"{after_nmi}); check this pair by eye or register it yourself")
         report = reg.summary()
         if ctx.out is not None:
             fig = similarity_figure(ct, resample_to(mr, ct), reg.moved, ctx.out / "registration" / f"{patient}.png",

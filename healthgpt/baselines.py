@@ -90,7 +90,8 @@ class TrainReference:
         return answer if answer is not None else self.by_type.get((benchmark, answer_type))
 
     def describe(self) -> dict[str, Any]:
-        return {"train_answers": self.n_answers, "train_mean_images": dict(sorted(self.n_images.items()))}
+        return {"train_answers": self.n_answers, "train_mean_images": dict(sorted(self.n_images.items())),
+                "blank_grey_levels": dict(sorted(self.blank_levels.items()))}
 
 
 def _most_common(answers: Iterable[str]) -> str:

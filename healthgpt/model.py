@@ -460,12 +460,14 @@ class HealthGPT(nn.Module):
         ``return_logits=False`` computes the head only at labelled positions (saves the
         ``[B, T, V]`` logits tensor; ``logits`` is then None).
 
-        ``n_codes`` (with ``return_logits=False``): the codebook size of the VQGAN the targets were
+        ``n_codes``: the codebook size of the VQGAN the targets were
         tokenized with, when smaller than 8192. The loss's softmax then runs over the live vocabulary
         only (the text rows, ``<start_index>``, ``<idx_0>``..``<idx_{n_codes-1}>``, ``<end_index>``,
         ``<pixel_newline>``), as constrained decoding samples from it; the 8192 - ``n_codes`` dead
         code rows are never computed (with a 256-code VQGAN that is ~3x less work per generation
-        step on the tiny preset). A label beyond the codebook raises ``ValueError``.
+        step on the tiny preset; with ``return_logits=True`` the full logits are returned with those rows
+        at -inf). A label beyond the codebook raises ``ValueError``. The dead rows get no gradient and
+        keep their initial values: decode such a model with the constraint (``eval --constrained-images``).
         """
         task = task or self.active_task or "comprehension"
         if task != self.active_task:
@@ -489,6 +491,9 @@ class HealthGPT(nn.Module):
                 return HealthGPTOutput(loss=loss, logits=None, labels=labels, attention_mask=mask)
             if return_logits:
                 logits = self.lm_head(hidden)
+                if n_codes is not None and n_codes < NUM_VQ_CODES:  # the same masked softmax, full logits kept
+                    self._live_vocabulary(int(n_codes))[1](shift_labels[sel])  # a code beyond it: ValueError
+                    logits[..., self.vocab.idx_0 + int(n_codes):self.vocab.end_index] = float("-inf")
                 sel_logits = logits[:, :-1][sel]
             else:
                 sel_logits = self.lm_head(hidden[:, :-1][sel])

@@ -112,7 +112,9 @@ def pretrain_text_command(
 
     console = Console(stderr=True)
     overrides = _parse_sets(model_set or [], "--model-set")
-    model, _ = build_model(preset, **{"seed": seed, **overrides})
+    if "seed" in overrides:
+        raise typer.BadParameter("give the seed with --seed, not --model-set seed=...", param_hint="--model-set")
+    model, _ = build_model(preset, seed=seed, **overrides)
     encodings = text_encodings(model, shards, split=split)
     if not encodings:
         raise typer.BadParameter(f"no {split!r} comprehension conversations in "

@@ -34,6 +34,8 @@ section "2. build shards"
 # Two independent single-thread jobs run in the background while the foreground builds (2 cores): the VQGAN
 # training and, once its shards exist, the text pre-training. Each keeps one thread, so its numbers do not
 # depend on what runs beside it; their logs are printed when they are waited for.
+# a failure or Ctrl-C of the foreground stops the background jobs too (they would keep writing into $DEMO_DIR)
+trap 'kill ${pid_vq-} ${pid_text-} ${pid_stage1_generation-} 2> /dev/null || true' EXIT
 background() {  # background NAME LOG COMMAND...: start, remember the pid
   local name=$1 log=$2; shift 2
   echo "   (in the background: $name; log: ${log#"$DEMO_DIR"/})"
@@ -43,7 +45,7 @@ background() {  # background NAME LOG COMMAND...: start, remember the pid
 finish() {  # finish NAME LOG: wait for it (its failure stops the demo) and show the end of its log
   local name=$1 log=$2 pid_var="pid_$1"
   if ! wait "${!pid_var}"; then echo "background job $name failed; its log:"; cat "$log"; exit 1; fi
-  echo "   ($name finished; the end of its log:)"; grep -v '━' "$log" | tail -n 4 | sed 's/^/   | /'
+  echo "   ($name finished; the end of its log:)"; { grep -v '━' "$log" || true; } | tail -n 4 | sed 's/^/   | /'
 }
 echo "-- 2a. a small VQGAN tokenizer, trained on the SynthRAD targets (first built with the untrained tiny one)"
 VQ_DIR="$DEMO_DIR/vq"
@@ -159,8 +161,8 @@ echo "  what limits a missed target here (the tiny preset on 2 CPU cores, in min
 echo "  - conversion: a 2-layer, 64-wide LLM gets a few hundred steps to write 1024-token images from 16 image"
 echo "    patches. Its loss falls, but greedy decoding of so weak a model keeps to background codes: the 'flat'"
 echo "    count above says how many of its images are one tone, and such images lose to identity and to blank."
-echo "  - closed questions: the frozen, random 3-layer CLIP sees each image at 32x32 px. The probe below reads"
-echo "    organ and modality from its features, but lesions barely, and lesion questions are about half of them."
+echo "  - closed questions: the frozen, random 3-layer CLIP sees each image at 32x32 px. The probe below says which"
+echo "    answers its features carry at all (organ, modality, lesion count); about half the closed questions ask about lesions."
 echo "  The same commands with a real preset, GPUs and real data are the experiment that counts."
 
 section "9. is the answer in the frozen vision features? (a linear probe, train images -> test images)"

@@ -75,6 +75,30 @@ def test_train_reference_and_generation_baselines(shards: Path) -> None:
     assert b["blank"] == image_metrics(np.full((256, 256), 100, np.uint8), HALVES)
 
 
+def test_blank_level_is_the_most_frequent_grey_level(tmp_path: Path) -> None:
+    # two all-200 targets and one all-100: 200 is the most frequent level (not the darkest, not the mean)
+    samples = [_gen(i, "train", np.full((256, 256), v, np.uint8), HALVES) for i, v in enumerate((200, 100, 200))]
+    ref = collect_train_reference([write_shards(tmp_path / "s", samples, "toy", 4)])
+    assert ref.blank_levels == {"ct2mri/brain": 200}
+    assert ref.describe()["blank_grey_levels"] == {"ct2mri/brain": 200}
+    assert generation_baselines(HALVES, HALVES, "ct2mri/brain", ref)["blank"]["mse"] == pytest.approx(5000.0)
+
+
+def test_loss_window_is_five_percent_of_a_tasks_steps() -> None:
+    from healthgpt.train import loss_by_task
+
+    # 200 comprehension steps falling 2.0 -> 0.01 per step, and 40 generation steps at 5.0 then 3.0
+    comp = [2.0 - 0.01 * i for i in range(200)]
+    tasks = ["comprehension"] * 200 + ["generation"] * 40
+    by_task = loss_by_task(comp + [5.0] * 20 + [3.0] * 20, tasks)
+    c = by_task["comprehension"]
+    assert c["n"] == 10 and c["steps"] == 200  # 5% of 200
+    assert c["first"] == pytest.approx(sum(comp[:10]) / 10) and c["last"] == pytest.approx(sum(comp[-10:]) / 10)
+    assert by_task["generation"] == {"first": 5.0, "last": 3.0, "n": 3, "steps": 40}  # at least 3
+    assert loss_by_task([1.0] * 2000, ["generation"] * 2000)["generation"]["n"] == 25  # at most 25
+    assert loss_by_task([1.0, float("nan"), 2.0], ["g"] * 3, n=1)["g"] == {"first": 1.0, "last": 2.0, "n": 1, "steps": 2}
+
+
 def test_prediction_diversity_counts_flat_images() -> None:
     rows = [{"codes": [7] * 1024, "pred_std": 0.0},  # one code, one tone
             {"codes": [7, 8, 9] * 341 + [7], "pred_std": 4.9},  # three near-black codes: still flat

@@ -295,6 +295,11 @@ def test_loss_over_a_smaller_codebook_is_the_masked_softmax() -> None:
         live = model(**batch, pixel_values=pv, task="generation", return_logits=False, n_codes=n)
         torch.testing.assert_close(live.loss, manual)
         assert float(live.loss) < float(full.loss)  # the dead rows no longer take probability mass
+        # with the full logits returned: the same loss, the dead rows at -inf, the live ones untouched
+        kept = model(**batch, pixel_values=pv, task="generation", n_codes=n)
+        torch.testing.assert_close(kept.loss, manual)
+        assert torch.isinf(kept.logits[..., v.idx_0 + n:v.end_index]).all()
+        torch.testing.assert_close(kept.logits[..., :v.idx_0 + n], full.logits[..., :v.idx_0 + n])
         # 8192 codes (or none given): the plain loss
         torch.testing.assert_close(model(**batch, pixel_values=pv, task="generation", return_logits=False,
                                          n_codes=8192).loss, full.loss)

@@ -62,13 +62,17 @@ def demo_data(
     scales: dict[str, int] = {}
     for item in scale_source or []:
         name, sep, k = item.partition("=")
-        if not sep or not k.strip().isdigit():
-            raise typer.BadParameter(f"expected NAME=K (a whole number), got {item!r}", param_hint="--scale-source")
-        scales[name.strip()] = int(k)
+        try:
+            if not sep:
+                raise ValueError(item)
+            scales[name.strip()] = int(k)
+        except ValueError:
+            raise typer.BadParameter(f"expected NAME=K (a whole number), got {item!r}",
+                                     param_hint="--scale-source") from None
     try:
         written = write_demo_data(out, sources=source or None, seed=seed, scale=scale, scales=scales)
     except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--scale-source") from None
+        raise typer.BadParameter(str(exc)) from None
     for name, path in written.items():
         console.print(f"[green]wrote[/] {name}: {path}")
 
