@@ -36,6 +36,7 @@ import numpy as np
 
 from healthgpt.metrics.answers import VQAItem, normalize_for_scoring, summarize_vqa
 from healthgpt.metrics.image import image_metrics
+from vlhealth.volumes import grey_levels
 
 __all__ = [
     "BASELINE_NOTES",
@@ -107,12 +108,6 @@ def _most_common(answers: Iterable[str]) -> str:
     return spelling[next(k for k in counts if counts[k] == best)]
 
 
-def _grey(img: np.ndarray) -> np.ndarray:
-    if img.ndim == 3:
-        img = img[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
-    return img.astype(np.float64)
-
-
 def collect_train_reference(shards: Sequence[os.PathLike | str], *, split: str = "train",
                             max_images_per_group: int = 256) -> TrainReference:
     """Read the ``split`` samples of ``shards`` once: answers per question, mean target per group."""
@@ -167,7 +162,7 @@ def _add_target(rec: Mapping[str, Any], members: Mapping[str, bytes], sums: dict
     group = generation_group(str(rec.get("subtask")), rec.get("body_part"), target_modality(Record.from_json(dict(rec))))
     if counts[group] >= cap:
         return
-    img = _grey(decode(members[target_name]))
+    img = grey_levels(decode(members[target_name]))
     if group in sums and sums[group].shape != img.shape:
         return  # a different size cannot be averaged in; the first size seen defines the group's mean
     sums[group] = sums.get(group, np.zeros_like(img)) + img
@@ -180,7 +175,7 @@ def identity_prediction(input_image: np.ndarray, shape: tuple[int, ...]) -> np.n
     """The input as a prediction: grey, bicubic-resized to the target's height and width."""
     from PIL import Image
 
-    grey = np.clip(np.rint(_grey(input_image)), 0, 255).astype(np.uint8)
+    grey = np.clip(np.rint(grey_levels(input_image)), 0, 255).astype(np.uint8)
     if grey.shape[:2] == tuple(shape[:2]):
         return grey
     resized = Image.fromarray(grey).resize((shape[1], shape[0]), Image.Resampling.BICUBIC)

@@ -478,29 +478,28 @@ class HealthGPT(nn.Module):
         loss = None
         logits = None
         live = None
-        if n_codes is not None and not return_logits and labels is not None and n_codes < NUM_VQ_CODES:
+        if n_codes is not None and labels is not None and n_codes < NUM_VQ_CODES:
             live = self._live_vocabulary(int(n_codes))
         if labels is not None:
             shift_labels = labels[:, 1:]
             sel = shift_labels != IGNORE_INDEX
+            targets = shift_labels[sel]
             if live is not None:
-                rows, target = live
-                sel_logits = self.lm_head(hidden[:, :-1][sel], new_rows=rows)
-                loss = F.cross_entropy(sel_logits.float(), target(shift_labels[sel])) if sel_logits.shape[0] \
-                    else hidden.sum() * 0.0
-                return HealthGPTOutput(loss=loss, logits=None, labels=labels, attention_mask=mask)
+                rows, to_live = live
+                live_targets = to_live(targets)  # a code beyond the codebook: ValueError
             if return_logits:
                 logits = self.lm_head(hidden)
-                if n_codes is not None and n_codes < NUM_VQ_CODES:  # the same masked softmax, full logits kept
-                    self._live_vocabulary(int(n_codes))[1](shift_labels[sel])  # a code beyond it: ValueError
+                if live is not None:  # the same masked softmax, the full logits kept
                     logits[..., self.vocab.idx_0 + int(n_codes):self.vocab.end_index] = float("-inf")
                 sel_logits = logits[:, :-1][sel]
+            elif live is not None:  # the dead code rows are never computed
+                sel_logits, targets = self.lm_head(hidden[:, :-1][sel], new_rows=rows), live_targets
             else:
                 sel_logits = self.lm_head(hidden[:, :-1][sel])
             if sel_logits.shape[0] == 0:
                 loss = hidden.sum() * 0.0
             else:
-                loss = F.cross_entropy(sel_logits.float(), shift_labels[sel])
+                loss = F.cross_entropy(sel_logits.float(), targets)
         elif return_logits:
             logits = self.lm_head(hidden)
         return HealthGPTOutput(loss=loss, logits=logits, labels=labels, attention_mask=mask)
