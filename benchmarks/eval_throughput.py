@@ -34,7 +34,7 @@ def main() -> None:
 
     from healthgpt.conversation import encode_prompt
     from healthgpt.infer import load_model
-    from healthgpt.metrics.image import image_metrics
+    from vlhealth.image_metrics import image_metrics
     from vlhealth.vq import load_vq
 
     model = load_model(args.preset, device=args.device)

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from healthgpt.metrics.answers import VQAItem, normalize_for_scoring, summarize_vqa
-from healthgpt.metrics.image import image_metrics
+from vlhealth.image_metrics import image_metrics
 from vlhealth.volumes import grey_levels
 
 __all__ = [

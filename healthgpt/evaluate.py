@@ -56,7 +56,7 @@ import typer
 
 from healthgpt.baselines import collect_train_reference, generation_baselines, generation_group
 from healthgpt.dist import Dist, device_for, world_info
-from healthgpt.metrics.image import image_metrics, synthrad_metrics, to_hu
+from vlhealth.image_metrics import image_metrics, synthrad_metrics, to_hu
 from vlhealth.schema import IMAGE_TOKEN, Record, Sample, decode_image
 from vlhealth.shards import ShardError, iter_tar, list_shards, verify_tars, write_atomic
 from vlhealth.volumes import grey_levels
@@ -501,7 +501,7 @@ def _load_components(config: EvalConfig, device: str, model: Any, vq: Any, lpips
 
         vq = load_vq(config.vq, device=device)
     if lpips is None and config.lpips_weights:
-        from healthgpt.metrics.image import load_lpips
+        from vlhealth.image_metrics import load_lpips
 
         lpips = load_lpips(config.lpips_weights, device=device)
     return model, vq, lpips
@@ -697,7 +697,7 @@ def eval_command(
 ) -> None:
     from rich.console import Console
 
-    from healthgpt.metrics.image import LPIPSWeightsError
+    from vlhealth.image_metrics import LPIPSWeightsError
 
     console = Console(stderr=True)
     overrides: dict[str, Any] = {}

@@ -12,9 +12,9 @@ import pytest
 
 from healthgpt.baselines import collect_train_reference, comprehension_baselines, generation_baselines
 from healthgpt.loss_trend import divergence_warnings
-from healthgpt.metrics.image import image_metrics
 from healthgpt.report import prediction_diversity, write_report
 from tests.train_data import write_shards
+from vlhealth.image_metrics import image_metrics
 from vlhealth.schema import Record, Sample
 
 

@@ -14,7 +14,7 @@ from skimage.metrics import mean_squared_error, peak_signal_noise_ratio, structu
 from skimage.util import crop
 from torch import nn
 
-from healthgpt.metrics.image import (
+from vlhealth.image_metrics import (
     LPIPS,
     LPIPSWeightsError,
     image_metrics,

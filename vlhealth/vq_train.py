@@ -238,7 +238,7 @@ def codebook_usage(codes: np.ndarray, n_embed: int) -> dict[str, float]:
 
 def held_out_report(tokenizer: VQTokenizer, images: np.ndarray) -> dict[str, Any]:
     """Reconstruction SSIM/PSNR (8-bit, the evaluator's metrics) and codebook usage on held-out images."""
-    from healthgpt.metrics.image import image_metrics
+    from vlhealth.image_metrics import image_metrics
 
     if not len(images):
         return {"n": 0}
@@ -361,7 +361,7 @@ def train_vq(cfg: VQTrainConfig, step_hook: Callable[[int], None] | None = None)
     model.to(device).train()
     lpips = None
     if cfg.lpips_weights:
-        from healthgpt.metrics.image import load_lpips
+        from vlhealth.image_metrics import load_lpips
 
         lpips = load_lpips(cfg.lpips_weights, device=device).eval().requires_grad_(False)
     disc = PatchDiscriminator().to(device) if cfg.disc_start is not None else None

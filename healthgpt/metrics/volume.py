@@ -15,7 +15,7 @@ For CT→MR (our extension, not a challenge task) the same three numbers are com
 target's scanner units with its own window in place of [-1024, 3000]: the 0.5-99.5 percentile
 window of the voxels inside the body that the builder recorded in ``provenance.target_window``.
 
-The SSIM map is :func:`healthgpt.metrics.image.ssim_map` (box sums over cumulative sums, any
+The SSIM map is :func:`vlhealth.image_metrics.ssim_map` (box sums over cumulative sums, any
 number of dimensions); tests compare every number with an implementation written from the
 definitions above on top of scikit-image.
 """
@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from healthgpt.metrics.image import HU_RANGE, SSIM_WIN, synthrad_mae, synthrad_psnr, synthrad_ssim
+from vlhealth.image_metrics import HU_RANGE, SSIM_WIN, synthrad_mae, synthrad_psnr, synthrad_ssim
 
 __all__ = ["HU_RANGE", "VolumeMetricError", "volume_metrics"]
 
