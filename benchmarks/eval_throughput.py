@@ -32,8 +32,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from healthgpt.conversation import encode_prompt
-    from healthgpt.infer import load_model
+    from healthgpt.model.conversation import encode_prompt
+    from healthgpt.serving.infer import load_model
     from vlhealth.image_metrics import image_metrics
     from vlhealth.vq import load_vq
 

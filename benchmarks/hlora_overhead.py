@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from healthgpt.hlora import AdapterConfig, HLoRALinear
+from healthgpt.model.hlora import AdapterConfig, HLoRALinear
 
 
 def _peft_layer(base: nn.Linear, r: int, alpha: float) -> nn.Module:

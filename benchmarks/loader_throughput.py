@@ -28,8 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from healthgpt.data import DataConfig, TaskBatchStream, VisionPreprocessor  # noqa: E402
-from healthgpt.presets import CLIP_MEAN, CLIP_STD, build_model  # noqa: E402
+from healthgpt.model.presets import CLIP_MEAN, CLIP_STD, build_model  # noqa: E402
+from healthgpt.training.data import DataConfig, TaskBatchStream, VisionPreprocessor  # noqa: E402
 from vlhealth.schema import Record, Sample  # noqa: E402
 from vlhealth.shards import ShardWriter, write_index  # noqa: E402
 

@@ -111,8 +111,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
-    from healthgpt.infer import load_model
-    from healthgpt.train import _parse_sets
+    from healthgpt.serving.infer import load_model
+    from healthgpt.training.train import _parse_sets
 
     model = load_model(args.preset, checkpoint=args.checkpoint, **_parse_sets(args.model_set, "--model-set"))
     families = _families(args.family or list(DEFAULT_FAMILIES))

@@ -70,9 +70,9 @@ def infer(
     seed: Annotated[int, typer.Option(help="Seed for random (tiny) weights.")] = 0,
     threads: Annotated[int, typer.Option(help="CPU threads for torch (0: torch's default).")] = 0,
 ) -> None:
-    from healthgpt.checkpoints import CheckpointError
-    from healthgpt.infer import VQUnavailableError, answer, generate_image, load_model, load_vq_decoder
-    from healthgpt.presets import MissingWeightsError
+    from healthgpt.model.presets import MissingWeightsError
+    from healthgpt.serving.infer import VQUnavailableError, answer, generate_image, load_model, load_vq_decoder
+    from healthgpt.training.checkpoints import CheckpointError
 
     if threads > 0:
         import torch
@@ -128,38 +128,38 @@ def infer(
     console.print(f"wrote {output.name} and {codes_path.name}")
 
 
-# `healthgpt eval` lives with the evaluator (healthgpt/evaluate.py).
-from healthgpt.evaluate import EVAL_HELP, eval_command  # noqa: E402
+# `healthgpt eval` lives with the evaluator (healthgpt/evaluation/evaluate.py).
+from healthgpt.evaluation.evaluate import EVAL_HELP, eval_command  # noqa: E402
 
 app.command(name="eval", help=EVAL_HELP)(eval_command)
 
-# `healthgpt eval-volumes` (3D SynthRAD2023 scoring) lives in healthgpt/volume_eval.py.
-from healthgpt.volume_eval import EVAL_VOLUMES_HELP, eval_volumes_command  # noqa: E402
+# `healthgpt eval-volumes` (3D SynthRAD2023 scoring) lives in healthgpt/evaluation/volume_eval.py.
+from healthgpt.evaluation.volume_eval import EVAL_VOLUMES_HELP, eval_volumes_command  # noqa: E402
 
 app.command(name="eval-volumes", help=EVAL_VOLUMES_HELP)(eval_volumes_command)
 
-# `healthgpt train` lives with the trainer (healthgpt/train.py).
-from healthgpt.train import train_command  # noqa: E402
+# `healthgpt train` lives with the trainer (healthgpt/training/train.py).
+from healthgpt.training.train import train_command  # noqa: E402
 
 app.command(name="train")(train_command)
 
-# `healthgpt export` / `healthgpt publish` share a trained run (healthgpt/export.py, healthgpt/publish.py);
-# `healthgpt serve` is the API + web UI (healthgpt/serve/, needs the `serve` extra only when run).
-from healthgpt.export import EXPORT_HELP, export_command  # noqa: E402
-from healthgpt.publish import PUBLISH_HELP, publish_command  # noqa: E402
-from healthgpt.serve.cli import SERVE_HELP, serve_command  # noqa: E402
+# `healthgpt export` / `healthgpt publish` share a trained run (healthgpt/sharing/export.py, healthgpt/sharing/publish.py);
+# `healthgpt serve` is the API + web UI (healthgpt/serving/, needs the `serve` extra only when run).
+from healthgpt.serving.cli import SERVE_HELP, serve_command  # noqa: E402
+from healthgpt.sharing.export import EXPORT_HELP, export_command  # noqa: E402
+from healthgpt.sharing.publish import PUBLISH_HELP, publish_command  # noqa: E402
 
 app.command(name="export", help=EXPORT_HELP)(export_command)
 app.command(name="publish", help=PUBLISH_HELP)(publish_command)
 app.command(name="serve", help=SERVE_HELP)(serve_command)
 
 # `healthgpt pretrain-text`: brief text pre-training of a small preset's LLM (before stage 1).
-from healthgpt.pretrain_text import pretrain_text_command  # noqa: E402
+from healthgpt.training.pretrain_text import pretrain_text_command  # noqa: E402
 
 app.command(name="pretrain-text")(pretrain_text_command)
 
 # `healthgpt verdict`: one line per task, model vs best baseline, targets met or missed.
-from healthgpt.verdict import verdict_command  # noqa: E402
+from healthgpt.evaluation.verdict import verdict_command  # noqa: E402
 
 app.command(name="verdict")(verdict_command)
 

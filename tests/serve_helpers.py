@@ -27,7 +27,7 @@ def free_port() -> int:
 def train_small_run(root: Path, steps: int = 20) -> dict[str, Path]:
     """A tiny-preset stage-3 (mixed) run on closed 'yes' VQA + learnable generation shards: it answers
     'yes' after ~20 steps (about 30 s on one CPU thread)."""
-    from healthgpt.train import TrainConfig, train
+    from healthgpt.training.train import TrainConfig, train
 
     shards = make_all(root / "shards")
     cfg = TrainConfig(preset="tiny", stage=3, task="mixed", shards=[str(shards["comp"]), str(shards["gen"])],
@@ -59,7 +59,7 @@ def running_server(service: Any, *, ui: bool = True) -> Iterator[str]:
     """Serve ``service`` with uvicorn on 127.0.0.1 in a thread; yields the base URL."""
     import uvicorn
 
-    from healthgpt.serve.api import create_app
+    from healthgpt.serving.api import create_app
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(service, ui=ui), host="127.0.0.1", port=port,

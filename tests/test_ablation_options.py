@@ -10,9 +10,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from healthgpt.checkpoints import CheckpointError, load_trainable, save_trainable
 from healthgpt.cli import app
-from healthgpt.presets import build_model
+from healthgpt.model.presets import build_model
+from healthgpt.training.checkpoints import CheckpointError, load_trainable, save_trainable
 from tests.train_data import make_all
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from healthgpt.baselines import collect_train_reference, comprehension_baselines, generation_baselines
-from healthgpt.loss_trend import divergence_warnings
-from healthgpt.report import prediction_diversity, write_report
+from healthgpt.evaluation.baselines import collect_train_reference, comprehension_baselines, generation_baselines
+from healthgpt.evaluation.report import prediction_diversity, write_report
+from healthgpt.training.loss_trend import divergence_warnings
 from tests.train_data import write_shards
 from vlhealth.image_metrics import image_metrics
 from vlhealth.schema import Record, Sample
@@ -85,7 +85,7 @@ def test_blank_level_is_the_most_frequent_grey_level(tmp_path: Path) -> None:
 
 
 def test_loss_window_is_five_percent_of_a_tasks_steps() -> None:
-    from healthgpt.train import loss_by_task
+    from healthgpt.training.train import loss_by_task
 
     # 200 comprehension steps falling 2.0 -> 0.01 per step, and 40 generation steps at 5.0 then 3.0
     comp = [2.0 - 0.01 * i for i in range(200)]
@@ -181,7 +181,7 @@ def test_trainer_warns_when_a_task_loss_rises(tmp_path: Path) -> None:
     and the trainer says so in train_summary.json."""
     import torch
 
-    from healthgpt.train import TrainConfig, train
+    from healthgpt.training.train import TrainConfig, train
 
     data = write_shards(tmp_path / "yes", [_qa(i, "train", "Is it?", "yes") for i in range(16)], "yes", 8)
     noise = torch.Generator().manual_seed(0)

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from healthgpt.conversation import IGNORE_INDEX, IMAGE_TOKEN_ID, vocab_ids
-from healthgpt.data import (
+from healthgpt.model.conversation import IGNORE_INDEX, IMAGE_TOKEN_ID, vocab_ids
+from healthgpt.model.presets import build_model
+from healthgpt.training.data import (
     DataConfig,
     LoaderState,
     TarReader,
@@ -20,7 +21,6 @@ from healthgpt.data import (
     make_loader,
     parse_shard_spec,
 )
-from healthgpt.presets import build_model
 from tests.train_data import make_all
 
 
@@ -188,8 +188,8 @@ def test_fast_preprocessing_matches_the_clip_processor(side) -> None:
     from PIL import Image
     from transformers import CLIPImageProcessorPil
 
-    from healthgpt.data import FastClipPreprocessor, decode_input_image
-    from healthgpt.presets import CLIP_MEAN, CLIP_STD
+    from healthgpt.model.presets import CLIP_MEAN, CLIP_STD
+    from healthgpt.training.data import FastClipPreprocessor, decode_input_image
 
     proc = CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
                                  image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from healthgpt.evaluate import EvalConfig, EvalError, hu_reference, read_predictions, run_evaluation
+from healthgpt.evaluation.evaluate import EvalConfig, EvalError, hu_reference, read_predictions, run_evaluation
 from vlhealth.schema import Record, Sample, encode_png
 from vlhealth.shards import ShardWriter, write_index
 
@@ -82,7 +82,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def components() -> tuple:
-    from healthgpt.infer import load_model
+    from healthgpt.serving.infer import load_model
     from vlhealth.vq import load_vq
 
     return load_model("tiny"), load_vq("tiny")
@@ -177,15 +177,15 @@ def test_rank_sharding_is_disjoint_and_merges(shards: list[Path], components: tu
     model, vq = components
     out = tmp_path / "ranks"
     monkeypatch.setenv("WORLD_SIZE", "2")
-    from healthgpt.dist import Dist
+    from healthgpt.training.dist import Dist
 
     class NoProcessGroup(Dist):  # ranks run one after the other here: nothing to wait for
         def __init__(self, *args: object, **kwargs: object) -> None:
             super().__init__()  # WORLD_SIZE=2 but no group is created: enabled only if one could be
             self.enabled = False
 
-    monkeypatch.setattr("healthgpt.dist.dist.is_available", lambda: False)
-    monkeypatch.setattr("healthgpt.evaluate.Dist", NoProcessGroup)
+    monkeypatch.setattr("healthgpt.training.dist.dist.is_available", lambda: False)
+    monkeypatch.setattr("healthgpt.evaluation.evaluate.Dist", NoProcessGroup)
     monkeypatch.setenv("RANK", "1")
     r1 = run_evaluation(_config(shards, out, grids_per_task=0), model=model, vq=vq)
     assert not r1.complete and r1.report is None
@@ -293,7 +293,7 @@ def test_eval_on_demo_builds(components: tuple, tmp_path: Path) -> None:
 
 
 def test_multi_turn_prompt_keeps_the_context(components: tuple) -> None:
-    from healthgpt.evaluate import _Runner
+    from healthgpt.evaluation.evaluate import _Runner
 
     model, vq = components
     conv = [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A CT scan."},
@@ -313,8 +313,8 @@ def test_multi_turn_prompt_keeps_the_context(components: tuple) -> None:
 
 def test_eval_loads_a_training_checkpoint(shards: list[Path], components: tuple, tmp_path: Path) -> None:
     """A trainer output folder (final/trainable.safetensors) is found, loaded and fingerprinted."""
-    from healthgpt.checkpoints import save_trainable
-    from healthgpt.infer import load_model
+    from healthgpt.serving.infer import load_model
+    from healthgpt.training.checkpoints import save_trainable
 
     base_model, vq = components
     trained = load_model("tiny")

@@ -21,11 +21,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from healthgpt.cli import app
-from healthgpt.evaluate import EvalConfig, read_predictions, run_evaluation
-from healthgpt.export import EXPORT_INFO, ExportError, export_run, load_export, read_export_info
-from healthgpt.infer import load_model
-from healthgpt.presets import build_model
-from healthgpt.publish import plan_model_publish, publish_model
+from healthgpt.evaluation.evaluate import EvalConfig, read_predictions, run_evaluation
+from healthgpt.model.presets import build_model
+from healthgpt.serving.infer import load_model
+from healthgpt.sharing.export import EXPORT_INFO, ExportError, export_run, load_export, read_export_info
+from healthgpt.sharing.publish import plan_model_publish, publish_model
 from tests.serve_helpers import free_port, image_message, scan_png
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -218,7 +218,7 @@ def test_cli_help_and_errors(small_run, exported, tmp_path) -> None:
         assert res.exit_code == 0 and "Example" in res.output, command
     missing = runner.invoke(app, ["serve", "--preset", "tiny", "--checkpoint", str(tmp_path / "no-such-run")])
     assert missing.exit_code == 2 and "no-such-run" in missing.output and str(tmp_path) not in missing.output
-    from healthgpt.checkpoints import CheckpointError
+    from healthgpt.training.checkpoints import CheckpointError
 
     other, _ = build_model("tiny", seed=0)
     other.preset = "smollm2-135m"  # what a model of another preset reports
@@ -239,7 +239,7 @@ def test_the_init_chain_is_recorded_and_its_data_reaches_the_export(small_run, t
     import json
     import shutil
 
-    from healthgpt.train import TrainConfig, train
+    from healthgpt.training.train import TrainConfig, train
 
     earlier = tmp_path / "stage2"
     shutil.copytree(small_run["run"], earlier)

@@ -166,7 +166,7 @@ def built_vqa_rad(demo: Path, tmp_path: Path) -> Path:
 
 
 def test_flipped_bytes_refused_by_sha256_naming_the_tar(built_vqa_rad: Path) -> None:
-    from healthgpt.evaluate import EvalError, _iter_members
+    from healthgpt.evaluation.evaluate import EvalError, _iter_members
 
     tars = list_shards(built_vqa_rad)
     assert verify_tars(tars) == len(tars)
@@ -193,7 +193,7 @@ def test_truncated_tar_member_named(built_vqa_rad: Path) -> None:
 
 
 def test_corrupt_vq_member_error_names_tar_and_sample() -> None:
-    from healthgpt.evaluate import EvalError, _sample
+    from healthgpt.evaluation.evaluate import EvalError, _sample
     from tests.helpers import generation_sample
 
     members = generation_sample(0).to_members()

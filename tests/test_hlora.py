@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from healthgpt.hlora import (
+from healthgpt.model.hlora import (
     AdapterConfig,
     HLoRALinear,
     HLoRAPlugin,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from healthgpt.hparams import load_hparams
-from healthgpt.stages import optimizer_groups, stage_groups
+from healthgpt.training.hparams import load_hparams
+from healthgpt.training.stages import optimizer_groups, stage_groups
 
 # HealthGPT Table 7 (as decoded in the project's PAPER.md): per preset, stage and task,
 # (adapter LR, LR of H-LoRA/embeddings/head or None where nothing but the adapter trains,
@@ -66,7 +66,7 @@ def test_flat_stages_span_both_tasks() -> None:
 
 
 def test_mixed_optimizer_groups_take_their_tasks_lr() -> None:
-    from healthgpt.presets import build_model
+    from healthgpt.model.presets import build_model
 
     model, _ = build_model("tiny", seed=0)
     groups = stage_groups(1, "mixed")

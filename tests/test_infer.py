@@ -10,7 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from healthgpt.cli import app
-from healthgpt.infer import answer, generate_image, load_model
+from healthgpt.serving.infer import answer, generate_image, load_model
 
 HAVE_VQ = importlib.util.find_spec("vlhealth.vq") is not None
 
@@ -41,7 +41,7 @@ def test_answer_streams_the_same_text(tiny, scan) -> None:
 def test_generate_image_free_decoding_is_repaired(tiny, scan) -> None:
     vq = None
     if HAVE_VQ:
-        from healthgpt.infer import load_vq_decoder
+        from healthgpt.serving.infer import load_vq_decoder
 
         vq = load_vq_decoder("tiny")
     res = generate_image(tiny, scan, "Convert this CT to MRI.", vq=vq, max_new_tokens=64)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from healthgpt.metrics.answers import (
+from healthgpt.evaluation.answer_metrics import (
     VQAItem,
     choice_correct,
     closed_correct,

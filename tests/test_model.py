@@ -9,7 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from healthgpt.checkpoints import (
+from healthgpt.model.conversation import (
+    IGNORE_INDEX,
+    IMAGE_TOKEN_ID,
+    encode_conversation,
+    encode_prompt,
+    vocab_ids,
+)
+from healthgpt.model.core import GROUP_NAMES, HealthGPT, parse_image_tokens
+from healthgpt.model.presets import MissingWeightsError, build_model, tiny_tokenizer
+from healthgpt.training.checkpoints import (
     CheckpointError,
     ReleasedWeightsError,
     export_peft_adapter,
@@ -18,15 +27,6 @@ from healthgpt.checkpoints import (
     load_trainable,
     save_trainable,
 )
-from healthgpt.conversation import (
-    IGNORE_INDEX,
-    IMAGE_TOKEN_ID,
-    encode_conversation,
-    encode_prompt,
-    vocab_ids,
-)
-from healthgpt.model import GROUP_NAMES, HealthGPT, parse_image_tokens
-from healthgpt.presets import MissingWeightsError, build_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -62,7 +62,7 @@ def test_vocab_extension_keeps_old_ids_and_mean_init() -> None:
     assert tok.convert_tokens_to_ids(["<start_index>", "<idx_0>", "<idx_8191>", "<end_index>", "<pixel_newline>"]) \
         == [v.first_new, v.first_new + 1, v.first_new + 8192, v.first_new + 8193, v.first_new + 8194]
     # old rows are the base model's (same seed), new rows are their mean
-    from healthgpt.presets import _tiny_llm
+    from healthgpt.model.presets import _tiny_llm
 
     base = _tiny_llm(len(fresh), "llama", 64, 2, 0)
     assert torch.equal(model.embed.old, base.get_input_embeddings().weight)
@@ -412,7 +412,7 @@ def test_peft_layout_export_round_trip(tmp_path, variant: str) -> None:
 def test_plain_lora_export_loads_in_peft(tmp_path) -> None:
     from peft import PeftModel
 
-    from healthgpt.presets import _tiny_llm
+    from healthgpt.model.presets import _tiny_llm
 
     ours, tok = build_model("tiny", seed=13, variant="lora")
     _perturb_plugins(ours)
@@ -460,7 +460,7 @@ def test_released_key_names_load_and_every_key_is_used(tmp_path) -> None:
     torch.save(com, tmp_path / "com_hlora_weights.bin")
     torch.save(gen, tmp_path / "gen_hlora_weights.bin")
     torch.save(fusion, tmp_path / "fusion_layer_weights.bin")
-    from healthgpt.checkpoints import load_released_m3
+    from healthgpt.training.checkpoints import load_released_m3
 
     reports = load_released_m3(model, tmp_path)
     assert [len(r.used) for r in reports] == [len(com), len(gen), len(fusion)]
@@ -508,7 +508,7 @@ def test_real_presets_need_local_paths(monkeypatch, tmp_path) -> None:
 
 def test_real_preset_loader_on_local_folders(tmp_path) -> None:
     """The m3 code path (from_pretrained on local folders) with a tiny Phi-3 and CLIP saved to disk."""
-    from healthgpt.presets import _small_clip, _tiny_llm
+    from healthgpt.model.presets import _small_clip, _tiny_llm
 
     tok = tiny_tokenizer()
     llm = _tiny_llm(len(tok), "phi3", 64, 2, 0)

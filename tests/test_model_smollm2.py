@@ -15,7 +15,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def smol():
-    from healthgpt.presets import build_model
+    from healthgpt.model.presets import build_model
 
     model, _ = build_model("smollm2-135m")
     return model
@@ -32,14 +32,14 @@ def test_smollm2_loads_with_tied_split_embeddings(smol) -> None:
 
 
 def test_smollm2_answers_a_text_question(smol) -> None:
-    from healthgpt.infer import answer
+    from healthgpt.serving.infer import answer
 
     text = answer(smol, None, "What is the capital of France?", max_new_tokens=24)
     assert "Paris" in text
 
 
 def test_smollm2_answers_with_an_image(smol) -> None:
-    from healthgpt.infer import answer
+    from healthgpt.serving.infer import answer
 
     img = np.random.default_rng(0).integers(0, 256, (64, 48, 3), dtype=np.uint8)
     text = answer(smol, img, "Describe the image in one sentence.", max_new_tokens=16)

@@ -22,5 +22,5 @@ def test_the_wheel_installs_only_our_namespaces(tmp_path: Path) -> None:
     assert top == {"healthgpt", "vlhealth"}, top
     assert "vlhealth/builders/synthrad.py" in names
     assert "vlhealth/manifest_files/vqa_rad.yaml" in names
-    assert "healthgpt/configs/train_m3.yaml" in names
-    assert "healthgpt/experiments/peft-variants.yaml" in names and "healthgpt/experiment/runner.py" in names
+    assert "healthgpt/training/configs/train_m3.yaml" in names
+    assert "healthgpt/experiment/experiments/peft-variants.yaml" in names and "healthgpt/experiment/runner.py" in names

@@ -8,9 +8,9 @@ from pathlib import Path
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from healthgpt.checkpoints import load_trainable, read_metadata, resolve_trainable
 from healthgpt.cli import app
-from healthgpt.presets import build_model
+from healthgpt.model.presets import build_model
+from healthgpt.training.checkpoints import load_trainable, read_metadata, resolve_trainable
 from tests.helpers import vqa_sample
 from tests.train_data import write_shards
 

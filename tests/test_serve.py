@@ -22,9 +22,9 @@ pytest.importorskip("fastapi")
 pytest.importorskip("gradio")
 openai = pytest.importorskip("openai")
 
-from healthgpt.conversation import IMAGE_TOKEN_ID, encode_prompt  # noqa: E402
-from healthgpt.infer import answer, generate_image, load_model, load_vq_decoder  # noqa: E402
-from healthgpt.serve.service import ServeSettings, Service  # noqa: E402
+from healthgpt.model.conversation import IMAGE_TOKEN_ID, encode_prompt  # noqa: E402
+from healthgpt.serving.infer import answer, generate_image, load_model, load_vq_decoder  # noqa: E402
+from healthgpt.serving.service import ServeSettings, Service  # noqa: E402
 from tests.serve_helpers import data_url, image_message, running_server, scan_png  # noqa: E402
 
 MODEL = "healthgpt-tiny"
@@ -351,7 +351,7 @@ def test_multi_turn_and_system_messages(client, model) -> None:
                {"role": "assistant", "content": one.choices[0].message.content},
                {"role": "user", "content": "Are you sure?"}]
     more = client.chat.completions.create(model=MODEL, messages=history, max_tokens=4)
-    from healthgpt.conversation import encode_chat_prompt, get_template
+    from healthgpt.model.conversation import encode_chat_prompt, get_template
 
     tpl = get_template(model.template)
     turns = [{"from": "human", "value": "<image>\nIs there a lesion?"},

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from healthgpt.presets import build_model
-from healthgpt.train import STAGE_GROUPS, TrainConfig, TrainingDiverged, latest_checkpoint, train
+from healthgpt.model.presets import build_model
+from healthgpt.training.train import STAGE_GROUPS, TrainConfig, TrainingDiverged, latest_checkpoint, train
 from tests.helpers import vqa_sample
 from tests.train_data import darkness_sample, make_all, pretrain_tiny_lm, write_shards
 
-# the specification (DESIGN.md, issue 6), written out independently of healthgpt.train
+# the specification (DESIGN.md, issue 6), written out independently of healthgpt.training.train
 SPEC = {
     (1, "comprehension"): {"abstract_adapter"},
     (1, "generation"): {"concrete_adapter", "generation_plugin", "new_token_rows"},

@@ -28,7 +28,7 @@ def _env() -> dict[str, str]:
 
 
 def _train_args(shards: Path, out: Path, *extra: str) -> list[str]:
-    return ["-m", "healthgpt.train", "--preset", "tiny", "--stage", "3", "--task", "comprehension",
+    return ["-m", "healthgpt.training.train", "--preset", "tiny", "--stage", "3", "--task", "comprehension",
             "--shards", str(shards), "--out", str(out), "--no-progress", *extra]
 
 
@@ -96,7 +96,7 @@ def test_torchrun_stage2_mixed_trains(tmp_path, shards) -> None:
     and in mixed stages the idle task's plugin and adapter sit out."""
     out = tmp_path / "ddp2"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "healthgpt.train", "--preset", "tiny", "--stage", "2", "--task", "mixed",
+           "-m", "healthgpt.training.train", "--preset", "tiny", "--stage", "2", "--task", "mixed",
            "--shards", str(shards["comp"]), "--shards", str(shards["gen"]), "--out", str(out), "--no-progress",
            "--steps", "3", "--micro-batch", "1", "--global-batch", "2", "--save-every", "0"]
     res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from healthgpt.cli import app
-from healthgpt.verdict import collect_checks
+from healthgpt.evaluation.verdict import collect_checks
 
 
 def _report() -> dict:

@@ -21,8 +21,14 @@ from skimage.util import crop
 from typer.testing import CliRunner
 
 from healthgpt.cli import app
-from healthgpt.metrics.volume import volume_metrics
-from healthgpt.volume_eval import VolumeEvalConfig, VolumeEvalError, collect_cases, load_truth, run_volume_evaluation
+from healthgpt.evaluation.volume_eval import (
+    VolumeEvalConfig,
+    VolumeEvalError,
+    collect_cases,
+    load_truth,
+    run_volume_evaluation,
+)
+from healthgpt.evaluation.volume_metrics import volume_metrics
 from vlhealth.build import run_build
 from vlhealth.demo import phantom
 from vlhealth.reassemble import file_sha256
@@ -205,12 +211,12 @@ def _write_method_volumes(root: Path, folder: Path, noise: float) -> dict[str, n
 
 def test_from_files_scores_mha_volumes_without_a_model(tmp_path, built, monkeypatch) -> None:
     root, shards = built
-    import healthgpt.infer
+    import healthgpt.serving.infer
 
     def no_model(*args, **kwargs):
         raise AssertionError("--from-files must not load a model")
 
-    monkeypatch.setattr(healthgpt.infer, "load_model", no_model)
+    monkeypatch.setattr(healthgpt.serving.infer, "load_model", no_model)
     preds = _write_method_volumes(root, tmp_path / "pix2pix", noise=40.0)
     out = tmp_path / "scored"
     result = runner.invoke(app, ["eval-volumes", "--shards", str(shards), "--source-root", str(root),

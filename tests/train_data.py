@@ -91,8 +91,8 @@ def pretrain_tiny_lm(model: Any, steps: int = 60, lr: float = 1e-2, batch: int =
 
     Deterministic for a given ``seed``; returns the pre-trained LLM state (``model.llm`` keys).
     """
-    from healthgpt.conversation import encode_conversation
-    from healthgpt.pretrain_text import pretrain_text
+    from healthgpt.model.conversation import encode_conversation
+    from healthgpt.training.pretrain_text import pretrain_text
 
     image_tokens = model.vision.num_patches
     encs = []

@@ -139,7 +139,7 @@ def normalise_text(value: Any) -> str:
 def clean_upstream_answer(value: Any) -> str:
     """Build-time cleaning of an upstream answer as it goes into a shard: whitespace collapsed,
     "2.0" -> "2", yes/no lower-cased; the answer otherwise keeps its words. (Scoring has its own,
-    much stronger normaliser, ``healthgpt.metrics.answers.normalize_for_scoring``.)"""
+    much stronger normaliser, ``healthgpt.evaluation.answer_metrics.normalize_for_scoring``.)"""
     text = normalise_text(value)
     if text.lower() in YES_NO:
         return text.lower()

@@ -4,5 +4,5 @@ Modules: ``spec`` (YAML, grid expansion, ``--run i/n`` shares), ``runner`` (one 
 and eval, resumable), ``stats`` (mean ± std, the within-noise rule, claim verdicts), ``collect``
 (metrics per run, aggregation over seeds, time ratios), ``tables`` (results.md), ``plots`` (loss
 curves), ``cli`` (``healthgpt experiment run|collect|list``). The experiments shipped with the
-package are ``healthgpt/experiments/*.yaml``.
+package are ``healthgpt/experiment/experiments/*.yaml``.
 """

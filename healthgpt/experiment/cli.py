@@ -139,7 +139,7 @@ def list_experiments() -> None:
 
     from healthgpt.experiment.spec import load_experiment, shipped_experiments
 
-    table = Table(title="shipped experiments (healthgpt/experiments/*.yaml)")
+    table = Table(title="shipped experiments (healthgpt/experiment/experiments/*.yaml)")
     for col in ("name", "title", "cells", "seeds", "forms"):
         table.add_column(col)
     for name in shipped_experiments():

@@ -101,7 +101,7 @@ def _weighted(entries: Sequence[Mapping[str, Any]], key: str, scale: float = 1.0
 
 def report_metrics(report: Mapping[str, Any]) -> dict[str, float | None]:
     """Flat metrics of a ``report.json`` (see the module docstring)."""
-    from healthgpt.report import table1_average
+    from healthgpt.evaluation.report import table1_average
 
     out: dict[str, float | None] = {}
     comp = report.get("comprehension") or {}

@@ -198,7 +198,7 @@ def _tail(path: Path, n: int = 12) -> str:
 
 def _train_step(run: RunSpec, step: StepSpec, record: dict[str, Any], session: Session) -> tuple[bool, bool]:
     """(trained now, ok)."""
-    from healthgpt.checkpoints import latest_checkpoint
+    from healthgpt.training.checkpoints import latest_checkpoint
 
     entry = record["steps"].setdefault(step.name, {"attempts": [], "status": "pending"})
     if step_finished(step.out):

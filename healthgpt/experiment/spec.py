@@ -1,7 +1,7 @@
 """Experiment YAMLs and their expansion into runs.
 
 An experiment is a grid of training runs that differ in one factor (or two, as Table 10's
-variant x experts). The YAML (``healthgpt/experiments/<name>.yaml`` ships one per paper result)::
+variant x experts). The YAML (``healthgpt/experiment/experiments/<name>.yaml`` ships one per paper result)::
 
     name: peft-variants
     title: "Table 4: ..."
@@ -72,7 +72,7 @@ __all__ = [
     "shipped_experiments",
 ]
 
-EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
+EXPERIMENTS_DIR = Path(__file__).resolve().parent / "experiments"
 _VAR = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 

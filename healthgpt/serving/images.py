@@ -14,7 +14,7 @@ import warnings
 
 from PIL import Image
 
-from healthgpt.serve.errors import ApiError
+from healthgpt.serving.errors import ApiError
 
 __all__ = ["decode_image_bytes", "image_from_url", "png_base64"]
 

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from healthgpt.conversation import encode_prompt
-from healthgpt.model import HealthGPT, ImageTokenReport
+from healthgpt.model.conversation import encode_prompt
+from healthgpt.model.core import HealthGPT, ImageTokenReport
 
 __all__ = ["ImageResult", "VQUnavailableError", "answer", "generate_image", "generate_images", "load_model",
            "load_vq_decoder"]
@@ -55,14 +55,14 @@ def load_model(
 ) -> HealthGPT:
     """Build a preset, then load our checkpoint (a file, a training folder or a ``healthgpt export`` folder)
     and/or a released HealthGPT-M3 folder."""
-    from healthgpt.checkpoints import load_released_m3, load_trainable, resolve_trainable
-    from healthgpt.presets import build_model
+    from healthgpt.model.presets import build_model
+    from healthgpt.training.checkpoints import load_released_m3, load_trainable, resolve_trainable
 
     model, _ = build_model(preset, **overrides)
     if released is not None:
         load_released_m3(model, released)
     if checkpoint is not None:
-        from healthgpt.export import is_export_folder, load_export
+        from healthgpt.sharing.export import is_export_folder, load_export
 
         if is_export_folder(checkpoint):  # a `healthgpt export` folder
             load_export(model, checkpoint)
@@ -114,7 +114,7 @@ def answer(
     on_text: Callable[[str], None] | None = None,
 ) -> str:
     """Answer ``question`` about ``image`` (a path, PIL image or uint8 array; None = text only)."""
-    from healthgpt.model import stop_token_ids_for
+    from healthgpt.model.core import stop_token_ids_for
 
     ids = encode_prompt(model.tokenizer, question, template=model.template, image=image is not None)
     stops = stop_token_ids_for(model)

@@ -49,8 +49,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig, CLIPVisionModel
 
-from healthgpt.hlora import AdapterConfig
-from healthgpt.model import HealthGPT
+from healthgpt.model.core import HealthGPT
+from healthgpt.model.hlora import AdapterConfig
 
 try:  # transformers 5 without torchvision: the PIL processor, without the fallback warning
     from transformers import CLIPImageProcessorPil as _CLIPProcessor

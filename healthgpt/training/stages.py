@@ -35,7 +35,7 @@ from typing import Any
 
 from torch import nn
 
-from healthgpt.model import GROUP_NAMES
+from healthgpt.model.core import GROUP_NAMES
 
 __all__ = ["ADAPTER_GROUPS", "STAGE_GROUPS", "TASK_OF_GROUP", "optimizer_groups", "stage_groups"]
 
@@ -66,7 +66,7 @@ def _check_against_model() -> None:
     named = {g for by_task in STAGE_GROUPS.values() for gs in by_task.values() for g in gs}
     unknown = (named | set(ADAPTER_GROUPS) | set(TASK_OF_GROUP)) - set(GROUP_NAMES)
     if unknown:
-        raise ImportError(f"healthgpt.stages names parameter groups the model does not have: {sorted(unknown)}")
+        raise ImportError(f"healthgpt.training.stages names parameter groups the model does not have: {sorted(unknown)}")
 
 
 _check_against_model()

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from healthgpt.export import EXPORT_INFO, ExportError, _sha256, read_export_info
+from healthgpt.sharing.export import EXPORT_INFO, ExportError, _sha256, read_export_info
 from vlhealth.publish import PUBLISHABLE_ACCESS
 
 __all__ = ["ModelPublishPlan", "PUBLISH_HELP", "plan_model_publish", "publish_command", "publish_model"]

@@ -45,7 +45,7 @@ Batches
     positions; samples attend across their row, positions run on: "naive" packing).
 
 Tokenisation
-    ``healthgpt.conversation.encode_conversation`` with the preset's template: labels only on gpt
+    ``healthgpt.model.conversation.encode_conversation`` with the preset's template: labels only on gpt
     responses, ``<target_image>`` expanded from ``target.vq.npy``. A generation sample whose
     target would be cut by ``max_len`` is skipped (a cut image is no target); comprehension
     samples are truncated. Images go through the model's own pre-processing
@@ -90,8 +90,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from healthgpt.conversation import IGNORE_INDEX, IMAGE_TOKEN_ID, encode_conversation
-from healthgpt.vision import FastClipPreprocessor, VisionPreprocessor, decode_input_image
+from healthgpt.model.conversation import IGNORE_INDEX, IMAGE_TOKEN_ID, encode_conversation
+from healthgpt.model.vision import FastClipPreprocessor, VisionPreprocessor, decode_input_image
 from vlhealth.schema import SUBTASKS, TASKS
 from vlhealth.shards import (
     BUILD_NAME,

@@ -63,7 +63,7 @@ def pretrain_text(model: Any, encodings: Sequence[Mapping[str, Any]], *, steps: 
 def text_encodings(model: Any, shards: Sequence[os.PathLike | str], *, split: str = "train", limit: int = 20000,
                    image_text: str = "", max_len: int = 512) -> list[dict[str, Any]]:
     """Encoded comprehension conversations of ``split`` from ``shards``, ``<image>`` replaced by ``image_text``."""
-    from healthgpt.conversation import encode_conversation
+    from healthgpt.model.conversation import encode_conversation
     from vlhealth.schema import IMAGE_TOKEN
     from vlhealth.shards import iter_samples
 
@@ -105,9 +105,9 @@ def pretrain_text_command(
     """
     from rich.console import Console
 
-    from healthgpt.checkpoints import save_trainable
-    from healthgpt.presets import build_model
-    from healthgpt.train import _parse_sets
+    from healthgpt.model.presets import build_model
+    from healthgpt.training.checkpoints import save_trainable
+    from healthgpt.training.train import _parse_sets
     from vlhealth.progress import progress_bar
 
     console = Console(stderr=True)

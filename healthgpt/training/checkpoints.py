@@ -76,8 +76,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from healthgpt.hlora import HLoRALinear, HLoRAPlugin, LoRAPlugin, MoELoRAPlugin, hlora_layers
-from healthgpt.model import HealthGPT
+from healthgpt.model.core import HealthGPT
+from healthgpt.model.hlora import HLoRALinear, HLoRAPlugin, LoRAPlugin, MoELoRAPlugin, hlora_layers
 from vlhealth.shards import fsync_dir
 
 __all__ = [
@@ -297,7 +297,7 @@ def export_peft_adapter(model: HealthGPT, task: str, out_dir: str | os.PathLike[
     note = ("plain LoRA: loadable by peft as is" if cfg.variant == "lora" else
             "H-LoRA: lora_A/lora_B hold the k experts stacked along the rank axis and lora_route the "
             "router; the output is B(repeat_interleave(softmax(route(x)), r/k) * A(x)) * alpha/r*k, "
-            "which peft's LoRA cannot compute: load with healthgpt.checkpoints.import_peft_adapter")
+            "which peft's LoRA cannot compute: load with healthgpt.training.checkpoints.import_peft_adapter")
     (out / "healthgpt_plugin.json").write_text(json.dumps({
         "task": task, "variant": "hlora" if cfg.variant == "moelora" else cfg.variant,
         "experts": cfg.experts, "scaling": cfg.scaling, "adapter": cfg.to_dict(),

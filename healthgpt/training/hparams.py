@@ -1,4 +1,4 @@
-"""Training hyper-parameters: ``healthgpt/configs/train_<preset>.yaml``, keyed by stage *and* task.
+"""Training hyper-parameters: ``healthgpt/training/configs/train_<preset>.yaml``, keyed by stage *and* task.
 
 The paper's Table 7 gives one column per stage and task (decoded in DESIGN's PAPER.md); a merged
 cell spans both tasks. The YAML mirrors that::

@@ -18,7 +18,7 @@ conversion asked for (``mri2ct``, the challenge's task; ``ct2mri``, our extensio
 3. **Ground truth** is the source volume itself, found under ``--source-root`` at the path the
    builder recorded, refused unless its SHA-256 equals the one in ``provenance.source_sha256``, and
    checked to lie on the recorded grid; the body mask is the source ``mask`` volume.
-4. **Metrics** (:mod:`healthgpt.metrics.volume`): the challenge's MAE, PSNR and SSIM per patient,
+4. **Metrics** (:mod:`healthgpt.evaluation.volume_metrics`): the challenge's MAE, PSNR and SSIM per patient,
    averaged per anatomy (brain, pelvis) as mean ± standard deviation, written to
    ``OUT/volumes.csv``, ``OUT/volumes.json``, ``OUT/volumes.md`` (and as a section of
    ``OUT/report.md`` when ``healthgpt eval`` wrote one there), with one figure per patient
@@ -44,7 +44,7 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
-from healthgpt.metrics.volume import HU_RANGE, VolumeMetricError, volume_metrics
+from healthgpt.evaluation.volume_metrics import HU_RANGE, VolumeMetricError, volume_metrics
 from vlhealth.reassemble import (
     GridError,
     SliceGrid,
@@ -274,8 +274,8 @@ class _Generator:
     """The model and VQGAN, loaded once, generating slices in batches."""
 
     def __init__(self, config: VolumeEvalConfig) -> None:
-        from healthgpt.evaluate import resolve_checkpoint
-        from healthgpt.infer import load_model, load_vq_decoder
+        from healthgpt.evaluation.evaluate import resolve_checkpoint
+        from healthgpt.serving.infer import load_model, load_vq_decoder
 
         self.config = config
         self.model = load_model(config.preset, checkpoint=resolve_checkpoint(config.checkpoint),
@@ -286,7 +286,7 @@ class _Generator:
     def assemble(self, case: PatientCase, advance: Any) -> VolumeAssembly:
         import torch
 
-        from healthgpt.infer import generate_images
+        from healthgpt.serving.infer import generate_images
 
         asm = VolumeAssembly(case.grid, TASKS[case.subtask][3])
         step = max(1, self.config.batch_size)

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from healthgpt.model import HealthGPT, stop_token_ids_for
+from healthgpt.model.core import HealthGPT, stop_token_ids_for
 
 __all__ = ["ChatJob", "ChatResult", "ImageJob", "ImageJobResult", "ModelWorker", "Sampling", "WorkerStopped"]
 
@@ -280,7 +280,7 @@ class ModelWorker:
             row.job.emit("done", row.result())
 
     def _run_image(self, job: ImageJob) -> None:
-        from healthgpt.infer import generate_image
+        from healthgpt.serving.infer import generate_image
 
         if self.vq is None:
             raise RuntimeError("no VQGAN decoder is loaded")

@@ -1,9 +1,9 @@
 """The three-stage H-LoRA trainer (``healthgpt train``): one stage per run, read top to bottom.
 
 ``train`` sets up the process group and calls ``fit``: build the model and load ``--init``, freeze
-all but the stage's groups (:mod:`healthgpt.stages`), wrap it for DDP/FSDP, build the optimizer,
-the loader and the LR schedule (:mod:`healthgpt.hparams`), resume from the latest checkpoint
-(:mod:`healthgpt.checkpoints`), then loop: one optimizer step (``_optimizer_step``), log it,
+all but the stage's groups (:mod:`healthgpt.training.stages`), wrap it for DDP/FSDP, build the optimizer,
+the loader and the LR schedule (:mod:`healthgpt.training.hparams`), resume from the latest checkpoint
+(:mod:`healthgpt.training.checkpoints`), then loop: one optimizer step (``_optimizer_step``), log it,
 checkpoint every ``--save-every`` steps or on SIGTERM. The final weights and
 ``final/train_summary.json`` close the run.
 
@@ -18,12 +18,12 @@ per-micro-batch means). The loss-spike guard skips a step whose loss is not fini
 ``spike_factor x`` the running mean of the last ``spike_window`` accepted losses of the same task,
 logs it to ``metrics.jsonl``, and stops the run after ``max_spikes`` consecutive skipped steps.
 A task whose loss ends above where it started is named in a warning (console and
-``train_summary.json``, :mod:`healthgpt.loss_trend`).
+``train_summary.json``, :mod:`healthgpt.training.loss_trend`).
 
 Hardware: CUDA (bf16 autocast, gradient checkpointing) when available, else CPU (fp32). Multi-GPU
 and multi-node through ``torchrun`` (DDP; ``--fsdp`` for presets that do not fit one device); gloo
 on CPU. Data: local shard folders are read by random access with an exact data position; shard
-URLs stream through ``webdataset`` (:mod:`healthgpt.data`), where ``--resume`` restores weights,
+URLs stream through ``webdataset`` (:mod:`healthgpt.training.data`), where ``--resume`` restores weights,
 optimizer and step but restarts the stream.
 
 Outputs under ``--out``: ``metrics.jsonl`` (one line per optimizer step), ``checkpoints/step-N/``,
@@ -62,7 +62,10 @@ import typer
 import yaml
 from torch import nn
 
-from healthgpt.checkpoints import (
+from healthgpt.model.conversation import IGNORE_INDEX
+from healthgpt.model.hlora import set_dropout
+from healthgpt.model.vision import VisionPreprocessor
+from healthgpt.training.checkpoints import (
     CHECKPOINTS_DIR,
     TRAINABLE_FILE,
     latest_checkpoint,
@@ -74,14 +77,11 @@ from healthgpt.checkpoints import (
     set_rng_state,
     write_checkpoint,
 )
-from healthgpt.conversation import IGNORE_INDEX
-from healthgpt.data import DataConfig, LoaderState, make_loader, source_sample_counts
-from healthgpt.dist import Dist
-from healthgpt.hlora import set_dropout
-from healthgpt.hparams import HPARAM_HELP, HParams, load_hparams, lr_lambda
-from healthgpt.loss_trend import divergence_warnings
-from healthgpt.stages import STAGE_GROUPS, optimizer_groups, stage_groups
-from healthgpt.vision import VisionPreprocessor
+from healthgpt.training.data import DataConfig, LoaderState, make_loader, source_sample_counts
+from healthgpt.training.dist import Dist
+from healthgpt.training.hparams import HPARAM_HELP, HParams, load_hparams, lr_lambda
+from healthgpt.training.loss_trend import divergence_warnings
+from healthgpt.training.stages import STAGE_GROUPS, optimizer_groups, stage_groups
 
 __all__ = [
     "STAGE_GROUPS",
@@ -456,7 +456,7 @@ def _prepare_model(cfg: TrainConfig, hp: HParams, groups: Sequence[str], model: 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     if model is None:
-        from healthgpt.presets import build_model
+        from healthgpt.model.presets import build_model
 
         model, _ = build_model(cfg.preset, seed=cfg.seed, **cfg.preset_overrides)
     trained_before: list[str] = []
@@ -683,7 +683,7 @@ def train_command(
     model_set: Annotated[list[str] | None, typer.Option("--model-set", help="Model preset override key=value (variant=lora|moelora|hlora, experts=8, comp_r=32, comprehension_features=concrete, shared_plugin=true, ...); give healthgpt eval the same.")] = None,
     groups: Annotated[str | None, typer.Option(help="Train these parameter groups (comma-separated) instead of the stage's, e.g. a one-stage mixed baseline.")] = None,
     image_codes: Annotated[int | None, typer.Option(min=1, max=8192, help="Codebook size of the VQGAN the generation shards were tokenized with (its config's n_embed), when smaller than 8192: the loss's softmax then runs over those codes only, as `eval --constrained-images` decodes, and the dead code rows are never computed (~3x faster generation steps on the tiny preset with a 256-code VQGAN). A target code beyond it is an error.")] = None,
-    config: Annotated[Path | None, typer.Option(help="Training YAML (default healthgpt/configs/train_<preset>.yaml).")] = None,
+    config: Annotated[Path | None, typer.Option(help="Training YAML (default healthgpt/training/configs/train_<preset>.yaml).")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     split: Annotated[str, typer.Option(help="Split to train on.")] = "train",
     pack: Annotated[bool, typer.Option(help="Pack several samples per row up to --max-len.")] = False,
@@ -705,7 +705,7 @@ def train_command(
 ) -> None:
     """Train one stage of HealthGPT on WebDataset shards (stage 1 alignment, 2 plugin adaptation,
     3 instruction tuning); each stage starts from the previous one with --init. Hyper-parameters
-    come from healthgpt/configs/train_<preset>.yaml (per stage and task, as the paper's Table 7),
+    come from healthgpt/training/configs/train_<preset>.yaml (per stage and task, as the paper's Table 7),
     each overridable by its own option; multi-GPU with `torchrun --nproc-per-node N -m healthgpt.cli
     train ...`. On SIGTERM a checkpoint is written; continue with --resume.
 
@@ -754,7 +754,7 @@ def _with_hparam_options(command: Callable[..., None]) -> None:
 _with_hparam_options(train_command)
 
 
-def main() -> None:  # pragma: no cover - `python -m healthgpt.train ...` (e.g. under torchrun)
+def main() -> None:  # pragma: no cover - `python -m healthgpt.training.train ...` (e.g. under torchrun)
     app = typer.Typer(add_completion=False, help="HealthGPT three-stage trainer.")
     app.command("train")(train_command)
     app()

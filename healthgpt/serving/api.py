@@ -33,11 +33,11 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
-from healthgpt.conversation import IMAGE_PLACEHOLDER
-from healthgpt.serve.errors import ApiError, error_body, new_request_id
-from healthgpt.serve.images import decode_image_bytes, png_base64
-from healthgpt.serve.service import RESEARCH_NOTICE, Service
-from healthgpt.serve.worker import ChatResult, ImageJobResult, WorkerStopped
+from healthgpt.model.conversation import IMAGE_PLACEHOLDER
+from healthgpt.serving.errors import ApiError, error_body, new_request_id
+from healthgpt.serving.images import decode_image_bytes, png_base64
+from healthgpt.serving.service import RESEARCH_NOTICE, Service
+from healthgpt.serving.worker import ChatResult, ImageJobResult, WorkerStopped
 
 __all__ = ["ChatCompletionRequest", "create_app"]
 
@@ -147,7 +147,7 @@ def create_app(service: Service, *, ui: bool = True) -> FastAPI:
     if ui:
         import gradio as gr
 
-        from healthgpt.serve.ui import build_ui
+        from healthgpt.serving.ui import build_ui
 
         app = gr.mount_gradio_app(app, build_ui(service), path="/")
     return app

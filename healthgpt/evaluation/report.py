@@ -1,7 +1,7 @@
 """Evaluation reports: ``report.json``, ``report.md`` (laid out like the paper's tables) and grids.
 
 ``write_report(out_dir, predictions, config_record, ...)`` turns the merged per-sample predictions
-of :mod:`healthgpt.evaluate` into
+of :mod:`healthgpt.evaluation.evaluate` into
 
 * ``report.json`` — everything, machine-readable: comprehension per benchmark (``close``,
   ``open``, ``all``, ``choice``, counts, choice accuracy per modality), generation per subtask and
@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from healthgpt.baselines import BASELINE_NOTES, comprehension_baselines
-from healthgpt.metrics.answers import ALL_DEFINITION, VQAItem, summarize_vqa
+from healthgpt.evaluation.answer_metrics import ALL_DEFINITION, VQAItem, summarize_vqa
+from healthgpt.evaluation.baselines import BASELINE_NOTES, comprehension_baselines
 
 __all__ = ["FLAT_STD", "REPORT_FORMAT", "benchmark_name", "benchmark_order", "prediction_diversity", "generation_summary", "table1_average",
            "table1_columns", "write_report"]

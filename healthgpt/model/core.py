@@ -1,7 +1,7 @@
 """The HealthGPT model: a causal LM with H-LoRA plugins, hierarchical visual perception and the
 unified (text + VQ image token) vocabulary.
 
-Construction (``HealthGPT.from_parts``, used by ``healthgpt.presets.build_model``):
+Construction (``HealthGPT.from_parts``, used by ``healthgpt.model.presets.build_model``):
 
 1. the tokenizer gets ``<start_index>``, ``<idx_0>``…``<idx_8191>``, ``<end_index>``,
    ``<pixel_newline>`` (ids ``len(tokenizer)`` onwards; old ids unchanged);
@@ -13,7 +13,7 @@ Construction (``HealthGPT.from_parts``, used by ``healthgpt.presets.build_model`
    exact optimizer state and no wasted gradient memory; a tied base model (SmolLM2) stays tied
    (the head's ``old``/``new`` are the embedding's parameters);
 3. every ``nn.Linear`` of the decoder is wrapped in ``HLoRALinear`` (``lm_head`` excluded);
-4. a CLIP tower with two ``mlp2x_gelu`` adapters is attached (``healthgpt.vision``).
+4. a CLIP tower with two ``mlp2x_gelu`` adapters is attached (``healthgpt.model.vision``).
 
 Hard task routing: ``set_task(task)`` (or ``forward(..., task=...)``) selects both the visual
 feature level/adapter and the H-LoRA plugin; only the active plugin computes.
@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from healthgpt.conversation import (
+from healthgpt.model.conversation import (
     IGNORE_INDEX,
     IMAGE_TOKEN_ID,
     NUM_VQ_CODES,
@@ -66,8 +66,8 @@ from healthgpt.conversation import (
     extend_tokenizer,
     stop_token_ids,
 )
-from healthgpt.hlora import TASKS, AdapterConfig, HLoRALinear, hlora_layers, inject_hlora, set_active_task
-from healthgpt.vision import HierarchicalVision
+from healthgpt.model.hlora import TASKS, AdapterConfig, HLoRALinear, hlora_layers, inject_hlora, set_active_task
+from healthgpt.model.vision import HierarchicalVision
 
 __all__ = [
     "GROUP_NAMES",
@@ -248,7 +248,7 @@ class HealthGPT(nn.Module):
         feature_levels: Mapping[str, str] | None = None,
     ) -> HealthGPT:
         """Extend the vocabulary, split embeddings, inject H-LoRA, attach vision (see module doc).
-        ``feature_levels`` overrides the visual feature level per task (``healthgpt.vision``)."""
+        ``feature_levels`` overrides the visual feature level per task (``healthgpt.model.vision``)."""
         n_old = len(tokenizer)
         vocab = extend_tokenizer(tokenizer)
         if vocab.first_new != n_old:

@@ -23,7 +23,7 @@ Flow (one process, or one per GPU under ``torchrun``):
    it stopped, even with a different number of ranks.
 5. When all ranks are done (a ``torch.distributed`` barrier under ``torchrun``), rank 0 merges the
    parts into ``OUT/predictions.jsonl`` (sorted by key) and writes the report
-   (:mod:`healthgpt.report`): ``report.json``, ``report.md`` and ``grids/*.png``.
+   (:mod:`healthgpt.evaluation.report`): ``report.json``, ``report.md`` and ``grids/*.png``.
 
 ``OUT/eval_config.json`` records what the predictions were made with; resuming with a different
 model, checkpoint, VQGAN or decoding setting is refused (use a new ``--out``).
@@ -54,8 +54,8 @@ import numpy as np
 import torch
 import typer
 
-from healthgpt.baselines import collect_train_reference, generation_baselines, generation_group
-from healthgpt.dist import Dist, device_for, world_info
+from healthgpt.evaluation.baselines import collect_train_reference, generation_baselines, generation_group
+from healthgpt.training.dist import Dist, device_for, world_info
 from vlhealth.image_metrics import image_metrics, synthrad_metrics, to_hu
 from vlhealth.schema import IMAGE_TOKEN, Record, Sample, decode_image
 from vlhealth.shards import ShardError, iter_tar, list_shards, verify_tars, write_atomic
@@ -362,8 +362,8 @@ class _Runner:
         self.model = model
         self.vq = vq
         self.lpips = lpips
-        from healthgpt.conversation import encode_prompt
-        from healthgpt.model import stop_token_ids_for
+        from healthgpt.model.conversation import encode_prompt
+        from healthgpt.model.core import stop_token_ids_for
 
         self._encode_prompt = encode_prompt
         self.stops = stop_token_ids_for(model)
@@ -377,7 +377,7 @@ class _Runner:
             ids = self._encode_prompt(self.model.tokenizer, question, template=self.model.template,
                                       image=sample.input_image is not None and IMAGE_TOKEN in question, task=task)
             return ids, question
-        from healthgpt.conversation import encode_conversation, get_template
+        from healthgpt.model.conversation import encode_conversation, get_template
 
         tok = self.model.tokenizer
         context = encode_conversation(tok, conv[:-1], template=self.model.template, max_len=1 << 30)
@@ -475,11 +475,11 @@ class _Runner:
 
 
 def resolve_checkpoint(path: os.PathLike | str | None) -> Path | None:
-    """The trainable-weights file of ``--checkpoint`` (see :func:`healthgpt.checkpoints.resolve_trainable`)."""
+    """The trainable-weights file of ``--checkpoint`` (see :func:`healthgpt.training.checkpoints.resolve_trainable`)."""
     if path is None:
         return None
-    from healthgpt.checkpoints import CheckpointError, resolve_trainable
-    from healthgpt.export import is_export_folder
+    from healthgpt.sharing.export import is_export_folder
+    from healthgpt.training.checkpoints import CheckpointError, resolve_trainable
 
     if is_export_folder(path):  # a `healthgpt export` folder: loaded as a whole by load_model
         return Path(path)
@@ -491,7 +491,7 @@ def resolve_checkpoint(path: os.PathLike | str | None) -> Path | None:
 
 def _load_components(config: EvalConfig, device: str, model: Any, vq: Any, lpips: Any) -> tuple[Any, Any, Any]:
     if model is None:
-        from healthgpt.infer import load_model
+        from healthgpt.serving.infer import load_model
 
         model = load_model(config.preset, checkpoint=resolve_checkpoint(config.checkpoint), released=config.released,
                            device=device, **config.overrides)
@@ -607,7 +607,7 @@ def run_evaluation(config: EvalConfig, *, model: Any = None, vq: Any = None, lpi
     ordered = [predictions[k] for k in sorted(all_keys)]
     write_atomic(out / PREDICTIONS_NAME,
                  "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in ordered).encode("utf-8"))
-    from healthgpt.report import write_report
+    from healthgpt.evaluation.report import write_report
 
     result.report = write_report(out, ordered, cfg_record, shards=config.shards, vq=vq,
                                  grids_per_task=config.grids_per_task,
@@ -706,7 +706,7 @@ def eval_command(
     for name, value in (("llm_path", llm_path), ("clip_path", clip_path), ("dtype", dtype)):
         if value is not None:
             overrides[name] = value
-    from healthgpt.train import _parse_sets
+    from healthgpt.training.train import _parse_sets
 
     overrides.update(_parse_sets(model_set or []))
     config = EvalConfig(

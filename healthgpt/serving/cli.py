@@ -52,16 +52,16 @@ def serve_command(
     try:
         import uvicorn
 
-        from healthgpt.serve.api import create_app
+        from healthgpt.serving.api import create_app
     except ImportError as err:
         console.print(f"[red]error:[/red] serving needs the serve extra ({err.name} is missing): "
                       "pip install -e '.[serve]'")
         raise typer.Exit(2) from err
-    from healthgpt.checkpoints import CheckpointError
-    from healthgpt.export import is_export_folder
-    from healthgpt.infer import VQUnavailableError, load_model, load_vq_decoder
-    from healthgpt.presets import MissingWeightsError
-    from healthgpt.serve.service import ServeSettings, Service
+    from healthgpt.model.presets import MissingWeightsError
+    from healthgpt.serving.infer import VQUnavailableError, load_model, load_vq_decoder
+    from healthgpt.serving.service import ServeSettings, Service
+    from healthgpt.sharing.export import is_export_folder
+    from healthgpt.training.checkpoints import CheckpointError
 
     if threads > 0:
         import torch

@@ -15,9 +15,9 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 
-from healthgpt.serve.errors import ApiError, new_request_id
-from healthgpt.serve.service import GENERATION_TASKS, RESEARCH_NOTICE, Service
-from healthgpt.serve.worker import ChatResult, ImageJobResult
+from healthgpt.serving.errors import ApiError, new_request_id
+from healthgpt.serving.service import GENERATION_TASKS, RESEARCH_NOTICE, Service
+from healthgpt.serving.worker import ChatResult, ImageJobResult
 
 __all__ = ["build_ui"]
 

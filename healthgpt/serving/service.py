@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from healthgpt.conversation import (
+from healthgpt.model.conversation import (
     IMAGE_PLACEHOLDER,
     IMAGE_TOKEN_ID,
     TARGET_IMAGE_PLACEHOLDER,
@@ -20,10 +20,10 @@ from healthgpt.conversation import (
     encode_chat_prompt,
     get_template,
 )
-from healthgpt.model import HealthGPT
-from healthgpt.serve.errors import ApiError
-from healthgpt.serve.images import image_from_url
-from healthgpt.serve.worker import ChatJob, ImageJob, ModelWorker, Sampling
+from healthgpt.model.core import HealthGPT
+from healthgpt.serving.errors import ApiError
+from healthgpt.serving.images import image_from_url
+from healthgpt.serving.worker import ChatJob, ImageJob, ModelWorker, Sampling
 
 __all__ = ["RESEARCH_NOTICE", "GENERATION_TASKS", "ServeSettings", "Service"]
 

@@ -1,0 +1,10 @@
+"""Evaluation: a trained model on held-out shards -> scores, baselines, reports and the verdict.
+
+Modules: ``evaluate`` (``healthgpt eval``: batched decoding, resumable, sharded over ranks),
+``samples`` (what an evaluated sample is: benchmark names, target modality), ``answer_metrics``
+(VQA close/open/choice scoring), ``baselines`` (identity, train mean, blank, majority, random
+choice), ``report`` (report.json / report.md / grids from the predictions and baselines it is
+given), ``volume_eval`` with ``volume_metrics`` (``healthgpt eval-volumes``: SynthRAD2023's 3D
+scoring), ``verdict`` (``healthgpt verdict``: model vs best baseline vs target). The 2D image
+metrics live in :mod:`vlhealth.image_metrics`.
+"""
