@@ -147,6 +147,20 @@ def test_registration_recovers_a_known_rigid_transform():
     moved = sitk.GetArrayFromImage(sitk.Resample(mr.to_sitk(), mr.to_sitk(), truth, sitk.sitkLinear, 0.0))
     moving = Volume(moved.astype(np.float32), sp, origin)
     reg = register_mr_to_ct(ct, moving, mask=mask)
+    # a second run repeats the first exactly (issue #27), even with another process-wide ITK default:
+    # the registration pins its own threads and work units (default 1)
+    default_threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(4)
+    try:
+        again = register_mr_to_ct(ct, moving, mask=mask)
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(default_threads)
+    assert again.after["nmi"] == reg.after["nmi"] and again.before["nmi"] == reg.before["nmi"]
+    assert again.after == reg.after and again.stages == reg.stages
+    assert again.transform.GetParameters() == reg.transform.GetParameters()
+    assert np.array_equal(again.moved.array, reg.moved.array)
+    with pytest.raises(ValueError, match="threads must be >= 0"):
+        register_mr_to_ct(ct, moving, threads=-1)
     points = np.array([ct.physical_point(i) for i in np.argwhere(mask)[::40]])
     before = transform_residual_mm(sitk.Transform(3, sitk.sitkIdentity), truth.GetInverse(), points)
     after = transform_residual_mm(reg.transform, truth.GetInverse(), points)

@@ -11,11 +11,24 @@ Both stages use Mattes mutual information (the standard metric across modalities
 gradient descent with scales estimated from physical shifts (largest step 4 mm rigid, 1 mm
 affine), linear interpolation, and a three-level multi-resolution pyramid (shrink 4/2/1,
 smoothing 2/1/0 mm). The metric is sampled on a regular grid (about 250k samples per level; the
-grid's jitter has a fixed seed) and the registration runs single-threaded: the rigid stage repeats
-exactly, the affine stage almost (NMI within ~0.003 over ten runs of one pair), so registered shards
-are not byte-identical run to run. The SynthRAD builder rejects a pair whose NMI the registration
+grid's jitter has a fixed seed). The SynthRAD builder rejects a pair whose NMI the registration
 made worse. (Sparse random sampling was tried first: on small volumes it stalled in local optima
 several mm off.)
+
+**Reproducibility.** ``threads`` (default 1) fixes the ITK threads *and* work units of every SimpleITK
+object the registration uses: the two registration methods (which pass the work units on to the
+Mattes metric and the optimiser), the metric evaluations, the initialiser, the casts and the
+resamplings. With one thread the result is bit-identical run to run (same machine and software
+versions), whatever ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` or
+``sitk.ProcessObject.SetGlobalDefaultNumberOfThreads`` say. With more, the Mattes metric sums its
+per-work-unit joint histograms in whatever order the threads finish, the last bits of the metric and
+its gradient change, and the optimiser's path (and the moved MR) drifts: NMI 1.3376-1.3402 over ten
+runs of one pair. (``ImageRegistrationMethod.SetNumberOfThreads`` alone does not reach the metric,
+which splits its work by the *work units*, ITK's process-wide default unless set.) ``threads=0``
+leaves all of it at ITK's defaults. The shrink and smoothing filters inside the registration
+method's pyramid take ITK's default threads (SimpleITK does not expose them), but they compute each
+voxel on its own, so their thread count does not change a bit of the result. Parallelism belongs
+across patients (the builder's ``--workers``).
 
 The result carries the moved MR resampled onto the CT grid (a :class:`~vlhealth.volumes.Volume`
 with the CT's geometry), the transform (fixed CT point -> moving MR point, ITK convention), and
@@ -72,17 +85,37 @@ class Registration:
         }
 
 
-def _as_float(vol: Volume) -> sitk.Image:
-    return sitk.Cast(vol.to_sitk(), sitk.sitkFloat32)
+DEFAULT_THREADS = 1  # bit-identical results; see the module docstring
+
+
+def _threaded(obj: Any, threads: int) -> Any:
+    """``obj`` (a SimpleITK process object) with ``threads`` threads and work units; 0 keeps ITK's defaults."""
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0 (0: ITK's default), got {threads}")
+    if threads:
+        obj.SetNumberOfThreads(threads)
+        obj.SetNumberOfWorkUnits(threads)
+    return obj
+
+
+def _as_float(vol: Volume, threads: int = DEFAULT_THREADS) -> sitk.Image:
+    cast = _threaded(sitk.CastImageFilter(), threads)
+    cast.SetOutputPixelType(sitk.sitkFloat32)
+    return cast.Execute(vol.to_sitk())
 
 
 def resample_to(moving: Volume, reference: Volume, transform: sitk.Transform | None = None,
-                *, nearest: bool = False, default: float | None = None) -> Volume:
+                *, nearest: bool = False, default: float | None = None, threads: int = DEFAULT_THREADS) -> Volume:
     """``moving`` resampled onto ``reference``'s grid (identity transform: physical-space alignment)."""
     img = moving.to_sitk()
     fill = float(moving.array.min()) if default is None else float(default)
-    out = sitk.Resample(img, reference.to_sitk(), transform or sitk.Transform(3, sitk.sitkIdentity),
-                        sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear, fill, img.GetPixelID())
+    resample = _threaded(sitk.ResampleImageFilter(), threads)
+    resample.SetReferenceImage(reference.to_sitk())
+    resample.SetTransform(transform or sitk.Transform(3, sitk.sitkIdentity))
+    resample.SetInterpolator(sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear)
+    resample.SetDefaultPixelValue(fill)
+    resample.SetOutputPixelType(img.GetPixelID())
+    out = resample.Execute(img)
     return Volume(array=sitk.GetArrayFromImage(out), spacing=reference.spacing, origin=reference.origin,
                   direction=reference.direction, source=moving.source, modality=moving.modality)
 
@@ -114,15 +147,18 @@ SAMPLING_SEED = 20230101  # any fixed value: the sample jitter is then the same 
 
 
 def _method(n_voxels: int, bins: int, max_samples: int, iterations: int, learning_rate: float,
-            shrink: Sequence[int], sigmas: Sequence[float]) -> sitk.ImageRegistrationMethod:
-    reg = sitk.ImageRegistrationMethod()
+            shrink: Sequence[int], sigmas: Sequence[float], threads: int) -> sitk.ImageRegistrationMethod:
+    # The work units reach the Mattes metric (SimpleITK passes them on as its maximum number of work
+    # units) and the optimiser; SetNumberOfThreads alone only bounds the method's own threader, and the
+    # metric then splits its joint-histogram sums by ITK's process-wide default and adds the partial
+    # sums in the order the threads finish: the affine stage ended at NMI 1.3376-1.3402 over ten runs.
+    reg = _threaded(sitk.ImageRegistrationMethod(), threads)
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=bins)
     # A regular grid of samples, about ``max_samples`` per level: all voxels of the coarse levels, a subset
     # of the fine ones. ITK jitters each regular sample inside its cell, and SimpleITK seeds that jitter
     # from the wall clock unless given a seed. Without it, runs on the same volumes stopped after 30-49
     # rigid iterations, ended at NMI 1.327-1.349, and one in six diverged (NMI 1.002; the registration test
-    # failed). With it the rigid stage repeats exactly; the affine stage still varies a little (NMI
-    # 1.3376-1.3402 over ten runs; some other wall-clock-seeded sampling inside ITK, not found).
+    # failed).
     reg.SetMetricSamplingStrategy(reg.REGULAR)
     reg.SetMetricSamplingPercentagePerLevel(
         [min(1.0, max_samples / max(1.0, n_voxels / float(s) ** 3)) for s in shrink], SAMPLING_SEED)
@@ -134,17 +170,15 @@ def _method(n_voxels: int, bins: int, max_samples: int, iterations: int, learnin
     reg.SetShrinkFactorsPerLevel(list(shrink))
     reg.SetSmoothingSigmasPerLevel(list(sigmas))
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-    reg.SetNumberOfThreads(1)  # threaded metric sums vary in the last bits: keep the shards reproducible
     return reg
 
 
 def _mattes(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, bins: int,
-            fixed_mask: sitk.Image | None) -> float:
-    reg = sitk.ImageRegistrationMethod()
+            fixed_mask: sitk.Image | None, threads: int) -> float:
+    reg = _threaded(sitk.ImageRegistrationMethod(), threads)
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=bins)
     reg.SetMetricSamplingStrategy(reg.NONE)
     reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetNumberOfThreads(1)
     if fixed_mask is not None:
         reg.SetMetricFixedMask(fixed_mask)
     reg.SetMovingInitialTransform(transform)
@@ -162,10 +196,15 @@ def register_mr_to_ct(
     iterations: int = 200,
     shrink: Sequence[int] = (4, 2, 1),
     sigmas: Sequence[float] = (2.0, 1.0, 0.0),
+    threads: int = DEFAULT_THREADS,
 ) -> Registration:
-    """Register ``mr`` (moving) to ``ct`` (fixed); ``mask`` (CT grid) restricts the metric to the body."""
-    fixed = _as_float(ct)
-    moving = _as_float(mr)
+    """Register ``mr`` (moving) to ``ct`` (fixed); ``mask`` (CT grid) restricts the metric to the body.
+
+    ``threads``: ITK threads and work units of every step (1: bit-identical results; more: possibly faster
+    on a many-core machine, not reproducible; 0: ITK's process-wide default).
+    """
+    fixed = _as_float(ct, threads)
+    moving = _as_float(mr, threads)
     fixed_mask = None
     if mask is not None:
         m = np.asarray(mask).astype(np.uint8)
@@ -175,17 +214,18 @@ def register_mr_to_ct(
             fixed_mask = sitk.GetImageFromArray(m)
             fixed_mask.CopyInformation(fixed)
     identity = sitk.Transform(3, sitk.sitkIdentity)
-    before_mi = _mattes(fixed, moving, identity, bins, fixed_mask)
-    before_nmi = normalized_mutual_information(ct.array, resample_to(mr, ct).array, mask)
+    before_mi = _mattes(fixed, moving, identity, bins, fixed_mask, threads)
+    before_nmi = normalized_mutual_information(ct.array, resample_to(mr, ct, threads=threads).array, mask)
 
     stages: list[dict[str, Any]] = []
     try:
-        initial = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(),
-                                                    sitk.CenteredTransformInitializerFilter.GEOMETRY)
+        init = _threaded(sitk.CenteredTransformInitializerFilter(), threads)
+        init.SetOperationMode(sitk.CenteredTransformInitializerFilter.GEOMETRY)
+        initial = init.Execute(fixed, moving, sitk.Euler3DTransform())
         n_vox = int(np.prod(ct.shape))
 
         def run_stage(name: str, start: sitk.Transform, learning_rate: float) -> sitk.Transform:
-            reg = _method(n_vox, bins, max_samples, iterations, learning_rate, shrink, sigmas)
+            reg = _method(n_vox, bins, max_samples, iterations, learning_rate, shrink, sigmas, threads)
             if fixed_mask is not None:
                 reg.SetMetricFixedMask(fixed_mask)
             reg.SetInitialTransform(start, inPlace=False)
@@ -208,8 +248,8 @@ def register_mr_to_ct(
     except RuntimeError as exc:
         raise RegistrationError(f"SimpleITK registration failed: {str(exc).strip().splitlines()[-1][:200]}") from exc
     final = _flatten(final)
-    moved = resample_to(mr, ct, final)
-    after_mi = _mattes(fixed, moving, final, bins, fixed_mask)
+    moved = resample_to(mr, ct, final, threads=threads)
+    after_mi = _mattes(fixed, moving, final, bins, fixed_mask, threads)
     after_nmi = normalized_mutual_information(ct.array, moved.array, mask)
     return Registration(moved=moved, transform=final,
                         before={"mattes_mi": before_mi, "nmi": before_nmi},
