@@ -71,8 +71,8 @@ def infer(
     threads: Annotated[int, typer.Option(help="CPU threads for torch (0: torch's default).")] = 0,
 ) -> None:
     from healthgpt.model.presets import MissingWeightsError
+    from healthgpt.model.weights import CheckpointError
     from healthgpt.serving.infer import VQUnavailableError, answer, generate_image, load_model, load_vq_decoder
-    from healthgpt.training.checkpoints import CheckpointError
 
     if threads > 0:
         import torch

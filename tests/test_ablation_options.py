@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from healthgpt.cli import app
 from healthgpt.model.presets import build_model
-from healthgpt.training.checkpoints import CheckpointError, load_trainable, save_trainable
+from healthgpt.model.weights import CheckpointError, load_trainable, save_trainable
 from tests.train_data import make_all
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from healthgpt.training.checkpoints import CheckpointError, resolve_trainable
+from healthgpt.model.weights import CheckpointError, resolve_trainable
 
 
 def test_resolve_trainable_finds_files_runs_and_latest_step(tmp_path):

@@ -313,8 +313,8 @@ def test_multi_turn_prompt_keeps_the_context(components: tuple) -> None:
 
 def test_eval_loads_a_training_checkpoint(shards: list[Path], components: tuple, tmp_path: Path) -> None:
     """A trainer output folder (final/trainable.safetensors) is found, loaded and fingerprinted."""
+    from healthgpt.model.weights import save_trainable
     from healthgpt.serving.infer import load_model
-    from healthgpt.training.checkpoints import save_trainable
 
     base_model, vq = components
     trained = load_model("tiny")

@@ -218,7 +218,7 @@ def test_cli_help_and_errors(small_run, exported, tmp_path) -> None:
         assert res.exit_code == 0 and "Example" in res.output, command
     missing = runner.invoke(app, ["serve", "--preset", "tiny", "--checkpoint", str(tmp_path / "no-such-run")])
     assert missing.exit_code == 2 and "no-such-run" in missing.output and str(tmp_path) not in missing.output
-    from healthgpt.training.checkpoints import CheckpointError
+    from healthgpt.model.weights import CheckpointError
 
     other, _ = build_model("tiny", seed=0)
     other.preset = "smollm2-135m"  # what a model of another preset reports

@@ -18,15 +18,9 @@ from healthgpt.model.conversation import (
 )
 from healthgpt.model.core import GROUP_NAMES, HealthGPT, parse_image_tokens
 from healthgpt.model.presets import MissingWeightsError, build_model, tiny_tokenizer
-from healthgpt.training.checkpoints import (
-    CheckpointError,
-    ReleasedWeightsError,
-    export_peft_adapter,
-    import_peft_adapter,
-    load_released,
-    load_trainable,
-    save_trainable,
-)
+from healthgpt.model.released import ReleasedWeightsError, load_released
+from healthgpt.model.weights import CheckpointError, load_trainable, save_trainable
+from healthgpt.sharing.peft import export_peft_adapter, import_peft_adapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -460,7 +454,7 @@ def test_released_key_names_load_and_every_key_is_used(tmp_path) -> None:
     torch.save(com, tmp_path / "com_hlora_weights.bin")
     torch.save(gen, tmp_path / "gen_hlora_weights.bin")
     torch.save(fusion, tmp_path / "fusion_layer_weights.bin")
-    from healthgpt.training.checkpoints import load_released_m3
+    from healthgpt.model.released import load_released_m3
 
     reports = load_released_m3(model, tmp_path)
     assert [len(r.used) for r in reports] == [len(com), len(gen), len(fusion)]

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from healthgpt.cli import app
 from healthgpt.model.presets import build_model
-from healthgpt.training.checkpoints import load_trainable, read_metadata, resolve_trainable
+from healthgpt.model.weights import load_trainable, read_metadata, resolve_trainable
 from tests.helpers import vqa_sample
 from tests.train_data import write_shards
 

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from healthgpt.evaluation.answer_metrics import VQAItem, normalize_for_scoring, summarize_vqa
+from healthgpt.evaluation.samples import benchmark_name, target_modality
 from vlhealth.image_metrics import image_metrics
 from vlhealth.volumes import grey_levels
 
@@ -111,7 +112,6 @@ def _most_common(answers: Iterable[str]) -> str:
 def collect_train_reference(shards: Sequence[os.PathLike | str], *, split: str = "train",
                             max_images_per_group: int = 256) -> TrainReference:
     """Read the ``split`` samples of ``shards`` once: answers per question, mean target per group."""
-    from healthgpt.evaluation.report import benchmark_name
     from vlhealth.schema import decode_image
     from vlhealth.shards import iter_tar, list_shards
 
@@ -153,7 +153,6 @@ def collect_train_reference(shards: Sequence[os.PathLike | str], *, split: str =
 
 def _add_target(rec: Mapping[str, Any], members: Mapping[str, bytes], sums: dict[str, np.ndarray],
                 hists: dict[str, np.ndarray], counts: dict[str, int], cap: int, decode: Any) -> None:
-    from healthgpt.evaluation.evaluate import target_modality
     from vlhealth.schema import Record
 
     target_name = next((m for m in ("target.png", "target.jpg") if m in members), None)
@@ -205,7 +204,6 @@ def comprehension_baselines(records: Sequence[Mapping[str, Any]], ref: TrainRefe
     ``answer_type``, ``options``, ``source``). Questions whose reference is not among their options
     are left out, as they are for the model.
     """
-    from healthgpt.evaluation.report import benchmark_name
 
     majority: list[VQAItem] = []
     random_hits: dict[str, list[float]] = defaultdict(list)

@@ -55,9 +55,10 @@ import torch
 import typer
 
 from healthgpt.evaluation.baselines import collect_train_reference, generation_baselines, generation_group
+from healthgpt.evaluation.samples import target_modality
 from healthgpt.training.dist import Dist, device_for, world_info
 from vlhealth.image_metrics import image_metrics, synthrad_metrics, to_hu
-from vlhealth.schema import IMAGE_TOKEN, Record, Sample, decode_image
+from vlhealth.schema import IMAGE_TOKEN, Sample, decode_image
 from vlhealth.shards import ShardError, iter_tar, list_shards, verify_tars, write_atomic
 from vlhealth.volumes import grey_levels
 
@@ -320,14 +321,6 @@ def hu_reference(sample: Sample) -> tuple[np.ndarray, np.ndarray | None, tuple[f
     return hu, mask, (lo, hi)
 
 
-def target_modality(rec: Record) -> str | None:
-    """The target's modality: ``provenance.target_modality``, else implied by the subtask."""
-    tm = (rec.provenance or {}).get("target_modality")
-    if tm:
-        return str(tm)
-    return {"mri2ct": "CT", "ct2mri": "MR"}.get(rec.subtask)
-
-
 # -------------------------------------------------------------------------------- runner
 
 
@@ -475,11 +468,11 @@ class _Runner:
 
 
 def resolve_checkpoint(path: os.PathLike | str | None) -> Path | None:
-    """The trainable-weights file of ``--checkpoint`` (see :func:`healthgpt.training.checkpoints.resolve_trainable`)."""
+    """The trainable-weights file of ``--checkpoint`` (see :func:`healthgpt.model.weights.resolve_trainable`)."""
     if path is None:
         return None
+    from healthgpt.model.weights import CheckpointError, resolve_trainable
     from healthgpt.sharing.export import is_export_folder
-    from healthgpt.training.checkpoints import CheckpointError, resolve_trainable
 
     if is_export_folder(path):  # a `healthgpt export` folder: loaded as a whole by load_model
         return Path(path)

@@ -31,6 +31,7 @@ import numpy as np
 
 from healthgpt.evaluation.answer_metrics import ALL_DEFINITION, VQAItem, summarize_vqa
 from healthgpt.evaluation.baselines import BASELINE_NOTES, comprehension_baselines
+from healthgpt.evaluation.samples import benchmark_name
 
 __all__ = ["FLAT_STD", "REPORT_FORMAT", "benchmark_name", "benchmark_order", "prediction_diversity", "generation_summary", "table1_average",
            "table1_columns", "write_report"]
@@ -42,11 +43,6 @@ _PREDICTOR_NAMES = {"identity": "identity (input)", "train_mean": "train mean im
                     "vq_ceiling": "VQGAN ceiling",
                     "majority": "majority (train)", "random_choice": "random choice"}
 
-# Display names of known sources, in the paper's column order.
-_BENCHMARKS = {
-    "vqarad": "VQA-RAD", "slake": "SLAKE", "pathvqa": "PathVQA", "mmmu": "MMMU-Med", "mmmumed": "MMMU-Med",
-    "omnimedvqa": "OMVQA", "omvqa": "OMVQA", "mimiccxrvqa": "MIMIC-CXR-VQA",
-}
 _TABLE1_ORDER = ["VQA-RAD", "SLAKE", "PathVQA", "MMMU-Med", "OMVQA"]
 _SUBTASKS = {"ct2mri": "CT2MRI", "mri2ct": "MRI2CT", "sr4x": "SR 4x", "recon": "Reconstruction",
              "report2cxr": "Report2CXR"}
@@ -81,11 +77,6 @@ DEFINITIONS = {
     "vq_ceiling": "the same 8-bit metrics for the VQGAN's own reconstruction of the target "
                   "(decode(target codes) vs target): the best a perfect token predictor could score",
 }
-
-
-def benchmark_name(source: str) -> str:
-    key = "".join(ch for ch in source.lower() if ch.isalnum())
-    return _BENCHMARKS.get(key, source)
 
 
 def _mean(values: Sequence[float | None]) -> float | None:

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from healthgpt.experiment.collect import read_loss_curve
+from healthgpt.experiment.results import read_loss_curve
 
 if TYPE_CHECKING:
-    from healthgpt.experiment.collect import ExperimentResults
+    from healthgpt.experiment.results import ExperimentResults
 
 __all__ = ["cell_curves", "plot_loss_curves", "stage_boundaries"]
 

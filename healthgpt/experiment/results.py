@@ -1,4 +1,4 @@
-"""Assemble results from whatever runs have finished (``healthgpt experiment collect``).
+"""Results of whatever runs have finished: metrics per run, statistics per experiment.
 
 Per run (``run_metrics``), from its own files:
 
@@ -23,8 +23,7 @@ invocation, so side by side on one machine); pairs from different sessions are l
 counted. Claims get their verdicts (``stats.evaluate_claim``). Missing and failed runs are listed;
 cells with fewer than 2 finished seeds show ``n=1`` or ``–`` and their claims "no data".
 
-Outputs under OUT: ``results.json``, ``results.md`` (one table per experiment, the paper's row
-under ours), ``<experiment>/loss_curves.png``.
+:mod:`healthgpt.experiment.collect` writes them out (tables, plots).
 """
 
 from __future__ import annotations
@@ -40,7 +39,7 @@ from typing import Any
 from healthgpt.experiment.spec import Experiment, RunSpec, expand, parse_experiment
 from healthgpt.experiment.stats import Summary, evaluate_claim, mean_std
 
-__all__ = ["ExperimentResults", "collect", "collect_experiment", "read_loss_curve", "run_metrics", "step_time"]
+__all__ = ["EXPERIMENT_FILE", "ExperimentResults", "collect_experiment", "read_loss_curve", "run_metrics", "step_time"]
 
 EXPERIMENT_FILE = "experiment.json"
 RUN_FILE = "run.json"
@@ -270,31 +269,3 @@ def collect_experiment(exp_dir: str | Path) -> ExperimentResults:
             records[run.run_id] = None
         metrics[run.run_id] = run_metrics(run, records[run.run_id]) if records[run.run_id] else {}
     return ExperimentResults(exp, doc["form"], runs, records, metrics)
-
-
-def collect(out: str | Path, *, plots: bool = True) -> list[ExperimentResults]:
-    """Collect every experiment folder under ``out``; write results.json, results.md and the plots."""
-    from healthgpt.experiment.tables import results_markdown
-    from vlhealth.shards import write_atomic
-
-    out = Path(out)
-    dirs = sorted(p.parent for p in out.glob(f"*/{EXPERIMENT_FILE}"))
-    if not dirs:
-        from healthgpt.experiment.spec import ExperimentError
-
-        raise ExperimentError(f"{out.name}/: no experiment folders (*/{EXPERIMENT_FILE}) to collect")
-    results = [collect_experiment(d) for d in dirs]
-    figures: dict[str, str] = {}
-    if plots:
-        from healthgpt.experiment.plots import plot_loss_curves
-
-        for res, d in zip(results, dirs, strict=True):
-            png = plot_loss_curves(res, d / "loss_curves.png")
-            if png is not None:
-                figures[res.exp.name] = str(png.relative_to(out))
-    doc = {"format": "healthgpt-experiment-results/1", "experiments": [r.to_json() for r in results],
-           "figures": figures}
-    # keys in table order (cells as the YAML lists them), not sorted
-    write_atomic(out / "results.json", (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
-    write_atomic(out / "results.md", results_markdown(results, figures).encode("utf-8"))
-    return results

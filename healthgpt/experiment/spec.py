@@ -12,7 +12,7 @@ variant x experts). The YAML (``healthgpt/experiment/experiments/<name>.yaml`` s
         - {label: H-LoRA, model: {variant: hlora, experts: 4}}
     extra_cells: []                 # cells outside the product: {labels: {axis: label}, model: ..., ...}
     baseline: LoRA                  # the cell time ratios are relative to (per seed, same session)
-    columns:                        # the table: column name -> metric (see healthgpt.experiment.collect)
+    columns:                        # the table: column name -> metric (see healthgpt.experiment.results)
       - {name: comp. avg, metric: comp_avg}
       - {name: training time, metric: time_ratio, format: ratio}
     paper: {LoRA: {training time: 1.00}, ...}     # the paper's numbers, by cell key and column name

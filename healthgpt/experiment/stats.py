@@ -9,7 +9,7 @@ the two cells' standard deviations. The rule (one rule for every claim):
 * a larger difference against it is **not reproduced**;
 * a cell with fewer than 2 finished seeds gives **no data** (partial results; rerun or wait).
 
-Claim kinds (YAML ``claims:`` entries; ``metric`` is a run metric, see ``collect.run_metrics``)::
+Claim kinds (YAML ``claims:`` entries; ``metric`` is a run metric, see ``results.run_metrics``)::
 
     {kind: compare, a: H-LoRA, b: LoRA, metric: comp_avg, better: higher}
         a is better than b.

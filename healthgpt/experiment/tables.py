@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from healthgpt.experiment.stats import NO_DATA, NOT_REPRODUCED, REPRODUCED, WITHIN_NOISE, Summary
 
 if TYPE_CHECKING:
-    from healthgpt.experiment.collect import ExperimentResults
+    from healthgpt.experiment.results import ExperimentResults
 
 __all__ = ["experiment_markdown", "format_value", "results_markdown"]
 

@@ -58,10 +58,10 @@ def serve_command(
                       "pip install -e '.[serve]'")
         raise typer.Exit(2) from err
     from healthgpt.model.presets import MissingWeightsError
+    from healthgpt.model.weights import CheckpointError
     from healthgpt.serving.infer import VQUnavailableError, load_model, load_vq_decoder
     from healthgpt.serving.service import ServeSettings, Service
     from healthgpt.sharing.export import is_export_folder
-    from healthgpt.training.checkpoints import CheckpointError
 
     if threads > 0:
         import torch

@@ -56,7 +56,8 @@ def load_model(
     """Build a preset, then load our checkpoint (a file, a training folder or a ``healthgpt export`` folder)
     and/or a released HealthGPT-M3 folder."""
     from healthgpt.model.presets import build_model
-    from healthgpt.training.checkpoints import load_released_m3, load_trainable, resolve_trainable
+    from healthgpt.model.released import load_released_m3
+    from healthgpt.model.weights import load_trainable, resolve_trainable
 
     model, _ = build_model(preset, **overrides)
     if released is not None:

@@ -107,7 +107,7 @@ def _run_root(run: Path, weights: Path) -> Path:
 
 def _stage_record(run: Path) -> dict[str, Any]:
     """Stage, task, steps, trained groups, data folder names and losses of one training run."""
-    from healthgpt.training.checkpoints import resolve_trainable
+    from healthgpt.model.weights import resolve_trainable
 
     weights = resolve_trainable(run)
     root = _run_root(Path(run), weights)
@@ -230,7 +230,8 @@ def export_run(
 ) -> ExportSummary:
     """Export ``run`` (a training --out folder, checkpoint or .safetensors) to ``out``."""
     from healthgpt.model.presets import build_model
-    from healthgpt.training.checkpoints import export_peft_adapter, load_trainable, read_metadata, resolve_trainable
+    from healthgpt.model.weights import load_trainable, read_metadata, resolve_trainable
+    from healthgpt.sharing.peft import export_peft_adapter
     from vlhealth.vq import load_vq
 
     run, out = Path(run), Path(out)
@@ -308,7 +309,8 @@ def _copy_eval(src: Path, dst: Path) -> dict[str, Any]:
 
 def load_export(model: Any, folder: str | os.PathLike[str]) -> list[str]:
     """Load an export folder onto ``model`` (built from the same preset); returns the loaded tensor names."""
-    from healthgpt.training.checkpoints import CheckpointError, import_peft_adapter, load_trainable
+    from healthgpt.model.weights import CheckpointError, load_trainable
+    from healthgpt.sharing.peft import import_peft_adapter
 
     folder = Path(folder)
     info = read_export_info(folder)
@@ -448,7 +450,7 @@ def export_command(
     from rich.console import Console
 
     from healthgpt.model.presets import MissingWeightsError
-    from healthgpt.training.checkpoints import CheckpointError
+    from healthgpt.model.weights import CheckpointError
 
     console = Console(stderr=True)
     overrides = {k: v for k, v in (("llm_path", llm_path), ("clip_path", clip_path)) if v is not None}

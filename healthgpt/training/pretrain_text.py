@@ -106,7 +106,7 @@ def pretrain_text_command(
     from rich.console import Console
 
     from healthgpt.model.presets import build_model
-    from healthgpt.training.checkpoints import save_trainable
+    from healthgpt.model.weights import save_trainable
     from healthgpt.training.train import _parse_sets
     from vlhealth.progress import progress_bar
 

@@ -65,15 +65,14 @@ from torch import nn
 from healthgpt.model.conversation import IGNORE_INDEX
 from healthgpt.model.hlora import set_dropout
 from healthgpt.model.vision import VisionPreprocessor
+from healthgpt.model.weights import TRAINABLE_FILE, save_trainable
 from healthgpt.training.checkpoints import (
     CHECKPOINTS_DIR,
-    TRAINABLE_FILE,
     latest_checkpoint,
     load_run_weights,
     read_checkpoint,
     rng_state,
     run_lineage,
-    save_trainable,
     set_rng_state,
     write_checkpoint,
 )
