@@ -49,23 +49,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from healthgpt.model import embedding, generation
 from healthgpt.model.conversation import (
     IGNORE_INDEX,
-    IMAGE_TOKEN_ID,
     NUM_VQ_CODES,
-    TOKENS_PER_IMAGE,
     VocabIds,
     extend_tokenizer,
-    stop_token_ids,
 )
+from healthgpt.model.generation import ImageTokenReport, decoder_of, parse_image_tokens, stop_token_ids_for
 from healthgpt.model.hlora import TASKS, AdapterConfig, HLoRALinear, hlora_layers, inject_hlora, set_active_task
 from healthgpt.model.vision import HierarchicalVision
 
@@ -150,63 +148,6 @@ class HealthGPTOutput:
     attention_mask: torch.Tensor | None = None
 
 
-@dataclass
-class ImageTokenReport:
-    """What ``parse_image_tokens`` found and repaired in one generated sequence."""
-
-    n_index_tokens: int = 0
-    n_other_tokens: int = 0
-    had_end: bool = False
-    padded: int = 0
-    truncated: int = 0
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return self.had_end and self.padded == 0 and self.truncated == 0 and self.n_other_tokens == 0
-
-
-def parse_image_tokens(ids: Iterable[int], vocab: VocabIds, n_codes: int = NUM_VQ_CODES
-                       ) -> tuple[np.ndarray, ImageTokenReport]:
-    """Turn a generated id sequence into 1024 VQ codes; never raises on malformed input.
-
-    Rules: everything up to the first ``<end_index>`` is read (all of it if there is none);
-    ``<start_index>`` and ``<pixel_newline>`` are skipped; other non-index tokens are dropped and
-    counted; more than 1024 codes are truncated; fewer are padded by repeating the last code (code
-    0 if none was produced). Index tokens at or beyond ``n_codes`` (a VQGAN with a smaller codebook
-    than the vocabulary's 8192 rows) are dropped like other tokens. The report says what happened
-    (``report.ok`` when nothing did).
-    """
-    rep = ImageTokenReport()
-    codes: list[int] = []
-    for raw in ids:
-        t = int(raw)
-        if t == vocab.end_index:
-            rep.had_end = True
-            break
-        if t in (vocab.start_index, vocab.pixel_newline):
-            continue
-        if vocab.is_index(t) and t - vocab.idx_0 < n_codes:
-            codes.append(t - vocab.idx_0)
-        else:
-            rep.n_other_tokens += 1
-    rep.n_index_tokens = len(codes)
-    if not rep.had_end:
-        rep.notes.append("no <end_index>")
-    if rep.n_other_tokens:
-        rep.notes.append(f"dropped {rep.n_other_tokens} non-index tokens")
-    if len(codes) > TOKENS_PER_IMAGE:
-        rep.truncated = len(codes) - TOKENS_PER_IMAGE
-        codes = codes[:TOKENS_PER_IMAGE]
-        rep.notes.append(f"truncated {rep.truncated} extra codes")
-    elif len(codes) < TOKENS_PER_IMAGE:
-        rep.padded = TOKENS_PER_IMAGE - len(codes)
-        fill = codes[-1] if codes else 0
-        codes = codes + [fill] * rep.padded
-        rep.notes.append(f"padded {rep.padded} missing codes with code {fill}")
-    return np.asarray(codes, dtype=np.int64), rep
-
-
 class HealthGPT(nn.Module):
     """See the module docstring."""
 
@@ -272,7 +213,7 @@ class HealthGPT(nn.Module):
         llm.lm_head = SplitLMHead(old_out, new_out)
         llm.config.vocab_size = vocab.total
         llm.requires_grad_(False)
-        decoder = _decoder(llm)
+        decoder = decoder_of(llm)
         wrapped = inject_hlora(decoder, adapters)
         if not wrapped:
             raise ValueError("no nn.Linear found in the LLM decoder to wrap with H-LoRA")
@@ -369,79 +310,8 @@ class HealthGPT(nn.Module):
             pad = getattr(self.tokenizer, "eos_token_id", None)
         return int(pad) if pad is not None else 0
 
-    def embed_multimodal(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        labels: torch.Tensor | None,
-        pixel_values: torch.Tensor | None,
-        task: str,
-        pad_side: str = "right",
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Embed tokens and splice image features at ``IMAGE_TOKEN_ID`` positions.
-
-        Returns ``(inputs_embeds, attention_mask, labels, position_ids)``, re-padded on ``pad_side``.
-        """
-        input_ids = input_ids.to(self.device)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        attention_mask = attention_mask.to(self.device)
-        is_image = input_ids == IMAGE_TOKEN_ID
-        n_placeholders = int(is_image.sum())
-        already_packed = pad_side == "right" or bool(attention_mask[:, -1].all())
-        if n_placeholders == 0 and already_packed:
-            embeds = self.embed_tokens(input_ids)
-            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            return embeds, attention_mask, labels, pos
-        text_embeds = self.embed_tokens(input_ids.masked_fill(is_image, 0))
-        feats = text_embeds.new_zeros((0, 0, text_embeds.shape[-1]))
-        if n_placeholders:
-            if pixel_values is None:
-                raise ValueError(f"input_ids hold {n_placeholders} <image> placeholder(s) but no pixel_values")
-            if pixel_values.shape[0] != n_placeholders:
-                raise ValueError(f"{n_placeholders} <image> placeholders but {pixel_values.shape[0]} images")
-            feats = self.vision.features(pixel_values.to(self.device), task).to(text_embeds.dtype)  # [N, P, d]
-        seqs: list[torch.Tensor] = []
-        seq_labels: list[torch.Tensor] = []
-        image_i = 0
-        n_patches = feats.shape[1]
-        for b in range(input_ids.shape[0]):
-            keep = attention_mask[b].bool()
-            ids_b = input_ids[b][keep]
-            emb_b = text_embeds[b][keep]
-            lab_b = labels[b].to(self.device)[keep] if labels is not None else None
-            parts: list[torch.Tensor] = []
-            lparts: list[torch.Tensor] = []
-            cuts = torch.nonzero(ids_b == IMAGE_TOKEN_ID).flatten().tolist()
-            prev = 0
-            for c in cuts:
-                parts.append(emb_b[prev:c])
-                parts.append(feats[image_i])
-                if lab_b is not None:
-                    lparts.append(lab_b[prev:c])
-                    lparts.append(torch.full((n_patches,), IGNORE_INDEX, dtype=lab_b.dtype, device=self.device))
-                image_i += 1
-                prev = c + 1
-            parts.append(emb_b[prev:])
-            seqs.append(torch.cat(parts, 0))
-            if lab_b is not None:
-                lparts.append(lab_b[prev:])
-                seq_labels.append(torch.cat(lparts, 0))
-        n = max(s.shape[0] for s in seqs)
-        d = text_embeds.shape[-1]
-        out = text_embeds.new_zeros((len(seqs), n, d))
-        mask = torch.zeros((len(seqs), n), dtype=attention_mask.dtype, device=self.device)
-        out_labels = (torch.full((len(seqs), n), IGNORE_INDEX, dtype=torch.long, device=self.device)
-                      if labels is not None else None)
-        for b, s in enumerate(seqs):
-            t = s.shape[0]
-            sl = slice(0, t) if pad_side == "right" else slice(n - t, n)
-            out[b, sl] = s
-            mask[b, sl] = 1
-            if out_labels is not None:
-                out_labels[b, sl] = seq_labels[b]
-        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        return out, mask, out_labels, pos
+    # the multimodal input (healthgpt.model.embedding): tokens with image features spliced in
+    embed_multimodal = embedding.embed_multimodal
 
     # ---------------------------------------------------------------- forward
 
@@ -473,13 +343,13 @@ class HealthGPT(nn.Module):
         if task != self.active_task:
             self.set_task(task)
         embeds, mask, labels, pos = self.embed_multimodal(input_ids, attention_mask, labels, pixel_values, task)
-        hidden = _decoder(self.llm)(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
+        hidden = decoder_of(self.llm)(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
                                     use_cache=False).last_hidden_state
         loss = None
         logits = None
         live = None
         if n_codes is not None and labels is not None and n_codes < NUM_VQ_CODES:
-            live = self._live_vocabulary(int(n_codes))
+            live = _live_vocabulary(self.vocab, int(n_codes))
         if labels is not None:
             shift_labels = labels[:, 1:]
             sel = shift_labels != IGNORE_INDEX
@@ -504,141 +374,31 @@ class HealthGPT(nn.Module):
             logits = self.lm_head(hidden)
         return HealthGPTOutput(loss=loss, logits=logits, labels=labels, attention_mask=mask)
 
-    def _live_vocabulary(self, n_codes: int) -> tuple[list[slice], Callable[[torch.Tensor], torch.Tensor]]:
-        """New-row slices of a ``n_codes`` codebook and the map from full-vocabulary labels to live indices."""
-        if not 1 <= n_codes <= NUM_VQ_CODES:
-            raise ValueError(f"n_codes must be in [1, {NUM_VQ_CODES}], got {n_codes}")
-        v = self.vocab
-        first, idx0, end = v.first_new, v.idx_0, v.end_index
-        rows = [slice(0, idx0 - first + n_codes), slice(end - first, v.total - first)]
-        dead_lo, dead_hi = idx0 + n_codes, end  # label ids of the codes beyond the codebook
+    # ---------------------------------------------------------------- generation (healthgpt.model.generation)
 
-        def target(labels: torch.Tensor) -> torch.Tensor:
-            dead = (labels >= dead_lo) & (labels < dead_hi)
-            if bool(dead.any()):
-                code = int(labels[dead][0]) - idx0
-                raise ValueError(f"a target image code ({code}) is beyond the {n_codes}-code codebook given as "
-                                 f"n_codes (--image-codes): the shards were tokenized with a larger VQGAN")
-            return torch.where(labels >= dead_hi, labels - (dead_hi - dead_lo), labels)
-
-        return rows, target
-
-    # ---------------------------------------------------------------- generation
-
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        task: str | None = None,
-        max_new_tokens: int = 256,
-        stop_token_ids: Sequence[int] | None = None,
-        logits_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
-        streamer: Callable[[torch.Tensor], None] | None = None,
-    ) -> torch.Tensor:
-        """Greedy decoding with a KV cache. Returns only the new tokens ``[B, n]``.
-
-        Prompts may be right- or left-padded (``attention_mask``); they are re-packed left-padded.
-        ``logits_hook(step, logits[B, V]) -> logits`` can constrain decoding; ``streamer(ids[B])``
-        is called after every step. A row stops at its first ``stop_token_ids`` token (default:
-        the template's stop tokens and EOS) and is padded with that token afterwards.
-        """
-        task = task or self.active_task or "comprehension"
-        if task != self.active_task:
-            self.set_task(task)
-        if input_ids.dim() == 1:
-            input_ids = input_ids.unsqueeze(0)
-        stops = list(stop_token_ids) if stop_token_ids is not None else stop_token_ids_for(self)
-        embeds, mask, _, pos = self.embed_multimodal(input_ids, attention_mask, None, pixel_values, task,
-                                                     pad_side="left")
-        decoder = _decoder(self.llm)
-        bsz = embeds.shape[0]
-        out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True)
-        cache = out.past_key_values
-        logits = self.lm_head(out.last_hidden_state[:, -1])
-        next_pos = pos[:, -1:] + 1
-        stop_t = torch.tensor(stops, dtype=torch.long, device=self.device) if stops else None
-        finished = torch.zeros(bsz, dtype=torch.bool, device=self.device)
-        fill = torch.zeros(bsz, dtype=torch.long, device=self.device)
-        generated: list[torch.Tensor] = []
-        for step in range(max_new_tokens):
-            if logits_hook is not None:
-                logits = logits_hook(step, logits)
-            token = logits.argmax(-1)
-            token = torch.where(finished, fill, token)
-            generated.append(token)
-            if streamer is not None:
-                streamer(token)
-            if stop_t is not None:
-                just = torch.isin(token, stop_t) & ~finished
-                fill = torch.where(just, token, fill)
-                finished |= just
-            if bool(finished.all()) or step == max_new_tokens - 1:
-                break
-            mask = torch.cat([mask, mask.new_ones((bsz, 1))], dim=1)
-            out = decoder(inputs_embeds=self.embed_tokens(token[:, None]), attention_mask=mask,
-                          position_ids=next_pos, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            logits = self.lm_head(out.last_hidden_state[:, -1])
-            next_pos = next_pos + 1
-        if not generated:
-            return torch.zeros((bsz, 0), dtype=torch.long, device=self.device)
-        return torch.stack(generated, dim=1)
-
-    def image_logits_hook(self, n_codes: int = NUM_VQ_CODES) -> Callable[[int, torch.Tensor], torch.Tensor]:
-        """Constrain decoding to 1024 ``<idx_*>`` tokens (the first ``n_codes``) followed by ``<end_index>``."""
-        lo, hi, end = self.vocab.idx_0, self.vocab.idx_0 + min(n_codes, NUM_VQ_CODES), self.vocab.end_index
-
-        def hook(step: int, logits: torch.Tensor) -> torch.Tensor:
-            masked = torch.full_like(logits, float("-inf"))
-            if step < TOKENS_PER_IMAGE:
-                masked[:, lo:hi] = logits[:, lo:hi]
-            else:
-                masked[:, end] = 0.0
-            return masked
-
-        return hook
-
-    @torch.no_grad()
-    def generate_image_tokens(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        *,
-        constrained: bool = False,
-        max_new_tokens: int = TOKENS_PER_IMAGE + 40,
-        streamer: Callable[[torch.Tensor], None] | None = None,
-        n_codes: int = NUM_VQ_CODES,
-    ) -> tuple[np.ndarray, list[ImageTokenReport]]:
-        """Generate image tokens (prompt should end with ``<start_index>``, see ``encode_prompt``)
-        and parse/repair them into codes ``[B, 1024]``. ``constrained`` masks the logits so that the
-        output is always well formed; the default is free decoding like the released code.
-        ``n_codes`` is the VQGAN's codebook size (codes beyond it cannot be decoded)."""
-        stops = [self.vocab.end_index] + stop_token_ids_for(self)
-        ids = self.generate(
-            input_ids, attention_mask, pixel_values, task="generation",
-            max_new_tokens=TOKENS_PER_IMAGE + 1 if constrained else max_new_tokens,
-            stop_token_ids=stops, logits_hook=self.image_logits_hook(n_codes) if constrained else None,
-            streamer=streamer,
-        )
-        codes, reports = [], []
-        for row in ids.tolist():
-            c, r = parse_image_tokens(row, self.vocab, n_codes)
-            codes.append(c)
-            reports.append(r)
-        return np.stack(codes), reports
+    generate = generation.generate
+    image_logits_hook = generation.image_logits_hook
+    generate_image_tokens = generation.generate_image_tokens
 
 
-def stop_token_ids_for(model: HealthGPT) -> list[int]:
-    return stop_token_ids(model.tokenizer, model.template)
+def _live_vocabulary(vocab: VocabIds, n_codes: int) -> tuple[list[slice], Callable[[torch.Tensor], torch.Tensor]]:
+    """New-row slices of a ``n_codes`` codebook and the map from full-vocabulary labels to live indices."""
+    if not 1 <= n_codes <= NUM_VQ_CODES:
+        raise ValueError(f"n_codes must be in [1, {NUM_VQ_CODES}], got {n_codes}")
+    v = vocab
+    first, idx0, end = v.first_new, v.idx_0, v.end_index
+    rows = [slice(0, idx0 - first + n_codes), slice(end - first, v.total - first)]
+    dead_lo, dead_hi = idx0 + n_codes, end  # label ids of the codes beyond the codebook
 
+    def target(labels: torch.Tensor) -> torch.Tensor:
+        dead = (labels >= dead_lo) & (labels < dead_hi)
+        if bool(dead.any()):
+            code = int(labels[dead][0]) - idx0
+            raise ValueError(f"a target image code ({code}) is beyond the {n_codes}-code codebook given as "
+                             f"n_codes (--image-codes): the shards were tokenized with a larger VQGAN")
+        return torch.where(labels >= dead_hi, labels - (dead_hi - dead_lo), labels)
 
-def _decoder(llm: nn.Module) -> nn.Module:
-    if hasattr(llm, "model") and isinstance(llm.model, nn.Module):
-        return llm.model
-    return llm.get_decoder()
+    return rows, target
 
 
 def _dedupe(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:

@@ -58,6 +58,9 @@ Resume
     loader at exactly the next batch (workers are rotated so that the round-robin order of the
     DataLoader continues where it stopped).
 
+Where samples come from (local tars by seeking, or streamed URLs) is :mod:`healthgpt.training.sources`,
+behind one interface (``RowSource``); this module decides the order, batches, tokenisation and resume.
+
 Public API::
 
     parse_shard_spec("DIR[:WEIGHT]" | "URL-PATTERN[:WEIGHT]") -> ShardSpec;  is_shard_url(text) -> bool
@@ -77,9 +80,7 @@ import io
 import json
 import logging
 import os
-import random
 import re
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,11 +88,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from healthgpt.model.conversation import IGNORE_INDEX, IMAGE_TOKEN_ID, encode_conversation
 from healthgpt.model.vision import FastClipPreprocessor, VisionPreprocessor, decode_input_image
+from healthgpt.training.sources import (
+    LocalTarRows,
+    RowSource,
+    StreamedRows,
+    _Example,
+    _load_json,
+    _rng,
+    _Shard,
+    _url_name,
+    slot_views,
+)
 from vlhealth.schema import SUBTASKS, TASKS
 from vlhealth.shards import (
     BUILD_NAME,
@@ -154,12 +165,6 @@ def is_shard_url(text: str) -> bool:
     return text.startswith("pipe:") or "://" in text or bool(_BRACE.search(text)) or "::" in text
 
 
-def _url_name(url: str) -> str:
-    """A short display name of a shard URL (no host, no command)."""
-    tail = url.rstrip("/").rsplit("/", 1)[-1]
-    return tail.split()[-1] if tail.split() else url
-
-
 def parse_shard_spec(text: str | os.PathLike[str] | ShardSpec) -> ShardSpec:
     """``"demo/shards/vqa_rad"`` or ``"demo/shards/vqa_rad:2.5"`` (weight after the last colon);
     URLs and patterns (:func:`is_shard_url`) become streaming sources, e.g.
@@ -211,13 +216,6 @@ class DataConfig:
 
 
 # ------------------------------------------------------------------------------------ sources
-
-
-@dataclass
-class _Shard:
-    path: Path
-    samples: int
-    first: int  # index of its first sample within the source
 
 
 def _source_shards(spec: ShardSpec, verify: bool = False) -> list[_Shard]:
@@ -294,75 +292,6 @@ def source_sample_counts(specs: Sequence[ShardSpec | str], split: str = "train")
     return out
 
 
-def _load_json(members: Mapping[str, bytes], path: Path, key: str) -> dict[str, Any]:
-    if "json" not in members:
-        raise ShardError(path, "sample has no json member", key)
-    try:
-        rec = json.loads(members["json"])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ShardError(path, f"json member is not valid JSON ({exc})", key) from exc
-    if not isinstance(rec, dict):
-        raise ShardError(path, "json member is not an object", key)
-    return rec
-
-
-def _rng(*parts: int) -> np.random.Generator:
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts])))
-
-
-class _SlotView:
-    """The part of one source that one reading slot owns, as an infinite shuffled sequence."""
-
-    def __init__(self, shards: list[_Shard], source: int, slot: int, n_slots: int, seed: int) -> None:
-        self.source, self.slot, self.seed = source, slot, seed
-        self.whole_shards = len(shards) >= n_slots
-        self.parts: list[tuple[_Shard, np.ndarray]] = []  # (shard, local sample indices owned)
-        if self.whole_shards:
-            for shard in shards[slot::n_slots]:
-                self.parts.append((shard, np.arange(shard.samples)))
-        else:
-            for shard in shards:
-                local = np.arange(shard.samples)
-                mine = local[(shard.first + local) % n_slots == slot]
-                if len(mine):
-                    self.parts.append((shard, mine))
-        self.per_pass = int(sum(len(m) for _, m in self.parts))
-        self._cache: tuple[int, np.ndarray, np.ndarray] | None = None
-        self._perm_cache: dict[tuple[int, int], np.ndarray] = {}
-
-    def _pass_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        if self._cache is None or self._cache[0] != epoch:
-            order = _rng(self.seed, 1, self.source, self.slot, epoch).permutation(len(self.parts))
-            sizes = np.array([len(self.parts[i][1]) for i in order], dtype=np.int64)
-            self._cache = (epoch, order, np.cumsum(sizes))
-            self._perm_cache.clear()
-        return self._cache[1], self._cache[2]
-
-    def locate(self, position: int) -> tuple[Path, int]:
-        """(tar, sample index in the tar) at ``position`` of the infinite sequence."""
-        epoch, within = divmod(position, self.per_pass)
-        order, ends = self._pass_layout(epoch)
-        j = int(np.searchsorted(ends, within, side="right"))
-        part = int(order[j])
-        start = int(ends[j - 1]) if j else 0
-        perm = self._perm_cache.get((epoch, part))
-        if perm is None:
-            shard, mine = self.parts[part]
-            perm = mine[_rng(self.seed, 2, self.source, self.slot, epoch, part).permutation(len(mine))]
-            self._perm_cache[(epoch, part)] = perm
-        return self.parts[part][0].path, int(perm[within - start])
-
-
-@dataclass
-class _Example:
-    task: str
-    input_ids: torch.Tensor
-    labels: torch.Tensor
-    image: Image.Image | None
-    positions: int  # sequence positions in the model (images expanded)
-    key: str = ""
-
-
 def _stream_urls(spec: ShardSpec, shards: Sequence[_Shard]) -> list[str]:
     """The shard URLs of a source in streaming mode (braces and ``::`` lists expanded;
     ``file://`` made a plain path; a local folder gives its tars)."""
@@ -374,73 +303,6 @@ def _stream_urls(spec: ShardSpec, shards: Sequence[_Shard]) -> list[str]:
     if not urls:
         raise ValueError(f"--shards {spec.path.name}: the pattern expands to no shard")
     return urls
-
-
-class _StreamSource:
-    """One source in streaming mode for one reading slot: a ``webdataset`` pipeline (resampled
-    shards of this slot, tar samples, shuffle buffer) plus the samples that were read while
-    looking for another task (kept in order, bounded)."""
-
-    MAX_PENDING = 4096  # samples kept for the other task before the oldest are dropped
-    MAX_SCAN = 100_000  # samples read without finding a usable one -> the source cannot serve
-
-    def __init__(self, urls: Sequence[str], name: str, slot: int, n_slots: int, seed: int, source: int,
-                 restart: int, shuffle_buffer: int) -> None:
-        import webdataset as wds
-
-        self.name = name
-        # split by node and worker: whole shards per reading slot when there are enough shards;
-        # otherwise every slot resamples all shards in its own random order (not disjoint)
-        mine = list(urls[slot::n_slots]) if len(urls) >= n_slots else list(urls)
-        parts = [int(seed), 4, source, slot, restart]
-        shard_seed = int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
-        pipeline = [
-            wds.ResampledShards(mine, seed=shard_seed, worker_seed=lambda: 0, deterministic=True),
-            wds.tarfile_to_samples(handler=wds.warn_and_continue),
-        ]
-        if shuffle_buffer > 1:
-            pipeline.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100),
-                                        rng=random.Random(shard_seed + 1)))
-        self.samples = iter(wds.DataPipeline(*pipeline))
-        self.pending: deque[tuple[dict[str, Any], dict[str, Any]]] = deque()
-
-    def _read(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
-        """The next (raw sample, json record) from the pipeline; None for an unreadable json."""
-        sample = next(self.samples)
-        key = str(sample.get("__key__", "?"))
-        where = Path(_url_name(str(sample.get("__url__", self.name))))
-        members = {k: v for k, v in sample.items() if not k.startswith("__")}
-        try:
-            return sample, _load_json(members, where, key)
-        except ShardError as err:
-            log.warning("skipping sample: %s", err)
-            return None
-
-    def take(self, task: str | None, split: str, stats: dict[str, int]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The next sample of ``split`` and ``task`` (None: any task), pending ones first."""
-        for i, (sample, rec) in enumerate(self.pending):
-            if task is None or rec.get("task") == task:
-                del self.pending[i]
-                return sample, rec
-        for _ in range(self.MAX_SCAN):
-            got = self._read()
-            if got is None:
-                stats["bad"] = stats.get("bad", 0) + 1
-                continue
-            sample, rec = got
-            if rec.get("split") != split or rec.get("task") not in TASKS:
-                continue
-            if task is None or rec["task"] == task:
-                return sample, rec
-            self.pending.append((sample, rec))
-            if len(self.pending) > self.MAX_PENDING:
-                self.pending.popleft()
-                stats["dropped"] = stats.get("dropped", 0) + 1
-        raise ValueError(f"--shards {self.name}: no usable {split!r} {task or ''} sample in {self.MAX_SCAN} "
-                         "streamed samples")
-
-    def push_back(self, sample: dict[str, Any], rec: dict[str, Any]) -> None:
-        self.pending.appendleft((sample, rec))
 
 
 # ------------------------------------------------------------------------------------ the stream
@@ -511,61 +373,33 @@ class TaskBatchStream(IterableDataset):
         return (wid + offset) % self.n_workers
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        if self.streaming:
-            return self._iter_streaming()
-        return self._iter_local()
-
-    def _iter_local(self) -> Iterator[dict[str, Any]]:
+        """Micro-batches of this rank and worker, from local tars or from streamed URLs (``sources``)."""
         worker = self._logical_worker()
         n_slots = self.world_size * self.n_workers
         slot = self.rank * self.n_workers + worker
-        views = []
-        for i, shards in enumerate(self.sources):
-            view = _SlotView(shards, i, slot, n_slots, self.cfg.seed)
-            if view.per_pass == 0:
-                raise ValueError(f"--shards {self.cfg.specs[i].path.name}: {sum(s.samples for s in shards)} "
-                                 f"samples are fewer than the {n_slots} reading slots (ranks x workers)")
-            views.append(view)
+        views = None if self.streaming else slot_views(self.sources, self.cfg, slot, n_slots)
         wstate = (self.state.get("workers") or {}).get(str(worker), {})
-        cursors: dict[str, int] = {k: int(v) for k, v in wstate.get("cursors", {}).items()}
         local_batch = int(wstate.get("batches", 0))
         stats = {k: int(v) for k, v in wstate.get("skipped", {}).items()}
-        reader = TarReader()
+        rows_from: RowSource
+        if self.streaming:
+            # a resumed stream restarts with a new shuffle: seeded by the batches this worker made before
+            rows_from = StreamedRows(self.cfg, self.urls, slot, n_slots, local_batch, self._encode_counted)
+        else:
+            rows_from = LocalTarRows(self.cfg, views, wstate.get("cursors", {}), self._encode_counted, self.members)
         try:
             while True:
                 m = local_batch * self.n_workers + worker  # rank-independent micro-batch number
                 choice = int(_rng(self.cfg.seed, 3, m).choice(len(self.streams), p=self.weights))
                 source, task = self.streams[choice]
-                name = f"{source}:{task}"
-                examples = self._fill(views[source], reader, name, task, cursors, stats)
-                batch = self._collate(task, examples)
+                task, rows = rows_from.fill(source, task, stats)
+                batch = self._collate(task, rows)
                 local_batch += 1
                 batch["worker"] = worker
-                batch["state"] = {"batches": local_batch, "cursors": dict(cursors), "skipped": dict(stats)}
+                batch["state"] = rows_from.position(local_batch, stats)
                 yield batch
         finally:
-            reader.close()
-
-    # -- reading -----------------------------------------------------------------------------
-    def _next_example(self, view: _SlotView, reader: TarReader, name: str, task: str,
-                      cursors: dict[str, int], stats: dict[str, int]) -> tuple[_Example, int]:
-        """The next usable example of ``task`` from ``view``; returns it and the cursor before it."""
-        scanned = 0
-        while True:
-            pos = cursors.get(name, 0)
-            cursors[name] = pos + 1
-            scanned += 1
-            if scanned > view.per_pass + 1:
-                raise ValueError(f"--shards {self.cfg.specs[view.source].path.name}: reading slot {view.slot} "
-                                 f"found no usable {self.cfg.split!r} {task} sample in a whole pass")
-            tar, idx = view.locate(pos)
-            key = reader.index(tar).keys[idx]
-            rec = _load_json(reader.read(tar, key, ("json",)), tar, key)
-            if rec.get("split") != self.cfg.split or rec.get("task") != task:
-                continue
-            ex = self._encode_counted(stats, tar, key, rec, reader.read(tar, key, self.members[task][1:]))
-            if ex is not None:
-                return ex, pos
+            rows_from.close()
 
     def _encode_counted(self, stats: dict[str, int], where: Path, key: str, rec: Mapping[str, Any],
                         members: Mapping[str, bytes]) -> _Example | None:
@@ -605,87 +439,6 @@ class TaskBatchStream(IterableDataset):
                 raise ValueError(f"{n_img} <image> placeholders; one input image per sample is supported")
             image = decode_input_image(data, f"{tar.name}:{key}")
         return _Example(task, ids, labels, image, len(ids) + n_img * (self.cfg.image_tokens - 1), key)
-
-    def _fill(self, view: _SlotView, reader: TarReader, name: str, task: str, cursors: dict[str, int],
-              stats: dict[str, int]) -> list[list[_Example]]:
-        """Rows of examples: one example per row (padding) or whole examples packed per row."""
-        rows: list[list[_Example]] = []
-        if not self.cfg.pack:
-            for _ in range(self.cfg.batch_size):
-                ex, _ = self._next_example(view, reader, name, task, cursors, stats)
-                rows.append([ex])
-            return rows
-        used = 0
-        while True:
-            ex, before = self._next_example(view, reader, name, task, cursors, stats)
-            if rows and used + ex.positions <= self.cfg.max_len:
-                rows[-1].append(ex)
-                used += ex.positions
-                continue
-            if len(rows) == self.cfg.batch_size:
-                cursors[name] = before  # does not fit: it opens the next batch instead
-                return rows
-            rows.append([ex])
-            used = ex.positions
-
-    # -- streaming mode -------------------------------------------------------------------------
-    def _iter_streaming(self) -> Iterator[dict[str, Any]]:
-        """Batches from ``webdataset`` pipelines (see "Streaming mode" in the module docstring)."""
-        worker = self._logical_worker()
-        n_slots = self.world_size * self.n_workers
-        slot = self.rank * self.n_workers + worker
-        wstate = (self.state.get("workers") or {}).get(str(worker), {})
-        local_batch = int(wstate.get("batches", 0))
-        stats = {k: int(v) for k, v in wstate.get("skipped", {}).items()}
-        # a resumed stream restarts with a new shuffle: seeded by the batches this worker made before
-        sources = [_StreamSource(urls, spec.path.name, slot, n_slots, self.cfg.seed, i, local_batch,
-                                 self.cfg.shuffle_buffer)
-                   for i, (spec, urls) in enumerate(zip(self.cfg.specs, self.urls, strict=True))]
-        while True:
-            m = local_batch * self.n_workers + worker
-            choice = int(_rng(self.cfg.seed, 3, m).choice(len(self.streams), p=self.weights))
-            source, task = self.streams[choice]
-            task, rows = self._fill_streaming(sources[source], task, stats)
-            batch = self._collate(task, rows)
-            local_batch += 1
-            batch["worker"] = worker
-            batch["state"] = {"batches": local_batch, "cursors": {}, "skipped": dict(stats), "streaming": True}
-            yield batch
-
-    def _next_streamed(self, src: _StreamSource, task: str | None,
-                       stats: dict[str, int]) -> tuple[_Example, dict[str, Any], dict[str, Any]]:
-        while True:
-            sample, rec = src.take(task, self.cfg.split, stats)
-            key = str(sample.get("__key__", "?"))
-            where = Path(_url_name(str(sample.get("__url__", src.name))))
-            members = {k: v for k, v in sample.items() if not k.startswith("__")}
-            ex = self._encode_counted(stats, where, key, rec, members)
-            if ex is not None:
-                return ex, sample, rec
-
-    def _fill_streaming(self, src: _StreamSource, task: str | None,
-                        stats: dict[str, int]) -> tuple[str, list[list[_Example]]]:
-        """Like :meth:`_fill`; ``task`` None takes the task of the source's next sample."""
-        first, _, _ = self._next_streamed(src, task, stats)
-        task = first.task
-        rows: list[list[_Example]] = [[first]]
-        used = first.positions
-        while True:
-            if not self.cfg.pack:
-                if len(rows) == self.cfg.batch_size:
-                    return task, rows
-                rows.append([self._next_streamed(src, task, stats)[0]])
-                continue
-            ex, sample, rec = self._next_streamed(src, task, stats)
-            if used + ex.positions <= self.cfg.max_len:
-                rows[-1].append(ex)
-                used += ex.positions
-                continue
-            if len(rows) == self.cfg.batch_size:
-                src.push_back(sample, rec)  # does not fit: it opens the next batch instead
-                return task, rows
-            rows.append([ex])
-            used = ex.positions
 
     def _collate(self, task: str, rows: list[list[_Example]]) -> dict[str, Any]:
         seqs = [torch.cat([e.input_ids for e in row]) for row in rows]
