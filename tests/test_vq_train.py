@@ -16,7 +16,7 @@ from vlhealth.build import run_build
 from vlhealth.cli import app
 from vlhealth.shards import iter_samples
 from vlhealth.vq import VQConfig, load_vq
-from vlhealth.vq_train import VQTrainConfig, codebook_usage, load_target_images, train_vq
+from vlhealth.vq.train import VQTrainConfig, codebook_usage, load_target_images, train_vq
 
 # f8 at 256 px (32x32 codes, as the schema needs) with as few channels as the layout allows
 SMALL = VQConfig(ch=4, ch_mult=(1, 1, 1, 1), num_res_blocks=0, attn_resolutions=(), z_channels=4, embed_dim=4,

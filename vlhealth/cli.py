@@ -457,7 +457,7 @@ def vq_train(
             --steps 20000 --batch-size 16 --lr 1e-5 --disc-start 5000 --device cuda
     """
     from vlhealth.vq import VQConfig
-    from vlhealth.vq_train import VQTrainConfig, train_vq
+    from vlhealth.vq.train import VQTrainConfig, train_vq
 
     arch = None
     if config is not None:

@@ -1,37 +1,19 @@
-"""VQGAN image tokenizer: 256x256 images <-> 32x32 = 1024 codes from an 8192-entry codebook.
+"""The VQGAN network: configuration and modules, in plain PyTorch.
 
-This is the first-stage model HealthGPT decodes its generated image tokens with: the
-taming-transformers ``GumbelVQ`` "OpenImages f8, 8192 codes" (ch 128, ch_mult (1,1,2,4), two
-residual blocks per level, attention at resolution 32, z_channels = embed_dim = 256).
-
-The modules are written here in plain PyTorch; their parameter names follow the taming checkpoint
-layout exactly (``encoder.*``, ``decoder.*``, ``quant_conv.*``, ``quantize.proj.*``,
-``quantize.embed.weight``, ``post_quant_conv.*``), so the released Lightning ``last.ckpt`` loads
-without renaming. Its ``loss.*`` (perceptual loss, discriminator) entries are ignored and reported.
-
-Two deliberate differences from the released inference scripts:
-
-* encoding is the argmax of the quantiser logits ``proj(z)``; the taming ``GumbelQuantize`` runs
-  ``gumbel_softmax`` even in eval mode, which adds random Gumbel noise, so its indices are not
-  reproducible. Taking the noise-free argmax makes shards byte-identical across runs.
-* decoded pixels are rounded to the nearest 8-bit level (the released ``custom_to_pil`` truncates).
-
-``load_vq("tiny")`` gives a small model with seeded random weights (same f8 geometry and codebook
-size, fast on CPU: its quantiser is a product codebook, see :meth:`GumbelQuantizer.use_product`)
-for tests and the demo; its indices are not meaningful image tokens and
-:meth:`VQTokenizer.describe` says so.
+The taming-transformers ``GumbelVQ`` "OpenImages f8, 8192 codes" (ch 128, ch_mult (1,1,2,4), two
+residual blocks per level, attention at resolution 32, z_channels = embed_dim = 256). Parameter
+names follow the taming checkpoint layout exactly (``encoder.*``, ``decoder.*``, ``quant_conv.*``,
+``quantize.proj.*``, ``quantize.embed.weight``, ``post_quant_conv.*``), so the released Lightning
+``last.ckpt`` loads without renaming (:mod:`vlhealth.vq.convert`). ``TINY_CONFIG`` is the small
+seeded model of the tests and the demo (``_init_seeded``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import logging
 import math
-import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,42 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = [
-    "CODEBOOK_SIZE",
-    "GRID",
-    "IMAGE_SIZE",
-    "TOKENS_PER_IMAGE",
-    "TINY_NOTE",
-    "VQCheckpointError",
-    "VQConfig",
-    "VQGAN",
-    "VQTokenizer",
-    "convert_checkpoint",
-    "load_state_dict_file",
-    "load_vq",
-    "save_vq",
-]
-
-log = logging.getLogger(__name__)
-
 CODEBOOK_SIZE = 8192
+
+
 GRID = 32
+
+
 TOKENS_PER_IMAGE = GRID * GRID
+
+
 IMAGE_SIZE = 256
-TINY_SEED = 20250213
-TINY_NOTE = "tiny random VQGAN: indices are not meaningful image tokens"
-
-# Checkpoint entries that belong to training only (perceptual loss, discriminator).
-_IGNORED_PREFIXES = ("loss.",)
-_CONFIG_METADATA_KEY = "vq_config"
-
-
-class VQCheckpointError(ValueError):
-    """A weights file that does not fit the VQGAN layout (missing keys, wrong shapes, bad format)."""
-
-
-# --------------------------------------------------------------------------------------------
-# configuration
 
 
 @dataclass(frozen=True)
@@ -146,6 +102,8 @@ class VQConfig:
 
 
 GUMBEL_F8_CONFIG = VQConfig()
+
+
 # Same geometry (256 -> 32x32, 8192 codes), as cheap as the layout allows on one CPU core: two
 # channels, no residual blocks in the encoder levels (only the stride-2 convs; the middle block
 # and its attention are part of the layout), and a product codebook (TINY_PRODUCT) so codes are
@@ -160,12 +118,10 @@ TINY_CONFIG = VQConfig(
     embed_dim=8,
     norm_groups=2,
 )
+
+
 # code k = i * 64 + j: i from the first 4 latent channels (128 unit directions), j from the last 4
 TINY_PRODUCT = (128, 4)
-
-
-# --------------------------------------------------------------------------------------------
-# modules (names mirror taming.modules.diffusionmodules.model so state dicts line up)
 
 
 def _swish(x: torch.Tensor) -> torch.Tensor:
@@ -451,10 +407,6 @@ class VQGAN(nn.Module):
         return self.decoder(self.post_quant_conv(z.contiguous(memory_format=self._decode_format)))
 
 
-# --------------------------------------------------------------------------------------------
-# seeded random weights for the tiny model
-
-
 def _seeded_uniform(seed: int, name: str, shape: tuple[int, ...], bound: float) -> torch.Tensor:
     """Uniform(-bound, bound) drawn from PCG64 keyed by (seed, parameter name).
 
@@ -486,334 +438,3 @@ def _init_seeded(model: VQGAN, seed: int) -> None:
                 param.copy_(_seeded_uniform(seed, name, tuple(param.shape), math.sqrt(3.0 / fan_in)))
             else:
                 param.copy_(_seeded_uniform(seed, name, tuple(param.shape), 0.05))
-
-
-# --------------------------------------------------------------------------------------------
-# loading and conversion
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _sidecar_config(path: Path) -> VQConfig | None:
-    """A config stored next to a checkpoint: ``<stem>.json``, ``config.json`` or taming's ``model.yaml``."""
-    for candidate in (path.with_suffix(".json"), path.parent / "config.json"):
-        if candidate.is_file():
-            return VQConfig.from_dict(json.loads(candidate.read_text("utf-8")))
-    yaml_path = path.parent / "model.yaml"
-    if yaml_path.is_file():
-        import yaml
-
-        return VQConfig.from_dict(yaml.safe_load(yaml_path.read_text("utf-8")))
-    return None
-
-
-def load_state_dict_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], VQConfig | None]:
-    """Read weights from a Lightning ``.ckpt`` (its ``state_dict``), a bare state dict, or safetensors.
-
-    Returns the tensors and the config stored with them (safetensors metadata or a sidecar file),
-    if any. Pickles are opened with ``weights_only=True``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"VQGAN weights not found: {path.name}")
-    config: VQConfig | None = None
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                meta = fh.metadata() or {}
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
-        except Exception as exc:  # safetensors raises several error types for corrupt files
-            raise VQCheckpointError(f"{path.name}: not a readable safetensors file ({exc})") from exc
-        if _CONFIG_METADATA_KEY in meta:
-            config = VQConfig.from_dict(json.loads(meta[_CONFIG_METADATA_KEY]))
-    else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise VQCheckpointError(f"{path.name}: cannot be read as a weights-only torch checkpoint ({exc})") from exc
-        if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-            obj = obj["state_dict"]
-        if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-            raise VQCheckpointError(f"{path.name}: expected a Lightning checkpoint or a state dict of tensors")
-        tensors = dict(obj)
-    if config is None:
-        config = _sidecar_config(path)
-    return tensors, config
-
-
-def _listing(items: list[str], limit: int = 8) -> str:
-    return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
-
-
-def _fit_state_dict(model: VQGAN, tensors: Mapping[str, torch.Tensor], source: str) -> list[str]:
-    """Load ``tensors`` into ``model`` strictly; return the ignored (training-only) keys."""
-    expected = model.state_dict()
-    ignored = sorted(k for k in tensors if k.startswith(_IGNORED_PREFIXES))
-    unknown = sorted(k for k in tensors if k not in expected and not k.startswith(_IGNORED_PREFIXES))
-    missing = sorted(k for k in expected if k not in tensors)
-    wrong = [
-        f"{k} (file {tuple(tensors[k].shape)}, model {tuple(v.shape)})"
-        for k, v in expected.items()
-        if k in tensors and tuple(tensors[k].shape) != tuple(v.shape)
-    ]
-    if missing or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys: {_listing(missing)}")
-        if wrong:
-            parts.append(f"{len(wrong)} shape mismatches: {_listing(wrong)}")
-        raise VQCheckpointError(f"{source}: does not fit the VQGAN config: " + "; ".join(parts))
-    if unknown:
-        log.warning("%s: %d unexpected keys ignored: %s", source, len(unknown), ", ".join(unknown[:8]))
-    if ignored:
-        log.info("%s: %d training-only keys (loss/discriminator) ignored", source, len(ignored))
-    model.load_state_dict({k: tensors[k].float() for k in expected}, strict=True)
-    return ignored + unknown
-
-
-def convert_checkpoint(
-    ckpt_path: str | os.PathLike[str],
-    out_path: str | os.PathLike[str],
-    config: VQConfig | Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Write the VQGAN weights of ``ckpt_path`` (Lightning .ckpt or safetensors) as safetensors.
-
-    Training-only keys are dropped; the config goes into the safetensors metadata (``vq_config``)
-    and into a JSON file beside the output. Returns a summary dict.
-    """
-    ckpt_path, out_path = Path(ckpt_path), Path(out_path)
-    tensors, stored = load_state_dict_file(ckpt_path)
-    cfg = _as_config(config) or stored or GUMBEL_F8_CONFIG
-    model = VQGAN(cfg)
-    dropped = _fit_state_dict(model, tensors, ckpt_path.name)
-    weights = save_vq(model, out_path)
-    return {
-        "source": ckpt_path.name,
-        "out": out_path.name,
-        "tensors": len(weights),
-        "parameters": int(sum(v.numel() for v in weights.values())),
-        "dropped_keys": len(dropped),
-        "config": cfg.to_dict(),
-        "sha256": _sha256_file(out_path),
-    }
-
-
-def save_vq(model: VQGAN, out_path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Write ``model``'s weights as safetensors with its config in the metadata (``vq_config``) and in a
-    JSON sidecar (``<stem>.json``): what :func:`load_vq`, ``vlhealth build --vqgan``, ``healthgpt eval
-    --vq`` and ``healthgpt infer --vq`` read. Written to a temporary name and renamed (no torn file)."""
-    from safetensors.torch import save_file
-
-    out_path = Path(out_path)
-    cfg = model.config
-    weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    cfg_json = json.dumps(cfg.to_dict(), sort_keys=True)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    save_file(weights, str(tmp), metadata={_CONFIG_METADATA_KEY: cfg_json, "format": "taming-gumbelvq"})
-    os.replace(tmp, out_path)
-    out_path.with_suffix(".json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n", "utf-8")
-    return weights
-
-
-def _as_config(config: VQConfig | Mapping[str, Any] | None) -> VQConfig | None:
-    if config is None or isinstance(config, VQConfig):
-        return config
-    return VQConfig.from_dict(config)
-
-
-# --------------------------------------------------------------------------------------------
-# the tokenizer
-
-
-def _batches(n: int, size: int) -> Iterator[slice]:
-    for start in range(0, n, size):
-        yield slice(start, min(start + size, n))
-
-
-class VQTokenizer:
-    """numpy in, numpy out: ``encode`` uint8 images -> int16 codes, ``decode`` codes -> uint8 RGB."""
-
-    def __init__(
-        self,
-        model: VQGAN,
-        *,
-        name: str,
-        sha256: str,
-        random_weights: bool,
-        device: str = "cpu",
-        batch_size: int = 32,
-        ignored_keys: list[str] | None = None,
-    ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.device = torch.device(device)
-        self.model = model.eval().requires_grad_(False).to(self.device)
-        self.config = model.config
-        self.name = name
-        self.sha256 = sha256
-        self.random_weights = random_weights
-        self.batch_size = batch_size
-        self.ignored_keys = list(ignored_keys or [])
-        # rows of quantiser logits scored at once: cache-sized on CPU, large on accelerators
-        self._chunk_rows = 32 if self.device.type == "cpu" else 16384
-        if self.device.type == "cpu":
-            # measured on the tiny model (benchmarks/vq_throughput.py --layouts)
-            self.model.use_memory_formats(torch.channels_last, torch.channels_last)
-
-    @property
-    def image_size(self) -> int:
-        return self.config.resolution
-
-    @property
-    def tokens_per_image(self) -> int:
-        return self.config.grid**2
-
-    def _check_images(self, images: np.ndarray) -> np.ndarray:
-        arr = np.asarray(images)
-        size = self.image_size
-        if arr.dtype != np.uint8:
-            raise ValueError(f"VQ encode expects uint8 images, got dtype {arr.dtype}")
-        if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] == 3 and arr.shape[:2] == (size, size)):
-            arr = arr[None]  # a single image
-        if arr.ndim == 3:
-            arr = arr[..., None]
-        if arr.ndim != 4 or arr.shape[1:3] != (size, size) or arr.shape[3] not in (1, 3):
-            raise ValueError(
-                f"VQ encode expects images shaped [N,{size},{size}] or [N,{size},{size},3] "
-                f"(or one such image), got {tuple(np.shape(images))}"
-            )
-        return arr
-
-    def encode(self, images: np.ndarray) -> np.ndarray:
-        """uint8 [N,R,R] (grey) or [N,R,R,3] -> int16 [N, grid*grid] codes (row-major)."""
-        arr = self._check_images(images)
-        out = np.empty((arr.shape[0], self.tokens_per_image), dtype=np.int16)
-        with torch.inference_mode():
-            for part in _batches(arr.shape[0], self.batch_size):
-                x = torch.tensor(arr[part]).to(self.device)  # a copy: inputs may be read-only views
-                x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-                if x.shape[1] == 1:
-                    x = x.expand(-1, 3, -1, -1)
-                codes = self.model.encode_codes(x, self._chunk_rows)
-                out[part] = codes.to("cpu", torch.int16).numpy()
-        return out
-
-    def decode(self, indices: np.ndarray) -> np.ndarray:
-        """int codes [N, grid*grid] (or [N,grid,grid], or one row) -> uint8 RGB [N,R,R,3]."""
-        arr = np.asarray(indices)
-        if not np.issubdtype(arr.dtype, np.integer):
-            raise ValueError(f"VQ decode expects integer indices, got dtype {arr.dtype}")
-        tokens, grid = self.tokens_per_image, self.config.grid
-        if arr.ndim == 1:
-            arr = arr[None]  # one image's codes
-        elif arr.ndim == 3 and arr.shape[1:] == (grid, grid):
-            arr = arr.reshape(arr.shape[0], tokens)
-        if arr.ndim != 2 or arr.shape[1] != tokens:
-            raise ValueError(f"VQ decode expects indices shaped [N,{tokens}], got {tuple(np.shape(indices))}")
-        if arr.size:
-            lo, hi = int(arr.min()), int(arr.max())
-            if lo < 0 or hi >= self.config.n_embed:
-                raise ValueError(f"VQ indices must lie in [0, {self.config.n_embed - 1}], got values in [{lo}, {hi}]")
-        size = self.image_size
-        out = np.empty((arr.shape[0], size, size, 3), dtype=np.uint8)
-        with torch.inference_mode():
-            for part in _batches(arr.shape[0], self.batch_size):
-                codes = torch.from_numpy(arr[part].astype(np.int64)).to(self.device)
-                x = self.model.decode_codes(codes)
-                # [-1,1] -> [0,255], rounded to the nearest level
-                x = x.clamp_(-1.0, 1.0).add_(1.0).mul_(127.5).round_()
-                out[part] = x.permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy()
-        return out
-
-    def describe(self) -> dict[str, Any]:
-        """Provenance for build.json: never an absolute path."""
-        info: dict[str, Any] = {
-            "name": self.name,
-            "config": self.config.to_dict(),
-            "sha256": self.sha256,
-            "random_weights": self.random_weights,
-        }
-        if self.random_weights:
-            info["note"] = TINY_NOTE
-        if self.ignored_keys:
-            info["ignored_checkpoint_keys"] = len(self.ignored_keys)
-        return info
-
-
-def _seeded_product_proj(model: VQGAN, seed: int, n_first: int, d_first: int) -> None:
-    """Make ``quantize.proj`` a product codebook of seeded unit directions (no bias), and use it.
-
-    Unit rows keep every direction reachable as an argmax, so codes follow the content.
-    """
-    proj = model.quantize.proj
-    n, d = proj.out_channels, proj.in_channels
-    n_second = n // n_first
-    first = _seeded_uniform(seed, "quantize.proj.first", (n_first, d_first), 1.0)
-    second = _seeded_uniform(seed, "quantize.proj.second", (n_second, d - d_first), 1.0)
-    first = first / first.norm(dim=1, keepdim=True)
-    second = second / second.norm(dim=1, keepdim=True)
-    rows = torch.cat([first[:, None, :].expand(n_first, n_second, d_first),
-                      second[None].expand(n_first, n_second, d - d_first)], dim=2)
-    with torch.no_grad():
-        proj.weight.copy_(rows.reshape(n, d, 1, 1))
-        if proj.bias is not None:
-            proj.bias.zero_()
-    model.quantize.use_product(n_first, d_first)
-
-
-def _tiny_tokenizer(device: str, batch_size: int, seed: int = TINY_SEED) -> VQTokenizer:
-    model = VQGAN(TINY_CONFIG)
-    _init_seeded(model, seed)
-    _seeded_product_proj(model, seed, *TINY_PRODUCT)
-    ident = json.dumps({"seed": seed, "config": TINY_CONFIG.to_dict(), "product": list(TINY_PRODUCT)},
-                       sort_keys=True)
-    return VQTokenizer(
-        model,
-        name="tiny",
-        sha256=hashlib.sha256(ident.encode()).hexdigest(),
-        random_weights=True,
-        device=device,
-        batch_size=batch_size,
-    )
-
-
-def load_vq(
-    spec: str | os.PathLike[str] = "tiny",
-    device: str = "cpu",
-    batch_size: int = 32,
-    *,
-    config: VQConfig | Mapping[str, Any] | None = None,
-) -> VQTokenizer:
-    """``"tiny"`` (seeded random weights) or a path to taming ``last.ckpt`` / converted safetensors.
-
-    The architecture of a file comes from ``config`` if given, else from the file (safetensors
-    metadata) or a config beside it (``<stem>.json``, ``config.json``, taming's ``model.yaml``),
-    else the released Gumbel f8 config.
-    """
-    if isinstance(spec, str) and spec == "tiny":
-        if config is not None:
-            raise ValueError("load_vq('tiny') has a fixed config; pass a weights file to use another")
-        return _tiny_tokenizer(device, batch_size)
-    path = Path(spec)
-    tensors, stored = load_state_dict_file(path)
-    cfg = _as_config(config) or stored or GUMBEL_F8_CONFIG
-    model = VQGAN(cfg)
-    ignored = _fit_state_dict(model, tensors, path.name)
-    return VQTokenizer(
-        model,
-        name=path.name,
-        sha256=_sha256_file(path),
-        random_weights=False,
-        device=device,
-        batch_size=batch_size,
-        ignored_keys=ignored,
-    )

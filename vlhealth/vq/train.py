@@ -259,7 +259,7 @@ def _build_model(cfg: VQTrainConfig) -> tuple[VQGAN, str, str]:
     if cfg.init is not None:
         tensors, stored = load_state_dict_file(cfg.init)
         model = VQGAN(stored or cfg.config or VQConfig())
-        from vlhealth.vq import _fit_state_dict
+        from vlhealth.vq.convert import _fit_state_dict
 
         _fit_state_dict(model, tensors, Path(cfg.init).name)
         start = f"fine-tuned from {Path(cfg.init).name}"
