@@ -73,6 +73,69 @@ def test_moelora_matches_hlora_with_same_weights() -> None:
     torch.testing.assert_close(m(x), h(x), rtol=1e-10, atol=1e-12)
 
 
+def _per_task_layer(variant: str) -> HLoRALinear:
+    """A comprehension and a generation plugin (different ranks), built from seed 0 without dropout."""
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10).to(torch.float64)
+    cfgs = {"comprehension": AdapterConfig(8, 16.0, 4, variant=variant),
+            "generation": AdapterConfig(16, 32.0, 4, variant=variant)}
+    return HLoRALinear(base, cfgs).to(torch.float64)
+
+
+def _as_merged(plugin: MoELoRAPlugin | HLoRAPlugin, grad: bool = False) -> dict[str, torch.Tensor]:
+    """A plugin's weights (or their gradients) in the merged H-LoRA layout."""
+    def get(p: torch.Tensor) -> torch.Tensor:
+        return p.grad if grad else p.detach()
+
+    if isinstance(plugin, HLoRAPlugin):
+        return {"A": get(plugin.lora_A.weight), "B": get(plugin.lora_B.weight), "route": get(plugin.lora_route.weight)}
+    return {"A": torch.cat([get(e.lora_A.weight) for e in plugin.experts]),
+            "B": torch.cat([get(e.lora_B.weight) for e in plugin.experts], dim=1),
+            "route": get(plugin.lora_route.weight)}
+
+
+def test_per_task_moelora_and_hlora_give_equal_outputs_and_gradients() -> None:
+    """Per-task plugins from the same seed: MoELoRA's k looped experts and H-LoRA's merged pair start from the
+    same weights and give the same outputs and the same gradients (to float64 rounding) for both tasks; the
+    merge changes the speed only (the `expert-structure` experiment)."""
+    h, m = _per_task_layer("hlora"), _per_task_layer("moelora")
+    for task in ("comprehension", "generation"):
+        hp, mp = h.plugins[task], m.plugins[task]
+        assert isinstance(hp, HLoRAPlugin) and isinstance(mp, MoELoRAPlugin)
+        for key, value in _as_merged(mp).items():  # the same initialisation from the same seed
+            assert torch.equal(value, _as_merged(hp)[key]), (task, key)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # B is zero at init: give it values so that every gradient is non-trivial
+        for task in ("comprehension", "generation"):
+            b = torch.randn(h.plugins[task].lora_B.weight.shape, generator=g, dtype=torch.float64) * 0.1
+            h.plugins[task].lora_B.weight.copy_(b)
+            m.plugins[task]._load_merged(h.plugins[task].lora_A.weight, b)
+    for task in ("comprehension", "generation"):
+        h.set_task(task)
+        m.set_task(task)
+        x = torch.randn(3, 5, 12, dtype=torch.float64, generator=g)
+        xh, xm = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        target = torch.randn(3, 5, 10, dtype=torch.float64, generator=g)
+        out_h, out_m = h(xh), m(xm)
+        torch.testing.assert_close(out_m, out_h, rtol=1e-12, atol=1e-12)
+        ((out_h - target) ** 2).sum().backward()
+        ((out_m - target) ** 2).sum().backward()
+        torch.testing.assert_close(xm.grad, xh.grad, rtol=1e-12, atol=1e-12)
+        grads_h, grads_m = _as_merged(h.plugins[task], grad=True), _as_merged(m.plugins[task], grad=True)
+        for key in ("A", "B", "route"):
+            assert grads_h[key].abs().sum() > 0
+            torch.testing.assert_close(grads_m[key], grads_h[key], rtol=1e-10, atol=1e-12)
+    other = "generation"  # the inactive plugin of the last pass got nothing in either layer
+    h.zero_grad(set_to_none=True)
+    m.zero_grad(set_to_none=True)
+    h.set_task("comprehension")
+    m.set_task("comprehension")
+    h(torch.randn(2, 12, dtype=torch.float64)).sum().backward()
+    m(torch.randn(2, 12, dtype=torch.float64)).sum().backward()
+    assert all(p.grad is None for p in h.plugins[other].parameters())
+    assert all(p.grad is None for p in m.plugins[other].parameters())
+
+
 def test_plain_lora_scaling() -> None:
     layer = _layer(variant="lora", alpha=4.0)
     p = layer.plugins["comprehension"]

@@ -23,7 +23,10 @@ Plugin variants (``AdapterConfig.variant``), selectable for ablations and benchm
 ``moelora``
     k separate experts ``experts[i].lora_A`` (d_in -> r/k) / ``lora_B`` (r/k -> d_out) looped in
     Python plus the router, as the MoELoRA reference does; mathematically the same as ``hlora``
-    (same scaling), only slower.
+    (same scaling), only slower. It is initialised from the same random draws as an ``hlora``
+    plugin (expert i = rank slice i of the merged A/B), so from the same seed the two variants start
+    from the same weights and, without dropout (whose masks are drawn per expert here), train alike
+    up to floating-point rounding: the ``expert-structure`` experiment checks that.
 
 Dropout follows the released code in position (applied to ``A(x)``, after the input projection).
 
@@ -163,27 +166,43 @@ class HLoRAPlugin(nn.Module):
 class _Expert(nn.Module):
     def __init__(self, d_in: int, d_out: int, rank: int) -> None:
         super().__init__()
-        self.lora_A = nn.Linear(d_in, rank, bias=False)
-        self.lora_B = nn.Linear(rank, d_out, bias=False)
+        # no random draws here: MoELoRAPlugin fills the weights from an H-LoRA plugin's draws
+        self.lora_A = nn.utils.skip_init(nn.Linear, d_in, rank, bias=False)
+        self.lora_B = nn.utils.skip_init(nn.Linear, rank, d_out, bias=False)
 
 
 class MoELoRAPlugin(nn.Module):
-    """MoELoRA baseline: k separate experts evaluated one after another in a Python loop."""
+    """MoELoRA baseline: k separate experts evaluated one after another in a Python loop.
+
+    Initialised from an :class:`HLoRAPlugin`'s random draws (the same calls in the same order), split
+    into rank slices: from the same RNG state both variants hold the same function."""
 
     def __init__(self, d_in: int, d_out: int, cfg: AdapterConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.scaling = cfg.scaling
         rank = cfg.r // cfg.experts
+        merged = HLoRAPlugin(d_in, d_out, cfg)  # the H-LoRA plugin's draws, in its order
         self.experts = nn.ModuleList(_Expert(d_in, d_out, rank) for _ in range(cfg.experts))
-        self.lora_route = nn.Linear(d_in, cfg.experts, bias=False)
+        self.lora_route = merged.lora_route
         self.dropout = _dropout(cfg.dropout)
-        self.reset_parameters()
+        self._load_merged(merged.lora_A.weight, merged.lora_B.weight)
+
+    @torch.no_grad()
+    def _load_merged(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Expert i <- rank slice i of a merged ``A`` [r, d_in] and ``B`` [d_out, r]."""
+        rank = self.cfg.r // self.cfg.experts
+        for i, expert in enumerate(self.experts):
+            expert.lora_A.weight.copy_(a[i * rank:(i + 1) * rank])
+            expert.lora_B.weight.copy_(b[:, i * rank:(i + 1) * rank])
 
     def reset_parameters(self) -> None:
-        for expert in self.experts:
-            nn.init.kaiming_uniform_(expert.lora_A.weight, a=math.sqrt(5))
-            nn.init.zeros_(expert.lora_B.weight)
+        """Draw as :meth:`HLoRAPlugin.reset_parameters` does (merged A, then the router), then split."""
+        first = self.experts[0].lora_A.weight
+        a = torch.empty(self.cfg.r, first.shape[1], dtype=first.dtype, device=first.device)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self._load_merged(a, torch.zeros(self.experts[0].lora_B.weight.shape[0], self.cfg.r, dtype=first.dtype,
+                                         device=first.device))
         nn.init.kaiming_uniform_(self.lora_route.weight, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
