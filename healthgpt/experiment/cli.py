@@ -60,12 +60,17 @@ def run(
     form: Annotated[str, typer.Option(help="small (CPU, demo shards) or full (M3 on GPUs).")] = "small",
     run_share: Annotated[str | None, typer.Option("--run", help="Take share i of n (0-based): i/n.")] = None,
     var: Annotated[list[str] | None, typer.Option("--var", help="Override a path/variable of the YAML: NAME=VALUE.")] = None,
+    demo_dir: Annotated[Path | None, typer.Option(help="Where the demo's pre-trained parts are (text-lm/, vq/, "
+                                                  "vision/; `make demo` writes them to demo/): sets --var demo.")] = None,
+    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Start the small forms from the "
+                                             "demo's pre-trained parts (the YAML's pretrained:), or from random "
+                                             "weights.")] = True,
     dry_run: Annotated[bool, typer.Option(help="Print the runs and their commands; run nothing.")] = False,
     collect_after: Annotated[bool, typer.Option("--collect/--no-collect", help="Collect results afterwards.")] = True,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     from healthgpt.experiment.collect import collect
-    from healthgpt.experiment.runner import plan, program, run_experiments
+    from healthgpt.experiment.runner import missing_parts, plan, program, run_experiments
     from healthgpt.experiment.spec import ExperimentError, load_experiment, partition_runs
     from vlhealth.build import parse_partition
 
@@ -79,8 +84,10 @@ def run(
         if len(set(names)) != len(names):
             raise ExperimentError(f"the same experiment twice: {names}")
         variables = _parse_vars(var)
+        if demo_dir is not None:
+            variables["demo"] = str(demo_dir)
         if dry_run:
-            everything = plan(exps, form, out, variables)
+            everything = plan(exps, form, out, variables, pretrained=pretrained)
             mine = {id(r) for r in partition_runs([r for _, r in everything], share)}
             for exp, r in everything:
                 if id(r) in mine:
@@ -89,9 +96,12 @@ def run(
                         typer.echo(shlex.join([*program(r, "train"), *s.argv]))
                     typer.echo(shlex.join([*program(r, "eval"), *r.eval_argv]))
             console.print(f"{len(mine)} of {len(everything)} runs (dry run: nothing was run)")
+            problem = missing_parts([r for _, r in everything])
+            if problem:
+                console.print(f"[yellow]note:[/yellow] {problem}")
             return
         outcomes = run_experiments(exps, form, out, share=share, variables=variables, console=console,
-                                   progress=progress)
+                                   progress=progress, pretrained=pretrained)
         if collect_after:
             results = collect(out)
             console.print(f"wrote {out.name}/results.md, results.json and "

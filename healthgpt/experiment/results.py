@@ -14,14 +14,17 @@ Per run (``run_metrics``), from its own files:
   the median, weighted by the task's share of the steps; the first step, which pays one-off set-up,
   left out);
 * the last train step's ``metrics.jsonl``: ``loss/<task>/first|last|mean`` (mean = the area under
-  that task's loss curve per step: lower converges faster), ``steps``.
+  that task's loss curve per step: lower converges faster), ``steps``;
+* ``margin:<metric>``: how far the run's score lies above the best of its own baselines (from the
+  same ``report.json``), or its loss below its start (:mod:`healthgpt.experiment.learned`); the
+  claims' learning gate (:mod:`healthgpt.experiment.stats`).
 
 Per experiment: the runs of each cell give ``mean ± std`` per metric (``stats.mean_std``).
 ``time_ratio`` is formed per seed, ``step_time_s(cell) / step_time_s(baseline)``, only when both
 timing steps were trained start to finish in the same session (one ``experiment run``
 invocation, so side by side on one machine); pairs from different sessions are left out and
 counted. Claims get their verdicts (``stats.evaluate_claim``). Missing and failed runs are listed;
-cells with fewer than 2 finished seeds show ``n=1`` or ``–`` and their claims "no data".
+cells with fewer than 3 finished seeds give their claims "no data".
 
 :mod:`healthgpt.experiment.collect` writes them out (tables, plots).
 """
@@ -36,8 +39,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from healthgpt.experiment.learned import baseline_margins, loss_margins
 from healthgpt.experiment.spec import Experiment, RunSpec, expand, parse_experiment
-from healthgpt.experiment.stats import Summary, evaluate_claim, mean_std
+from healthgpt.experiment.stats import MARGIN, Summary, evaluate_claim, mean_std
 
 __all__ = ["EXPERIMENT_FILE", "ExperimentResults", "collect_experiment", "read_loss_curve", "run_metrics", "step_time"]
 
@@ -148,7 +152,9 @@ def run_metrics(run: RunSpec, record: Mapping[str, Any] | None) -> dict[str, Any
     out: dict[str, Any] = {}
     report_path = Path(run.eval_out) / "report.json"
     if report_path.is_file():
-        out.update(report_metrics(json.loads(report_path.read_text("utf-8"))))
+        report = json.loads(report_path.read_text("utf-8"))
+        out.update(report_metrics(report))
+        out.update(baseline_margins(report))
     timing = next(s for s in run.steps if s.name == run.timing_step)
     if step_finished(timing.out):
         out["step_time_s"] = step_time(timing.out)
@@ -164,6 +170,7 @@ def run_metrics(run: RunSpec, record: Mapping[str, Any] | None) -> dict[str, Any
             out[f"loss/{task}/first"] = sum(losses[:k]) / k
             out[f"loss/{task}/last"] = sum(losses[-k:]) / k
             out[f"loss/{task}/mean"] = sum(losses) / len(losses)
+        out.update(loss_margins(out))
     return out
 
 
@@ -212,16 +219,18 @@ class ExperimentResults:
         for name in sorted(n for n in names if n.startswith("mean(") and n.endswith(")")):
             parts = [p.strip() for p in name[5:-1].split(",") if p.strip()]
             for m in self.metrics.values():
-                vals = [m.get(p) for p in parts]
-                if vals and all(v is not None for v in vals):
-                    m[name] = sum(vals) / len(vals)
+                for prefix in ("", MARGIN):  # the margin of a mean: the mean of its parts' margins
+                    vals = [m.get(prefix + p) for p in parts]
+                    if vals and all(v is not None for v in vals):
+                        m[prefix + name] = sum(vals) / len(vals)
 
     def _stats(self) -> dict[str, dict[str, Summary]]:
         out: dict[str, dict[str, Summary]] = {}
         for cell in self.exp.cells:
             runs = [r for r in self.runs if r.cell == cell.key and self.finished(r)]
             names = sorted({m for r in runs for m in self.metrics[r.run_id]})
-            out[cell.key] = {m: mean_std(self.metrics[r.run_id].get(m) for r in runs) for m in names}
+            out[cell.key] = {m: mean_std([self.metrics[r.run_id].get(m) for r in runs], [r.seed for r in runs])
+                             for m in names}
         return out
 
     def counts(self) -> dict[str, int]:
@@ -258,7 +267,7 @@ def collect_experiment(exp_dir: str | Path) -> ExperimentResults:
 
         raise ExperimentError(f"{exp_dir.name}/{EXPERIMENT_FILE}: cannot read ({err})") from err
     exp = parse_experiment(doc["spec"], doc.get("source", "experiment.json"))
-    runs = expand(exp, doc["form"], exp_dir, doc.get("vars") or {})
+    runs = expand(exp, doc["form"], exp_dir, doc.get("vars") or {}, pretrained=bool(doc.get("pretrained", True)))
     records: dict[str, dict[str, Any] | None] = {}
     metrics: dict[str, dict[str, Any]] = {}
     for run in runs:

@@ -19,7 +19,12 @@ continues by itself). A run folder made with a different config is refused.
 Twins: a run whose configuration equals a finished run of another experiment under the same OUT
 (the same commands up to their own folder, e.g. ``peft-variants``' H-LoRA and ``experts``' H-LoRA at
 k = 4 in the small forms) is not trained again: the twin's folder is copied and ``run.json`` says
-``reused_from``; the measurement (and its session) is the twin's.
+``reused_from``; the measurement (and its session) is the twin's. For an experiment that compares
+training times, only a twin trained in the current session is reused (a time ratio is only formed
+within one session), so a later invocation trains its own copy.
+
+Pre-trained parts: the runs' ``requires`` (a form's ``pretrained`` block: the demo's text LM, VQGAN,
+vision tower) must exist before anything starts; a missing one is named with what makes it.
 
 Timing: every process is timed, and the session (one ``healthgpt experiment run`` invocation) and
 host that trained each step are recorded, so time ratios are only formed between runs trained in
@@ -44,8 +49,8 @@ from typing import Any
 
 from healthgpt.experiment.spec import Experiment, ExperimentError, RunSpec, StepSpec, expand, partition_runs
 
-__all__ = ["RUN_FILE", "RunOutcome", "canonical_config", "execute_run", "new_session", "plan", "program",
-           "run_experiments", "step_finished"]
+__all__ = ["RUN_FILE", "RunOutcome", "canonical_config", "execute_run", "missing_parts", "new_session", "plan",
+           "program", "run_experiments", "step_finished"]
 
 RUN_FILE = "run.json"
 RUN_FORMAT = "healthgpt-experiment-run/1"
@@ -90,8 +95,22 @@ def canonical_config(run: RunSpec) -> str:
                        "train": [[s.name, pairs(s.argv)] for s in run.steps], "eval": pairs(run.eval_argv)})
 
 
-def _find_twin(run: RunSpec, out_root: Path) -> Path | None:
-    """A finished run folder of another experiment under ``out_root`` with the same canonical config."""
+def _trained_in(record: dict[str, Any], step: str, session: str) -> bool:
+    """Was ``step`` trained start to finish in ``session`` (one attempt, not resumed)?"""
+    attempts = (record.get("steps") or {}).get(step, {}).get("attempts") or []
+    return (len(attempts) == 1 and attempts[0].get("returncode") == 0 and not attempts[0].get("resumed")
+            and attempts[0].get("session") == session)
+
+
+def _times(exp: Experiment) -> bool:
+    """Does the experiment compare training times (time ratios to its baseline)?"""
+    return exp.baseline is not None and (any(c.metric == "time_ratio" for c in exp.columns)
+                                         or any(c.get("metric") == "time_ratio" for c in exp.claims))
+
+
+def _find_twin(run: RunSpec, out_root: Path, session: str | None = None) -> Path | None:
+    """A finished run folder of another experiment under ``out_root`` with the same canonical config
+    (with ``session``: only one whose timing step was trained start to finish in that session)."""
     key = canonical_config(run)
     for record_path in sorted(out_root.glob(f"*/runs/*/{RUN_FILE}")):
         twin_dir = record_path.parent
@@ -102,6 +121,8 @@ def _find_twin(run: RunSpec, out_root: Path) -> Path | None:
         except (OSError, json.JSONDecodeError):
             continue
         if record.get("status") != "finished" or record.get("canonical") != key or record.get("reused_from"):
+            continue
+        if session is not None and not _trained_in(record, run.timing_step, session):
             continue
         if (twin_dir / "eval" / "report.json").is_file():
             return twin_dir
@@ -226,7 +247,7 @@ def execute_run(run: RunSpec, exp: Experiment, form: str, session: Session,
     outcome = RunOutcome(run.run_id, "finished")
     done = all(step_finished(s.out) for s in run.steps) and (Path(run.eval_out) / "report.json").is_file()
     out_root = Path(run.dir).parent.parent.parent
-    twin = None if done or record.get("steps") else _find_twin(run, out_root)
+    twin = None if done or record.get("steps") else _find_twin(run, out_root, session.id if _times(exp) else None)
     if twin is not None:
         outcome.reused_from = _reuse(run, record, twin, out_root)
         record["status"] = "finished"
@@ -266,18 +287,32 @@ def execute_run(run: RunSpec, exp: Experiment, form: str, session: Session,
         _write_json(run_dir / RUN_FILE, record)
 
 
-def _experiment_record(exp: Experiment, form: str, variables: dict[str, Any], n_runs: int) -> dict[str, Any]:
+def _experiment_record(exp: Experiment, form: str, variables: dict[str, Any], n_runs: int,
+                       pretrained: bool = True) -> dict[str, Any]:
     return {"format": "healthgpt-experiment/1", "name": exp.name, "title": exp.title, "source": exp.source,
-            "form": form, "vars": variables, "n_runs": n_runs, "spec": exp.raw}
+            "form": form, "vars": variables, "pretrained": pretrained, "n_runs": n_runs, "spec": exp.raw}
 
 
 def plan(experiments: Sequence[Experiment], form: str, out: str | os.PathLike[str],
-         variables: dict[str, Any] | None = None) -> list[tuple[Experiment, RunSpec]]:
+         variables: dict[str, Any] | None = None, *, pretrained: bool = True) -> list[tuple[Experiment, RunSpec]]:
     """Every run of every experiment, in execution order (experiments one after another)."""
     runs: list[tuple[Experiment, RunSpec]] = []
     for exp in experiments:
-        runs += [(exp, r) for r in expand(exp, form, Path(out) / exp.name, variables)]
+        runs += [(exp, r) for r in expand(exp, form, Path(out) / exp.name, variables, pretrained=pretrained)]
     return runs
+
+
+def missing_parts(runs: Sequence[RunSpec]) -> str | None:
+    """The error for pre-trained parts the runs need that do not exist (None: all there)."""
+    missing: dict[str, str] = {}
+    for run in runs:
+        missing.update({p: what for p, what in run.requires.items() if not Path(p).exists()})
+    if not missing:
+        return None
+    listed = "; ".join(f"{p} ({what})" for p, what in sorted(missing.items()))
+    return (f"the runs start from pre-trained parts that are missing: {listed}. `make demo` makes the demo's "
+            "(scripts/demo.sh); --demo-dir DIR points at another demo folder, --no-pretrained starts from random "
+            "weights instead")
 
 
 def _check_experiment_dir(exp_dir: Path, record: dict[str, Any]) -> None:
@@ -296,7 +331,7 @@ def _check_experiment_dir(exp_dir: Path, record: dict[str, Any]) -> None:
 
 def run_experiments(experiments: Sequence[Experiment], form: str, out: str | os.PathLike[str], *,
                     share: tuple[int, int] | None = None, variables: dict[str, Any] | None = None,
-                    console: Any = None, progress: bool = True) -> list[RunOutcome]:
+                    console: Any = None, progress: bool = True, pretrained: bool = True) -> list[RunOutcome]:
     """Run this share of the grid (all of it by default) and return one outcome per run."""
     from rich.console import Console
 
@@ -304,11 +339,14 @@ def run_experiments(experiments: Sequence[Experiment], form: str, out: str | os.
 
     console = console or Console(stderr=True)
     variables = dict(variables or {})
-    everything = plan(experiments, form, out, variables)
+    everything = plan(experiments, form, out, variables, pretrained=pretrained)
+    problem = missing_parts([r for _, r in everything])
+    if problem:
+        raise ExperimentError(problem)
     for exp in experiments:
         n = sum(1 for e, _ in everything if e is exp)
         exp_dir = Path(out) / exp.name
-        record = _experiment_record(exp, form, variables, n)
+        record = _experiment_record(exp, form, variables, n, pretrained)
         _check_experiment_dir(exp_dir, record)
         exp_dir.mkdir(parents=True, exist_ok=True)
         _write_json(exp_dir / EXPERIMENT_FILE, record)

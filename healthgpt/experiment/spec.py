@@ -31,13 +31,22 @@ variant x experts). The YAML (``healthgpt/experiment/experiments/<name>.yaml`` s
         eval: {shards: ["{shards}/vqa_rad"], args: {limit: 4}}
         evals: {}                   # per pipeline name, when pipelines need different eval shards
         timing_step: train          # the step whose time per optimizer step is compared (default: last)
+        pretrained:                 # pre-trained parts to start from (the demo's; `--no-pretrained` drops them)
+          init: "{demo}/text-lm"    # --init of every train step that has no init of its own
+          vq: "{demo}/vq/vqgan.safetensors"   # eval --vq; train --image-codes = n_embed of vqgan.json beside it
+          model: {vision_path: "{demo}/vision"}   # --model-set for train and eval
         note: "..."                 # printed under the table (what the form's numbers can and cannot show)
       full: {...}                   # the same for M3 on GPUs
 
-A cell value may carry ``model`` (preset overrides, ``--model-set``), ``vars`` (variables for the
+A cell value may carry ``model`` (preset overrides, ``--model-set``; its strings take the form's
+variables too, e.g. a rank that differs between the forms), ``vars`` (variables for the
 strings of the form, e.g. shard weights and step counts of Figure 2), ``pipeline`` (a pipeline
 name), ``train_args`` (extra ``healthgpt train`` options for every step of the cell) and
 ``eval_args``. A train step's ``init`` names earlier steps of the same run.
+
+``pretrained`` (:func:`pretrained_parts`) names files the runs start from; each run lists them in
+``RunSpec.requires`` and the runner refuses to start while one is missing, saying which and what
+makes it (``make demo`` for the demo's parts).
 
 Expansion (:func:`expand`) gives the runs in execution order: seed-major, the cells interleaved
 inside each seed (baseline first), so that variants run side by side in time; ``--run i/n``
@@ -69,6 +78,7 @@ __all__ = [
     "expand",
     "load_experiment",
     "partition_runs",
+    "pretrained_parts",
     "shipped_experiments",
 ]
 
@@ -155,6 +165,7 @@ class RunSpec:
     env: dict[str, str]
     timing_step: str
     launcher: list[str] = field(default_factory=list)  # e.g. [torchrun, --nproc-per-node, "8"]; [] = python
+    requires: dict[str, str] = field(default_factory=dict)  # path -> what it is and what makes it
 
     def config(self) -> dict[str, Any]:
         """What fully determines the run (compared on resume)."""
@@ -381,9 +392,71 @@ def _model_sets(model: Mapping[str, Any]) -> list[str]:
     return out
 
 
+# what makes each pre-trained part (named in the error when one is missing)
+_PART_NAMES = {"init": "the pre-trained text LM (`healthgpt pretrain-text`)",
+               "vq": "the trained VQGAN (`vlhealth vq train`)",
+               "vision_path": "the pre-trained vision tower (`healthgpt pretrain-vision`)"}
+
+
+@dataclass
+class Pretrained:
+    """A form's ``pretrained`` block with its variables substituted."""
+
+    init: str | None = None
+    vq: str | None = None
+    image_codes: int | None = None
+    model: dict[str, Any] = field(default_factory=dict)
+    requires: dict[str, str] = field(default_factory=dict)
+
+
+def pretrained_parts(form: Mapping[str, Any], variables: Mapping[str, Any], where: str) -> Pretrained:
+    """The pre-trained parts of a form: ``init`` (--init of every step without one), ``vq`` (eval --vq;
+    train --image-codes = the ``n_embed`` of the ``.json`` beside it, unless ``image_codes`` is given) and
+    ``model`` (--model-set overrides, e.g. ``vision_path``), each listed in ``requires``."""
+    block = _substitute(form.get("pretrained") or {}, variables, f"{where}, pretrained")
+    unknown = set(block) - {"init", "vq", "image_codes", "model"}
+    if unknown:
+        raise ExperimentError(f"{where}: pretrained has unknown key(s) {sorted(unknown)} (init, vq, image_codes, "
+                              "model)")
+    out = Pretrained(init=_rel(str(block["init"])) if block.get("init") else None,
+                     vq=_rel(str(block["vq"])) if block.get("vq") else None,
+                     model={str(k): v for k, v in (block.get("model") or {}).items()})
+    for key in ("init", "vq"):
+        if getattr(out, key):
+            out.requires[getattr(out, key)] = _PART_NAMES[key]
+    for key, value in out.model.items():
+        if key.endswith("_path"):
+            out.model[key] = _rel(str(value))
+            out.requires[out.model[key]] = _PART_NAMES.get(key, f"the pre-trained part `{key}`")
+    if block.get("image_codes") is not None:
+        out.image_codes = int(block["image_codes"])
+    elif out.vq:
+        config = Path(out.vq).with_suffix(".json")
+        try:  # absent before `make demo`: the run is refused then (requires), the dry run shows no --image-codes
+            out.image_codes = int(json.loads(config.read_text("utf-8"))["n_embed"])
+        except (OSError, ValueError, KeyError, TypeError):
+            out.requires[str(config)] = "the trained VQGAN's config (n_embed; `vlhealth vq train`)"
+    return out
+
+
+def _train_argv(step: Mapping[str, Any], preset: str, outs: Mapping[str, str], step_out: str, seed: int,
+                pre: Pretrained) -> list[str]:
+    argv = ["--preset", preset, "--stage", str(step["stage"]), "--task", str(step["task"])]
+    for s in step["shards"]:
+        argv += ["--shards", _rel(str(s))]
+    inits = [outs[init] for init in step.get("init") or []] or ([pre.init] if pre.init else [])
+    for init in inits:
+        argv += ["--init", init]
+    argv += ["--out", step_out, "--seed", str(seed)]
+    if pre.image_codes is not None:
+        argv += ["--image-codes", str(pre.image_codes)]
+    return argv
+
+
 def expand(exp: Experiment, form_name: str, out: str | os.PathLike[str],
-           var_overrides: Mapping[str, Any] | None = None) -> list[RunSpec]:
-    """Every run of ``exp`` in its ``form_name`` form, in execution order, under ``out``."""
+           var_overrides: Mapping[str, Any] | None = None, *, pretrained: bool = True) -> list[RunSpec]:
+    """Every run of ``exp`` in its ``form_name`` form, in execution order, under ``out`` (``pretrained=False``:
+    without the form's pre-trained parts, from random weights)."""
     if form_name not in exp.forms:
         raise ExperimentError(f"{exp.source}: no form {form_name!r} (have {sorted(exp.forms)})")
     form = exp.forms[form_name]
@@ -393,23 +466,18 @@ def expand(exp: Experiment, form_name: str, out: str | os.PathLike[str],
         for cell in exp.cells:
             variables = {**(form.get("vars") or {}), **cell.vars, **(var_overrides or {}), "seed": seed}
             where = f"{exp.source}: forms.{form_name} (cell {cell.key})"
+            pre = pretrained_parts(form, variables, where) if pretrained else Pretrained()
             preset = str(_substitute(form.get("preset", "tiny"), variables, where))
             env = {str(k): str(v) for k, v in _substitute(form.get("env") or {}, variables, where).items()}
             run_id = f"{cell.slug}__s{seed}"
             run_dir = root / "runs" / run_id
-            model = {**(form.get("model") or {}), **cell.model}
+            model = _substitute({**(form.get("model") or {}), **pre.model, **cell.model}, variables, where)
             steps: list[StepSpec] = []
             outs: dict[str, str] = {}
             for step in exp.forms[form_name]["pipelines"][cell.pipeline]:
                 step = _substitute(step, variables, f"{where}, step {step['name']}")
                 step_out = str(run_dir / step["name"])
-                argv = ["--preset", preset, "--stage", str(step["stage"]), "--task", str(step["task"])]
-                for s in step["shards"]:
-                    argv += ["--shards", _rel(str(s))]
-                for init in step.get("init") or []:
-                    argv += ["--init", outs[init]]
-                argv += ["--out", step_out, "--seed", str(seed)]
-                argv += _model_sets(model)
+                argv = _train_argv(step, preset, outs, step_out, seed, pre) + _model_sets(model)
                 argv += _options({**_substitute(form.get("train_args") or {}, variables, where),
                                   **(step.get("args") or {}),
                                   **_substitute(cell.train_args, variables, where)})
@@ -421,6 +489,7 @@ def expand(exp: Experiment, form_name: str, out: str | os.PathLike[str],
             for s in ev["shards"]:
                 eval_argv += ["--shards", _rel(str(s))]
             eval_argv += ["--checkpoint", steps[-1].out, "--out", eval_out, "--seed", str(seed)]
+            eval_argv += ["--vq", pre.vq] if pre.vq else []
             eval_argv += _model_sets(model)
             eval_argv += _options({**(ev.get("args") or {}), **_substitute(cell.eval_args, variables, where)})
             timing = str(form.get("timing_step") or steps[-1].name)
@@ -429,7 +498,8 @@ def expand(exp: Experiment, form_name: str, out: str | os.PathLike[str],
             runs.append(RunSpec(experiment=exp.name, index=len(runs), run_id=run_id, cell=cell.key,
                                 labels=dict(cell.labels), seed=seed, dir=str(run_dir), steps=steps,
                                 eval_argv=eval_argv, eval_out=eval_out, env=env, timing_step=timing,
-                                launcher=[str(x) for x in _substitute(form.get("launcher") or [], variables, where)]))
+                                launcher=[str(x) for x in _substitute(form.get("launcher") or [], variables, where)],
+                                requires=dict(pre.requires)))
     return runs
 
 

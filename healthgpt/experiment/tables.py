@@ -6,18 +6,24 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from healthgpt.experiment.stats import NO_DATA, NOT_REPRODUCED, REPRODUCED, WITHIN_NOISE, Summary
+from healthgpt.experiment.stats import NO_DATA, NO_EVIDENCE, NOT_REPRODUCED, REPRODUCED, WITHIN_NOISE, Summary
 
 if TYPE_CHECKING:
     from healthgpt.experiment.results import ExperimentResults
 
 __all__ = ["experiment_markdown", "format_value", "results_markdown"]
 
-RULE = ("Cells are mean ± std over seeds (sample std). A difference no larger than the seeds' spread (the larger "
-        "std of the two cells) is **within noise**; a larger one in the paper's direction is **reproduced**, "
-        "against it **not reproduced**; a cell with fewer than 2 finished seeds gives **no data**.")
-_MARK = {REPRODUCED: "✅ reproduced", NOT_REPRODUCED: "❌ not reproduced", WITHIN_NOISE: "〰 within noise",
-         NO_DATA: "… no data"}
+RULE = ("Cells are mean ± std over seeds (sample std). Every verdict needs ≥ 3 finished seeds per cell "
+        "(else **no data**) and runs that learned: when the claim's metric has baselines (majority / random "
+        "choice for comprehension; identity / train mean / blank for generation, from each run's own "
+        "report.json; a loss's own start), every run of the claim's cells must beat them, else **no evidence: "
+        "the runs did not learn**. Then a stated test at α = 0.05: differences by Welch's t-test (two-sided), "
+        "\"as fast as\" by two one-sided tests (TOST) within the claim's tolerance, bounds by a one-sample "
+        "t-test; p < α in the paper's direction is **reproduced**, against it **not reproduced**, p ≥ α "
+        "**not significant**. Equality checks (`equal`) compare runs of the same seed with a stated "
+        "tolerance.")
+_MARK = {REPRODUCED: "✅ reproduced", NOT_REPRODUCED: "❌ not reproduced", WITHIN_NOISE: "〰 not significant",
+         NO_DATA: "… no data (fewer than 3 seeds)", NO_EVIDENCE: "∅ no evidence: the runs did not learn"}
 
 
 def format_value(value: Any, fmt: str = "number") -> str:
@@ -73,9 +79,11 @@ def experiment_markdown(res: ExperimentResults, figure: str | None = None) -> st
                       + (f"; {tp['different_sessions']} pairs from different sessions or resumed runs left out"
                          if tp["different_sessions"] else "") + ")."]
     if res.claims:
-        lines += ["", "| claim (paper) | paper | ours | verdict |", "| --- | --- | --- | --- |"]
+        lines += ["", "| claim (paper) | paper | ours | test (α = 0.05) | learned | verdict |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for cl in res.claims:
-            lines.append(_row([cl.text, cl.paper or "–", cl.ours, _MARK.get(cl.verdict, cl.verdict)]))
+            lines.append(_row([cl.text, cl.paper or "–", cl.ours, cl.test, cl.learned,
+                               _MARK.get(cl.verdict, cl.verdict)]))
     if figure:
         lines += ["", f"![{exp.name} loss curves]({figure})"]
     failed = [r for r in res.runs if (res.records.get(r.run_id) or {}).get("status") == "failed"]
