@@ -158,6 +158,11 @@ from healthgpt.training.pretrain_text import pretrain_text_command  # noqa: E402
 
 app.command(name="pretrain-text")(pretrain_text_command)
 
+# `healthgpt plan`: size a run without a GPU (healthgpt/training/plan/).
+from healthgpt.training.plan.cli import PLAN_HELP, plan_command  # noqa: E402
+
+app.command(name="plan", help=PLAN_HELP)(plan_command)
+
 # `healthgpt verdict`: one line per task, model vs best baseline, targets met or missed.
 from healthgpt.evaluation.verdict import verdict_command  # noqa: E402
 
