@@ -158,6 +158,11 @@ from healthgpt.training.pretrain_text import pretrain_text_command  # noqa: E402
 
 app.command(name="pretrain-text")(pretrain_text_command)
 
+# `healthgpt pretrain-vision`: pre-train a small preset's vision tower (frozen afterwards, as CLIP is).
+from healthgpt.training.pretrain_vision import pretrain_vision_command  # noqa: E402
+
+app.command(name="pretrain-vision")(pretrain_vision_command)
+
 # `healthgpt plan`: size a run without a GPU (healthgpt/training/plan/).
 from healthgpt.training.plan.cli import PLAN_HELP, plan_command  # noqa: E402
 

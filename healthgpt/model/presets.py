@@ -34,7 +34,9 @@ Overrides accepted by every preset: ``variant`` (``hlora``/``lora``/``moelora``)
 defaults are the paper's abstract/concrete, swapped for the Figure 6 ablation), ``shared_plugin``
 (true: one adapter plugin, the comprehension one, serves both tasks; Figure 2's unified baseline). ``tiny`` also takes ``arch`` (``llama`` or
 ``phi3``: the Phi-3 module names ``qkv_proj``/``gate_up_proj``, used to test the released-key
-mapping), ``hidden``, ``layers``, ``image_size``, ``patch_size``.
+mapping), ``hidden``, ``layers``, ``image_size``, ``patch_size``. ``tiny`` and ``smollm2-135m`` take
+``vision_path``: a tower pre-trained by ``healthgpt pretrain-vision`` instead of the random one (its
+config sets the image and patch size).
 
 Tiny is self-contained and seeded: the same ``seed`` gives the same weights.
 """
@@ -51,6 +53,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig, 
 
 from healthgpt.model.core import HealthGPT
 from healthgpt.model.hlora import AdapterConfig
+from healthgpt.model.vision import load_tower
 
 try:  # transformers 5 without torchvision: the PIL processor, without the fallback warning
     from transformers import CLIPImageProcessorPil as _CLIPProcessor
@@ -143,9 +146,29 @@ def _small_clip(image_size: int, patch_size: int, seed: int, hidden: int = 32, l
                            projection_dim=hidden)
     cfg._attn_implementation = "sdpa"
     tower = CLIPVisionModel(cfg).eval()
-    proc = _CLIPProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+    return tower, _small_processor(image_size)
+
+
+def _small_processor(image_size: int) -> Any:
+    return _CLIPProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
                           image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True)
-    return tower, proc
+
+
+def _small_tower(preset: str, ov: dict[str, Any], image_size: int, patch_size: int, seed: int,
+                 **kw: int) -> tuple[Any, Any]:
+    """The small presets' tower: random (seeded), or the ``vision_path`` one (``healthgpt pretrain-vision``),
+    whose config sets the image and patch size (a different ``image_size``/``patch_size`` is an error)."""
+    path = ov.pop("vision_path", None)
+    size, patch = ov.pop("image_size", None), ov.pop("patch_size", None)
+    if path is None:
+        return _small_clip(int(size or image_size), int(patch or patch_size), seed, **kw)
+    tower = load_tower(path)
+    for key, given in (("image_size", size), ("patch_size", patch)):
+        have = int(getattr(tower.config, key))
+        if given is not None and int(given) != have:
+            raise ValueError(f"preset {preset!r}: {key}={given} but the tower in vision_path has {key}={have}; "
+                             "drop the override or pre-train a tower of that size")
+    return tower, _small_processor(int(tower.config.image_size))
 
 
 def _adapters(ov: dict[str, Any], comp_r: int, comp_alpha: float, gen_r: int | None, gen_alpha: float | None,
@@ -203,16 +226,15 @@ def _build_tiny(ov: dict[str, Any]) -> HealthGPT:
     arch = ov.pop("arch", "llama")
     hidden = int(ov.pop("hidden", 64))
     layers = int(ov.pop("layers", 2))
-    image_size = int(ov.pop("image_size", 32))
-    patch_size = int(ov.pop("patch_size", 8))
     template = ov.pop("template", "chatml")
     dtype = _dtype(ov.pop("dtype", None))
     adapters = _adapters(ov, 8, 16, 16, 32)
     levels = _feature_levels(ov)
+    tower_ov = {k: ov.pop(k) for k in ("vision_path", "image_size", "patch_size") if k in ov}
     _check_unused("tiny", ov)
     tokenizer = tiny_tokenizer()
     llm = _tiny_llm(len(tokenizer), arch, hidden, layers, seed)
-    tower, proc = _small_clip(image_size, patch_size, seed)
+    tower, proc = _small_tower("tiny", tower_ov, 32, 8, seed)
     torch.manual_seed(seed + 2)
     model = HealthGPT.from_parts(llm, tokenizer, tower, proc, adapters=adapters, template=template, preset="tiny",
                                  feature_levels=levels)
@@ -244,15 +266,14 @@ def _build_smollm2(ov: dict[str, Any]) -> HealthGPT:
     seed = int(ov.pop("seed", 0))
     template = ov.pop("template", "smollm2")
     dtype = _dtype(ov.pop("dtype", None))
-    image_size = int(ov.pop("image_size", 64))
-    patch_size = int(ov.pop("patch_size", 16))
     adapters = _adapters(ov, 16, 32, 32, 64)
     levels = _feature_levels(ov)
+    tower_ov = {k: ov.pop(k) for k in ("vision_path", "image_size", "patch_size") if k in ov}
     _check_unused("smollm2-135m", ov)
     gguf = smollm2_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     llm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tower, proc = _small_clip(image_size, patch_size, seed, hidden=64, layers=3)
+    tower, proc = _small_tower("smollm2-135m", tower_ov, 64, 16, seed, hidden=64, layers=3)
     torch.manual_seed(seed + 2)
     model = HealthGPT.from_parts(llm, tokenizer, tower, proc, adapters=adapters, template=template,
                                  preset="smollm2-135m", feature_levels=levels)

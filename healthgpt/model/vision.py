@@ -27,14 +27,19 @@ through :class:`FastClipPreprocessor`, which gives the same numbers without the 
 Public API: ``HierarchicalVision(tower, processor, llm_hidden, feature_levels=None)``, ``.features(pixel_values, task)``,
 ``.preprocess(images) -> pixel_values``, ``.num_patches``, ``expand2square``,
 ``VisionPreprocessor(processor, fast=False)`` / ``.from_model(model)``,
-``FastClipPreprocessor.from_processor(processor)``, ``decode_input_image(data, where)``.
+``FastClipPreprocessor.from_processor(processor)``, ``decode_input_image(data, where)``,
+``save_tower(tower, out)`` / ``load_tower(folder)`` (a small preset's tower pre-trained by
+``healthgpt pretrain-vision``: ``vision_tower.safetensors`` + ``vision_config.json``; the presets load it
+with the override ``vision_path``).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,10 +53,14 @@ __all__ = [
     "LEVEL_LAYER",
     "FastClipPreprocessor",
     "HierarchicalVision",
+    "TOWER_CONFIG",
+    "TOWER_FILE",
     "VisionPreprocessor",
     "decode_input_image",
     "expand2square",
+    "load_tower",
     "mlp2x_gelu",
+    "save_tower",
 ]
 
 # hidden-state index of each feature level (hidden_states[0] is the embedding output)
@@ -289,3 +298,42 @@ def decode_input_image(data: bytes, where: str) -> Image.Image:
             return img.convert("RGB")
     except (OSError, ValueError) as err:
         raise ValueError(f"{where}: cannot decode input image ({err})") from err
+
+
+# ------------------------------------------------------------------------------------ a pre-trained small tower
+
+TOWER_FILE = "vision_tower.safetensors"
+TOWER_CONFIG = "vision_config.json"
+
+
+def save_tower(tower: nn.Module, out: os.PathLike | str) -> Path:
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in tower.state_dict().items()}, str(out / TOWER_FILE))
+    (out / TOWER_CONFIG).write_text(json.dumps(tower.config.to_dict(), indent=2, default=str) + "\n", "utf-8")
+    return out / TOWER_FILE
+
+
+def load_tower(folder: os.PathLike | str) -> nn.Module:
+    """A ``pretrain-vision`` output folder -> its frozen ``CLIPVisionModel`` (eval mode)."""
+    from safetensors.torch import load_file
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    folder = Path(folder)
+    cfg_path, weights = folder / TOWER_CONFIG, folder / TOWER_FILE
+    if not (cfg_path.is_file() and weights.is_file()):
+        raise FileNotFoundError(f"vision_path {folder.name or folder}: no {TOWER_CONFIG} + {TOWER_FILE} "
+                                "(the output of `healthgpt pretrain-vision`)")
+    cfg = CLIPVisionConfig.from_dict(json.loads(cfg_path.read_text("utf-8")))
+    cfg._attn_implementation = "sdpa"
+    tower = CLIPVisionModel(cfg)
+    state = load_file(str(weights))
+    missing, unexpected = tower.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise ValueError(f"vision_path {folder.name}: {TOWER_FILE} does not fit its config "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    tower.requires_grad_(False)
+    return tower.eval()

@@ -76,6 +76,7 @@ Public API::
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -116,6 +117,7 @@ from vlhealth.shards import (
 )
 
 __all__ = [
+    "HOLDOUT_EVERY",
     "DataConfig",
     "LoaderState",
     "ShardSpec",
@@ -125,6 +127,8 @@ __all__ = [
     "is_shard_url",
     "make_loader",
     "parse_shard_spec",
+    "held_out",
+    "holdout_streams",
     "source_sample_counts",
 ]
 
@@ -292,6 +296,33 @@ def source_sample_counts(specs: Sequence[ShardSpec | str], split: str = "train")
     return out
 
 
+HOLDOUT_EVERY = 20  # a source without a val split lends 1 in 20 of its train groups to validation
+
+
+def held_out(rec: Mapping[str, Any]) -> bool:
+    """Whether a train sample belongs to the validation slice of a source without a ``val`` split:
+    decided by its patient/image group (its key when it has none), so a group is never on both sides."""
+    group = str(rec.get("group") or rec.get("key") or "")
+    digest = hashlib.sha256(group.encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "big") % HOLDOUT_EVERY == 0
+
+
+def holdout_streams(specs: Sequence[Any]) -> set[tuple[int, str]]:
+    """``(source index, task)`` pairs with train samples but no ``val`` samples (local sources only)."""
+    local = [(i, s) for i, s in enumerate(specs) if not s.remote]
+    if not local:
+        return set()
+    train = source_sample_counts([s for _, s in local], "train")
+    val = source_sample_counts([s for _, s in local], "val")
+    out = set()
+    for j, (i, _) in enumerate(local):
+        for task in TASKS:
+            if train.get((j, task), 0) and not val.get((j, task), 0):
+                out.add((i, task))
+    return out
+
+
+
 def _stream_urls(spec: ShardSpec, shards: Sequence[_Shard]) -> list[str]:
     """The shard URLs of a source in streaming mode (braces and ``::`` lists expanded;
     ``file://`` made a plain path; a local folder gives its tars)."""
@@ -364,6 +395,10 @@ class TaskBatchStream(IterableDataset):
             "comprehension": ("json", "input.png", "input.jpg"),
             "generation": ("json", "input.png", "input.jpg", "target.vq.npy"),
         }
+        # the train groups a source without a val split lends to validation are never trained on,
+        # whether validation runs or not (healthgpt.training.validation)
+        lend = holdout_streams(cfg.specs) if cfg.split == "train" else set()
+        self.lent = {(shard.path.name, task) for i, task in lend for shard in self.sources[i]}
 
     # -- worker identity ---------------------------------------------------------------------
     def _logical_worker(self) -> int:
@@ -403,7 +438,11 @@ class TaskBatchStream(IterableDataset):
 
     def _encode_counted(self, stats: dict[str, int], where: Path, key: str, rec: Mapping[str, Any],
                         members: Mapping[str, bytes]) -> _Example | None:
-        """:meth:`_encode`, counting (and logging) bad samples and over-long ones in ``stats``; None skips."""
+        """:meth:`_encode`, counting (and logging) bad samples and over-long ones in ``stats``; None skips
+        (also the train samples lent to validation, counted as ``validation``)."""
+        if self.lent and (where.name, rec.get("task")) in self.lent and held_out({"group": rec.get("group"), "key": key}):
+            stats["validation"] = stats.get("validation", 0) + 1
+            return None
         try:
             ex = self._encode(where, key, rec, members)
         except (ValueError, KeyError, TypeError) as err:

@@ -81,6 +81,7 @@ from healthgpt.training.dist import Dist
 from healthgpt.training.hparams import HPARAM_HELP, HParams, load_hparams, lr_lambda
 from healthgpt.training.loss_trend import divergence_warnings
 from healthgpt.training.stages import STAGE_GROUPS, optimizer_groups, stage_groups
+from healthgpt.training.validation import ValidationSet
 
 __all__ = [
     "STAGE_GROUPS",
@@ -92,6 +93,7 @@ __all__ = [
     "loss_by_task",
     "train",
     "train_command",
+    "val_by_task",
 ]
 
 log = logging.getLogger(__name__)
@@ -130,6 +132,8 @@ class TrainConfig:
     preset_overrides: dict[str, Any] = field(default_factory=dict)  # build_model(...) overrides (--model-set)
     groups: tuple[str, ...] = ()  # parameter groups to train instead of the stage's (--groups; ablations)
     image_codes: int | None = None  # VQGAN codebook size < 8192: the loss's softmax skips the dead code rows
+    val_every: int = 0  # held-out validation loss every N steps (and at step 0 and the end); 0: off
+    val_batches: int = 4  # validation micro-batches per task
     debug_nan_at: tuple[int, ...] = ()  # optimizer steps whose first micro-batch gets NaN pixels
     debug_exit_after: int | None = None  # hard exit (no checkpoint) after this step: simulates a kill
     debug_log_keys: bool = False  # write the sample keys each rank trained on to OUT/keys-rank<R>.txt
@@ -233,6 +237,8 @@ class _Run:
     losses: list[float] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
     step_tasks: list[str] = field(default_factory=list)  # dominant task per step of this run
+    validation: Any = None  # ValidationSet: fixed held-out batches per task (--val-every)
+    val_history: list[dict[str, Any]] = field(default_factory=list)  # {"step", "val_loss": {task: loss}}
 
 
 def train(cfg: TrainConfig, model: Any = None,
@@ -294,6 +300,16 @@ def setup(cfg: TrainConfig, dd: Dist, device_kind: str, model: Any) -> _Run:
     loader, run.loader_state = make_loader(data_cfg, model.tokenizer, VisionPreprocessor.from_model(model),
                                            rank=dd.rank, world_size=dd.world, state=run.loader_state)
     run.batches = iter(loader)  # draws a base seed from the torch RNG
+    if cfg.val_every > 0:
+        run.validation = ValidationSet.build(data_cfg, model.tokenizer, VisionPreprocessor.from_model(model),
+                                             cfg.val_batches)
+        if run.validation is None:
+            console.print("[yellow]--val-every: no validation samples (no val split, no train groups to lend) "
+                          "for this task; validation is off[/yellow]")
+        else:
+            console.print("validation: " + "; ".join(
+                f"{t} {run.validation.n_samples(t)} samples from {', '.join(run.validation.sources[t])}"
+                for t in run.validation.tasks))
     if resume_rng is not None:  # so the RNG is restored only now, as it was after this point originally
         set_rng_state(resume_rng)
     summary = trainable_summary(model)
@@ -320,6 +336,8 @@ def fit(run: _Run, batch_hook: Callable[[int, dict[str, Any]], dict[str, Any]] |
     status = "finished"
     with _progress_bar(console, cfg.progress and dd.main) as progress:
         bar = progress.add_task("train", total=run.total_steps, completed=run.step, loss=float("nan"), tps=0.0)
+        if run.step == 0:
+            _validate(run, writer, console)
         while run.step < run.total_steps:
             t0 = time.perf_counter()
             record = _optimizer_step(run, batch_hook, keys_fh)
@@ -343,6 +361,8 @@ def fit(run: _Run, batch_hook: Callable[[int, dict[str, Any]], dict[str, Any]] |
                 if cfg.save_every and run.step % cfg.save_every == 0:
                     _checkpoint(run)
                 os._exit(137)  # simulate a hard kill: no cleanup
+            if cfg.val_every and (run.step % cfg.val_every == 0 or run.step == run.total_steps):
+                _validate(run, writer, console)
             terminate = dd.any(stop["signal"])
             if (cfg.save_every and run.step % cfg.save_every == 0) or terminate:
                 _checkpoint(run)
@@ -422,6 +442,34 @@ def _optimizer_step(run: _Run, batch_hook: Callable[[int, dict[str, Any]], dict[
         record["skip_reason"] = reason
     record["lrs"] = lrs
     return record
+
+
+def _validate(run: _Run, writer: Any, console: Any) -> None:
+    """Score the fixed validation batches (every rank scores the same ones; the main rank logs)."""
+    if run.validation is None:
+        return
+    losses = run.validation.loss(run.model, run.device, run.amp, run.cfg.image_codes, forward=run.wrapped)
+    record = {"step": run.step, "val_loss": losses}
+    run.val_history.append(record)
+    if not run.dd.main:
+        return
+    with open(Path(run.cfg.out) / "metrics.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+    if writer is not None:
+        for task, loss in losses.items():
+            writer.add_scalar(f"val/loss_{task}", loss, run.step)
+    console.print(f"step {run.step}: validation loss " + ", ".join(f"{t} {v:.4f}" for t, v in losses.items()))
+
+
+def val_by_task(history: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per task: the validation loss at the stage's first and last validation (same batches both times)."""
+    out: dict[str, dict[str, float]] = {}
+    for task in sorted({t for h in history for t in h["val_loss"]}):
+        points = [(int(h["step"]), float(h["val_loss"][task])) for h in history if task in h["val_loss"]]
+        if points:
+            out[task] = {"first": points[0][1], "last": points[-1][1], "first_step": points[0][0],
+                         "last_step": points[-1][0], "n": len(points)}
+    return out
 
 
 def _lr(lrs: Mapping[str, float], kind: str) -> float | None:
@@ -524,6 +572,7 @@ def _resume(run: _Run, console: Any) -> dict[str, Any]:
     run.loader_state = LoaderState.from_dict(st["data"][dd.rank], run.loader_state.num_workers)
     run.losses, run.skipped = list(st["losses"]), list(st["skipped"])
     run.lineage = list(st.get("lineage", []))
+    run.val_history = list(st.get("val_history", []))
     metrics = out / "metrics.jsonl"
     if dd.main and metrics.is_file():  # drop what the interrupted run logged after the checkpoint
         kept = [ln for ln in metrics.read_text("utf-8").splitlines()
@@ -547,7 +596,7 @@ def _checkpoint(run: _Run) -> None:
             "scheduler": run.scheduler.state_dict(), "guard": run.guard.state(), "data": data_states,
             "losses": run.losses, "skipped": run.skipped, "trained_before": run.trained_before,
             "hparams": run.hp.to_dict(), "seed": cfg.seed, "shards": [str(Path(s).name) for s in cfg.shards],
-            "lineage": run.lineage,
+            "lineage": run.lineage, "val_history": run.val_history,
         }
         write_checkpoint(Path(cfg.out), run.step, run.model, run.saved_groups, run.optimizer, state, cfg.keep)
     dd.barrier()  # every rank writes its own RNG state into the (now final) folder
@@ -577,6 +626,8 @@ def _finish(run: _Run, status: str, console: Any) -> TrainResult:
                 "hparams": json.loads(json.dumps(run.hp.to_dict(), default=str)),
                 "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                 "skipped_steps": run.skipped, "loss_by_task": by_task, "warnings": rising,
+                "val_loss": run.val_history, "val_by_task": val_by_task(run.val_history),
+                "val_sources": run.validation.sources if run.validation is not None else None,
             }, indent=2) + "\n", "utf-8")
         dd.barrier()
     if dd.main:
@@ -584,6 +635,9 @@ def _finish(run: _Run, status: str, console: Any) -> TrainResult:
         for task, v in by_task.items():
             console.print(f"  {task}: loss {v['first']:.4f} -> {v['last']:.4f} (mean of first/last {v['n']} "
                           f"of {v['steps']} steps)")
+        for task, v in val_by_task(run.val_history).items():
+            console.print(f"  {task}: validation loss {v['first']:.4f} (step {v['first_step']}) -> {v['last']:.4f} "
+                          f"(step {v['last_step']}), {v['last'] / v['first']:.0%} of its start")
         for warning in rising:
             console.print(f"[bold yellow]warning: {warning}[/bold yellow]", highlight=False)
     return TrainResult(status, run.step, run.total_steps, losses, run.skipped, summary, Path(cfg.out), final)
@@ -697,6 +751,8 @@ def train_command(
     fsdp: Annotated[bool, typer.Option(help="Shard with FSDP instead of DDP (torchrun).")] = False,
     tensorboard: Annotated[bool, typer.Option(help="Also log to OUT/tensorboard.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    val_every: Annotated[int, typer.Option(help="Validation loss per task on fixed held-out batches (the val split, or 1 in 20 train groups of a source without one, never trained on) at step 0, every N steps and at the end; written to metrics.jsonl, train_summary.json and TensorBoard. 0: off.")] = 0,
+    val_batches: Annotated[int, typer.Option(help="Validation micro-batches per task.")] = 4,
     debug_nan_at: Annotated[list[int] | None, typer.Option(hidden=True)] = None,
     debug_exit_after: Annotated[int | None, typer.Option(hidden=True)] = None,
     debug_log_keys: Annotated[bool, typer.Option(hidden=True)] = False,
@@ -726,6 +782,7 @@ def train_command(
         debug_nan_at=tuple(debug_nan_at or ()), debug_exit_after=debug_exit_after, debug_log_keys=debug_log_keys,
         preset_overrides=_parse_sets(model_set or [], "--model-set"),
         groups=tuple(g.strip() for g in (groups or "").split(",") if g.strip()), image_codes=image_codes,
+        val_every=val_every, val_batches=val_batches,
     )
     logging.basicConfig(level=logging.WARNING)
     try:

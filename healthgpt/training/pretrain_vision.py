@@ -1,0 +1,277 @@
+"""Pre-training of a small preset's vision tower (``healthgpt pretrain-vision``), frozen afterwards as CLIP is.
+
+The paper's tower is CLIP ViT-L/14-336, pre-trained and frozen; both task paths read its hidden
+states (abstract = layer -2 for comprehension, concrete = layer 1 for generation). The small presets'
+towers are random, and a random tower keeps too little for either path:
+
+* **concrete features lose intensity.** CLIP's pre-layernorm normalises every patch token: on the
+  random tiny tower at 128 px / patch 4, flat patches of grey 0 and 40 have layer-1 features with
+  cosine 0.999, and grey 160 and 200 0.997. CT->MRI conversion is mostly an intensity mapping, so
+  the generation path cannot tell the tissues apart;
+* **abstract features barely encode lesions** (a linear probe on the demo: 55-63% against a 51%
+  majority, ``benchmarks/vision_probe.py``).
+
+Two objectives, one per feature level, trained together on the images of ``--shards`` (train split):
+
+1. **pixels at the concrete level**: a linear head reads each concrete-level patch token and must
+   return that patch's grey levels (mean squared error, on the tower's normalised input). What the
+   generation path needs: where each patch is, and how bright.
+2. **image-text at the abstract level**: CLIP's contrastive loss (symmetric InfoNCE, learned
+   temperature) between the mean abstract-level patch token and the sample's text (question and
+   answer, caption or report), read by a small bag-of-words encoder (hashed word uni- and bigrams):
+   what the comprehension path needs. A batch holds distinct texts only, so "yes" is never its own
+   negative.
+
+The output folder holds ``vision_tower.safetensors`` (the ``CLIPVisionModel``), ``vision_config.json``
+(its ``CLIPVisionConfig``), ``metrics.jsonl`` and ``pretrain_summary.json``; ``--model-set
+vision_path=OUT`` loads it as the preset's tower (``healthgpt.model.presets``), for training,
+evaluation and serving alike. The heads and the text encoder are dropped: only the tower is kept.
+
+Public API::
+
+    VisionPretrainer(tower, text_dim=64, buckets=4096);  .loss(pixel_values, texts) -> (total, parts)
+    pretrain_vision(tower, images, texts, *, steps, lr, batch, seed, ...) -> list[dict]
+    (saving and loading the tower: healthgpt.model.vision.save_tower / load_tower)
+    pretrain_vision_command (the typer command)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import typer
+from torch import nn
+
+from healthgpt.model.vision import TOWER_FILE, save_tower
+
+__all__ = ["VisionPretrainer", "pretrain_vision", "pretrain_vision_command", "training_images"]
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def _hashed_ngrams(text: str, buckets: int) -> list[int]:
+    """Word unigrams and bigrams of ``text`` (lower case), hashed into ``buckets`` (crc32: stable across runs)."""
+    words = _WORD.findall(text.lower())
+    grams = words + [f"{a} {b}" for a, b in zip(words, words[1:], strict=False)]
+    return [zlib.crc32(g.encode("utf-8")) % buckets for g in grams] or [0]
+
+
+class VisionPretrainer(nn.Module):
+    """The tower plus what only pre-training needs: a pixel head, a text encoder, projections, temperature."""
+
+    def __init__(self, tower: nn.Module, text_dim: int = 64, buckets: int = 4096,
+                 concrete_layer: int = 1, abstract_layer: int = -2) -> None:
+        super().__init__()
+        self.tower = tower
+        cfg = tower.config
+        self.patch = int(cfg.patch_size)
+        n_layers = int(cfg.num_hidden_layers)
+        self.concrete_depth = concrete_layer
+        self.abstract_depth = abstract_layer if abstract_layer >= 0 else n_layers + 1 + abstract_layer
+        d = int(cfg.hidden_size)
+        self.pixel_head = nn.Linear(d, self.patch * self.patch)
+        self.buckets = buckets
+        self.text = nn.EmbeddingBag(buckets, text_dim, mode="mean")
+        self.image_proj = nn.Linear(d, text_dim, bias=False)
+        self.text_proj = nn.Linear(text_dim, text_dim, bias=False)
+        self.log_temperature = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
+
+    def hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(concrete, abstract) patch tokens, CLS dropped, as ``HierarchicalVision`` reads them."""
+        vm = getattr(self.tower, "vision_model", self.tower)
+        h = vm.pre_layrnorm(vm.embeddings(pixel_values))
+        concrete = abstract = None
+        for i, layer in enumerate(vm.encoder.layers[: self.abstract_depth], start=1):
+            h = layer(h, None)
+            h = h[0] if isinstance(h, tuple) else h
+            if i == self.concrete_depth:
+                concrete = h[:, 1:]
+        abstract = h[:, 1:]
+        if concrete is None:  # concrete layer 0: the embeddings themselves
+            concrete = vm.pre_layrnorm(vm.embeddings(pixel_values))[:, 1:]
+        return concrete, abstract
+
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        ids, offsets = [], []
+        for t in texts:
+            offsets.append(len(ids))
+            ids.extend(_hashed_ngrams(t, self.buckets))
+        dev = self.text.weight.device
+        return self.text(torch.tensor(ids, device=dev), torch.tensor(offsets, device=dev))
+
+    def loss(self, pixel_values: torch.Tensor, texts: Sequence[str] | None) -> tuple[torch.Tensor, dict[str, float]]:
+        concrete, abstract = self.hidden_states(pixel_values)
+        grey = pixel_values.mean(1, keepdim=True)  # the tower's normalised input, one channel
+        target = F.unfold(grey, self.patch, stride=self.patch).transpose(1, 2)  # [B, patches, p*p]
+        pixel = F.mse_loss(self.pixel_head(concrete), target)
+        parts = {"pixel": float(pixel.detach())}
+        total = pixel
+        if texts is not None and len(texts) > 1:
+            img = F.normalize(self.image_proj(abstract.mean(1)), dim=-1)
+            txt = F.normalize(self.text_proj(self.encode_text(texts)), dim=-1)
+            logits = self.log_temperature.clamp(max=float(np.log(100))).exp() * img @ txt.T
+            labels = torch.arange(len(texts), device=logits.device)
+            contrastive = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+            parts["contrastive"] = float(contrastive.detach())
+            total = total + contrastive
+        parts["loss"] = float(total.detach())
+        return total, parts
+
+
+def _distinct_batch(texts: Sequence[str], size: int, gen: np.random.Generator) -> list[int]:
+    """Indices of up to ``size`` samples with distinct texts (a repeated text would be its own negative)."""
+    seen: set[str] = set()
+    out: list[int] = []
+    for i in gen.permutation(len(texts)):
+        if texts[i] not in seen:
+            seen.add(texts[i])
+            out.append(int(i))
+            if len(out) == size:
+                break
+    return out
+
+
+def pretrain_vision(tower: nn.Module, pixel_values: torch.Tensor, texts: Sequence[str], *, steps: int, lr: float,
+                    batch: int, seed: int = 0, on_step: Callable[[int, dict[str, float]], None] | None = None,
+                    ) -> list[dict[str, float]]:
+    """Train ``tower`` (in place) on pre-processed images and their texts; returns each step's losses.
+    The tower is left frozen and in eval mode, as the model uses it."""
+    if len(pixel_values) != len(texts) or len(texts) < 2:
+        raise ValueError(f"pretrain_vision: need >= 2 images with one text each, got {len(pixel_values)} images "
+                         f"and {len(texts)} texts")
+    torch.manual_seed(seed)
+    gen = np.random.default_rng(seed)
+    trainer = VisionPretrainer(tower)
+    tower.requires_grad_(True)
+    tower.train()
+    opt = torch.optim.AdamW(trainer.parameters(), lr=lr, weight_decay=0.0)
+    history: list[dict[str, float]] = []
+    for step in range(steps):
+        idx = _distinct_batch(texts, batch, gen)
+        total, parts = trainer.loss(pixel_values[idx], [texts[i] for i in idx])
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        history.append(parts)
+        if on_step is not None:
+            on_step(step + 1, parts)
+    tower.requires_grad_(False)
+    tower.eval()
+    return history
+
+
+def _sample_text(rec: Any) -> str:
+    """Question and answer (or instruction and caption/report) of a sample, image placeholder removed."""
+    from vlhealth.schema import IMAGE_TOKEN
+
+    return " ".join(str(t.get("value", "")).replace(IMAGE_TOKEN, " ") for t in rec.conversations
+                    if "<target_image>" not in str(t.get("value", ""))).strip()
+
+
+def training_images(shards: Sequence[os.PathLike | str], split: str = "train", limit: int = 4000,
+                    ) -> tuple[list[Any], list[str]]:
+    """Input images and their texts of ``split`` from ``shards``, one per image (its first sample's text)."""
+    from healthgpt.model.vision import decode_input_image
+    from vlhealth.shards import iter_samples
+
+    images, texts, seen = [], [], set()
+    for folder in shards:
+        for sample in iter_samples(folder):
+            rec = sample.record
+            if rec.split != split or sample.input_image is None:
+                continue
+            data = sample.input_image
+            digest = zlib.crc32(data if isinstance(data, bytes) else np.ascontiguousarray(data).tobytes())
+            text = _sample_text(rec)
+            if (digest, text) in seen:
+                continue
+            seen.add((digest, text))
+            images.append(decode_input_image(data, f"{Path(folder).name}:{sample.key}") if isinstance(data, bytes)
+                          else data)
+            texts.append(text)
+            if len(images) >= limit:
+                return images, texts
+    return images, texts
+
+
+def pretrain_vision_command(
+    shards: Annotated[list[Path], typer.Option("--shards", help="Shard folders whose input images (and texts) "
+                                                              "the tower learns from (train split).")],
+    out: Annotated[Path, typer.Option(help="Output folder (vision_tower.safetensors, vision_config.json).")],
+    preset: Annotated[str, typer.Option(help="Preset whose tower is trained (tiny, smollm2-135m).")] = "tiny",
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 300,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (constant).")] = 3e-3,
+    batch: Annotated[int, typer.Option(help="Images per step (distinct texts).")] = 32,
+    limit: Annotated[int, typer.Option(help="At most this many images are read.")] = 4000,
+    seed: Annotated[int, typer.Option(help="Seed (initial tower and batch order).")] = 0,
+    model_set: Annotated[list[str] | None, typer.Option(
+        "--model-set", help="Model preset override key=value (image_size=64, patch_size=4, ...); give healthgpt "
+                            "train and eval the same plus vision_path=OUT.")] = None,
+) -> None:
+    """Pre-train a small preset's vision tower (pixels at the concrete level, image-text contrast at the
+    abstract level); it is then frozen, as CLIP is in the paper.
+
+    Example:
+
+        healthgpt pretrain-vision --shards shards/synthrad --shards shards/vqa_rad --out runs/vision \\
+            --model-set image_size=64 --model-set patch_size=4
+        healthgpt train --preset tiny --stage 1 --task generation --shards shards/synthrad --out runs/s1g \\
+            --model-set image_size=64 --model-set patch_size=4 --model-set vision_path=runs/vision
+    """
+    from rich.console import Console
+
+    from healthgpt.model.presets import build_model
+    from healthgpt.training.train import _parse_sets
+    from vlhealth.progress import progress_bar
+
+    console = Console(stderr=True)
+    overrides = _parse_sets(model_set or [], "--model-set")
+    for key in ("seed", "vision_path"):
+        if key in overrides:
+            raise typer.BadParameter(f"--model-set {key}= is not taken here (the seed is --seed; the tower is "
+                                     "made, not loaded)", param_hint="--model-set")
+    if preset not in ("tiny", "smollm2-135m"):
+        raise typer.BadParameter(f"{preset!r} has a pre-trained CLIP tower already; pretrain-vision is for the "
+                                 "small presets (tiny, smollm2-135m)", param_hint="--preset")
+    model, _ = build_model(preset, seed=seed, **overrides)
+    images, texts = training_images(shards, limit=limit)
+    if len(images) < 2:
+        raise typer.BadParameter("fewer than 2 train images in " + ", ".join(p.name for p in shards),
+                                 param_hint="--shards")
+    pixel_values = model.vision.preprocess(images)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = out / "metrics.jsonl"
+    metrics.write_text("", "utf-8")
+    with progress_bar("pretrain-vision", "loss {task.fields[loss]:.4f}", console=console,
+                      enabled=console.is_terminal) as progress:
+        bar = progress.add_task("pretrain-vision", total=steps, loss=float("nan"))
+
+        def on_step(step: int, parts: dict[str, float]) -> None:
+            progress.update(bar, completed=step, loss=parts["loss"])
+            with open(metrics, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"step": step, **parts}) + "\n")
+
+        history = pretrain_vision(model.vision.tower, pixel_values, texts, steps=steps, lr=lr, batch=batch,
+                                  seed=seed, on_step=on_step)
+    save_tower(model.vision.tower, out)
+    k = min(10, len(history))
+    mean = {key: (sum(h[key] for h in history[:k]) / k, sum(h[key] for h in history[-k:]) / k)
+            for key in history[0]}
+    summary = {"preset": preset, "model_set": overrides, "steps": steps, "images": len(images), "lr": lr,
+               "batch": batch, "seed": seed, "shards": [p.name for p in shards],
+               "objectives": {"pixel": "concrete-level patch tokens -> their grey levels (MSE)",
+                              "contrastive": "mean abstract-level token <-> text (symmetric InfoNCE)"},
+               "first": {k_: v[0] for k_, v in mean.items()}, "last": {k_: v[1] for k_, v in mean.items()}}
+    (out / "pretrain_summary.json").write_text(json.dumps(summary, indent=2) + "\n", "utf-8")
+    console.print(f"vision pre-training: {len(images)} images, " + ", ".join(
+        f"{key} {a:.3f} -> {b:.3f}" for key, (a, b) in mean.items()) + f" (mean of first/last {k} of {steps} steps); "
+        f"tower: {out.name}/{TOWER_FILE}; use it with --model-set vision_path={out.name}")
