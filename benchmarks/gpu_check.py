@@ -114,7 +114,7 @@ def _loss_and_grads(model: Any, params: list[Any], batch: dict[str, Any]) -> tup
         p.grad = None
     loss = model(**batch, task="generation", return_logits=False).loss
     loss.backward()
-    return float(loss), [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+    return float(loss.detach()), [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
 
 
 def check_checkpointing(device: str, smoke: bool) -> dict[str, Any]:

@@ -149,6 +149,8 @@ def make_plan(cfg: PlanConfig) -> dict[str, Any]:
     hp = load_hparams(cfg.preset, cfg.stage, task=cfg.task)
     global_batch = cfg.global_batch or hp.global_batch
     micro = cfg.micro_batch or hp.micro_batch
+    if cfg.micro_batch is None and micro * cfg.gpus > global_batch:  # the config's micro-batch overshoots
+        micro = max(1, global_batch // cfg.gpus)
     gc = cfg.gradient_checkpointing
     groups = stage_groups(cfg.stage, cfg.task)
     dropout = any(hp.dropout_for(t) > 0 for t in ("comprehension", "generation"))
