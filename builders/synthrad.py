@@ -53,7 +53,7 @@ import numpy as np
 
 from vlhealth.build import BuildContext, Item, ItemReport, Reject, Rejected
 from vlhealth.reassemble import file_sha256, slice_grid
-from vlhealth.schema import Record, Sample, encode_png
+from vlhealth.schema import IMAGE_POSITIONS, Record, Sample, encode_png, image_turn
 from vlhealth.volumes import (
     Volume,
     apply_window,
@@ -96,6 +96,11 @@ class Options:
     mask_background: bool = field(default=True, metadata={
         "help": "Set voxels outside the body mask to the window's low end."})
     anatomy: str = field(default="brain,pelvis", metadata={"help": "Comma-separated anatomies to build."})
+    image_position: str = field(default="first", metadata={
+        "help": "Where the input image goes in the instruction: 'first' ('<image>\\n' + instruction, as LLaVA and "
+                "the released HealthGPT prompts) or 'last' (instruction + '\\n<image>': the image right before the "
+                "answer, so each output code sits the same number of positions after its input patch whatever "
+                "the instruction's length; a small model learns that alignment far sooner)."})
     source_checksums: bool = field(default=True, metadata={
         "help": "Record the SHA-256 of ct/mr/mask in provenance, so `healthgpt eval-volumes --source-root` "
                 "can check it scores against the very volumes the slices came from."})
@@ -111,6 +116,8 @@ def discover(ctx: BuildContext) -> Iterator[Item | Reject]:
     bad = [a for a in wanted if a not in ANATOMIES]
     if bad:
         raise ValueError(f"--anatomy: unknown {bad}; choose from {list(ANATOMIES)}")
+    if ctx.options.image_position not in IMAGE_POSITIONS:
+        raise ValueError(f"--image-position must be one of {IMAGE_POSITIONS}, got {ctx.options.image_position!r}")
     if ctx.options.eval_slices not in ("body", "same"):
         raise ValueError(f"--eval-slices must be body or same, got {ctx.options.eval_slices!r}")
     if ctx.options.recon not in ("mr", "ct", "both", "none"):
@@ -241,7 +248,7 @@ def process(item: Item, ctx: BuildContext) -> Iterator[Sample | ItemReport]:
             prompt = ctx.template(subtask, key)
             record = Record(
                 task="generation", subtask=subtask, source=NAME, split=split,
-                conversations=[{"from": "human", "value": f"<image>\n{prompt}"},
+                conversations=[{"from": "human", "value": image_turn(prompt, opts.image_position)},
                                {"from": "gpt", "value": "<target_image>"}],
                 group=item.group, license=ctx.license, modality=src, body_part=anatomy,
                 provenance={

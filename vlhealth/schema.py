@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import struct
 import zlib
@@ -313,10 +314,22 @@ def _record_json(record: Record) -> bytes:
     return text.encode("utf-8")
 
 
+IMAGE_POSITIONS = ("first", "last")
+
+
+def image_turn(instruction: str, position: str = "first") -> str:
+    """A human turn with the image placeholder before (``first``, LLaVA's form) or after (``last``) the text."""
+    if position not in IMAGE_POSITIONS:
+        raise ValueError(f"image position must be one of {IMAGE_POSITIONS}, got {position!r}")
+    return f"{IMAGE_TOKEN}\n{instruction}" if position == "first" else f"{instruction}\n{IMAGE_TOKEN}"
+
+
 def check_vq(indices: np.ndarray, key: str | None = None) -> np.ndarray:
     arr = np.asarray(indices)
-    if arr.shape != (VQ_LENGTH,):
-        raise SchemaError("target.vq.npy", f"must hold {VQ_LENGTH} indices, got shape {arr.shape}", key)
+    side = math.isqrt(arr.size) if arr.ndim == 1 else 0
+    if arr.ndim != 1 or not 1 <= arr.size <= VQ_LENGTH or side * side != arr.size:
+        raise SchemaError("target.vq.npy", f"must hold a flat square grid of at most {VQ_LENGTH} indices "
+                          f"(32x32; a smaller VQ grid such as the demo's 16x16 is allowed), got shape {arr.shape}", key)
     if not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0 or arr.max() >= VQ_CODEBOOK:
         raise SchemaError("target.vq.npy", f"indices must be integers in [0, {VQ_CODEBOOK})", key)
     return arr.astype(np.int16)

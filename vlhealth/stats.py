@@ -33,8 +33,8 @@ def compute_stats(sources: Iterable[os.PathLike | str]) -> dict[str, Any]:
         anatomy = (record.get("body_part") or "unspecified") if record["task"] == "generation" else "all"
         by_task_subtask_anatomy_split[f"{record['task']}/{record['subtask']}/{anatomy}/{record['split']}"] += 1
         images += sum(1 for m in IMAGE_MEMBERS if m in sizes)
-        if "target.vq.npy" in sizes:
-            vq_tokens += VQ_LENGTH
+        if "target.vq.npy" in sizes:  # int16 codes after the 128-byte header of a 1-D .npy (v1.0)
+            vq_tokens += min(VQ_LENGTH, max(0, (sizes["target.vq.npy"] - 128) // 2))
         total_bytes += sum(sizes.values())
     return {
         "shards": len(tars),

@@ -45,6 +45,7 @@ Public API::
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -200,17 +201,20 @@ def extend_tokenizer(tokenizer: Any) -> VocabIds:
 
 
 def image_target_ids(vocab: VocabIds, vq_indices: Any, pixel_newline: bool = False) -> list[int]:
-    """``<start_index> <idx_…>×1024 <end_index>`` for one image's VQ indices (32×32 grid, codes < 8192)."""
+    """``<start_index> <idx_…>×1024 <end_index>`` for one image's VQ indices (32×32 grid, codes < 8192); a
+    smaller square grid (a demo VQ of 16×16 codes) gives that many index tokens."""
     arr = np.asarray(vq_indices)
-    if arr.size != TOKENS_PER_IMAGE:
-        raise ValueError(f"vq_indices must hold {TOKENS_PER_IMAGE} codes, got shape {arr.shape}")
+    side = math.isqrt(arr.size)
+    if arr.size == 0 or arr.size > TOKENS_PER_IMAGE or side * side != arr.size:
+        raise ValueError(f"vq_indices must hold a square grid of at most {TOKENS_PER_IMAGE} codes (32x32), "
+                         f"got shape {arr.shape}")
     codes = arr.reshape(-1).astype(np.int64)
     if codes.min() < 0 or codes.max() >= NUM_VQ_CODES:
         raise ValueError(f"vq_indices out of range [0, {NUM_VQ_CODES}): min {codes.min()}, max {codes.max()}")
     ids = codes + vocab.idx_0
     out = [vocab.start_index]
     if pixel_newline:
-        for row in ids.reshape(GRID, GRID):
+        for row in ids.reshape(side, side):
             out.extend(row.tolist())
             out.append(vocab.pixel_newline)
     else:

@@ -60,6 +60,7 @@ from healthgpt.model import embedding, generation
 from healthgpt.model.conversation import (
     IGNORE_INDEX,
     NUM_VQ_CODES,
+    TOKENS_PER_IMAGE,
     VocabIds,
     extend_tokenizer,
 )
@@ -170,6 +171,9 @@ class HealthGPT(nn.Module):
         self.template = template
         self.adapters = dict(adapters)
         self.preset = preset
+        # VQ codes per generated image: 1024 (the paper's 32x32 grid); a smaller demo VQ grid sets it
+        # (preset override ``image_tokens``)
+        self.image_tokens = TOKENS_PER_IMAGE
         self.active_task: str | None = "comprehension"
         self.set_task("comprehension")
 
@@ -187,9 +191,15 @@ class HealthGPT(nn.Module):
         template: str,
         preset: str = "custom",
         feature_levels: Mapping[str, str] | None = None,
+        new_rows_noise: float = 0.0,
     ) -> HealthGPT:
         """Extend the vocabulary, split embeddings, inject H-LoRA, attach vision (see module doc).
-        ``feature_levels`` overrides the visual feature level per task (``healthgpt.model.vision``)."""
+        ``feature_levels`` overrides the visual feature level per task (``healthgpt.model.vision``).
+        ``new_rows_noise``: the new rows start at the mean of the old rows (LLaVA's initialisation), plus
+        this many times the old rows' per-dimension standard deviation of Gaussian noise (1.0 is close
+        to transformers' ``mean_resizing``). Identical rows make every image code look alike at the
+        start; a small model then learns to tell them apart slowly (a tiny model stayed at the
+        unigram loss for 150 steps of an aligned-copy task with 0, and fell below it with 1)."""
         n_old = len(tokenizer)
         vocab = extend_tokenizer(tokenizer)
         if vocab.first_new != n_old:
@@ -209,6 +219,9 @@ class HealthGPT(nn.Module):
                 old_out = nn.Parameter(head.weight[:n_old].detach().clone(), requires_grad=False)
                 new_out = nn.Parameter(old_out.mean(0, keepdim=True).repeat(vocab.num_new, 1),
                                        requires_grad=False)
+            if new_rows_noise:
+                for old, new in [(old_in, new_in)] + ([] if new_out is new_in else [(old_out, new_out)]):
+                    new.add_(float(new_rows_noise) * old.std(0, keepdim=True) * torch.randn_like(new))
         llm.set_input_embeddings(SplitEmbedding(old_in, new_in))
         llm.lm_head = SplitLMHead(old_out, new_out)
         llm.config.vocab_size = vocab.total

@@ -1,7 +1,7 @@
 """Decoding with a ``HealthGPT``: text and VQ image tokens.
 
 ``generate(model, input_ids, ...)`` is greedy decoding with a KV cache (``HealthGPT.generate``);
-``image_logits_hook(model, n_codes)`` constrains it to 1024 ``<idx_*>`` tokens and ``<end_index>``;
+``image_logits_hook(model, n_codes)`` constrains it to ``model.image_tokens`` (1024) ``<idx_*>`` tokens and ``<end_index>``;
 ``generate_image_tokens(model, ...)`` decodes image tokens and repairs them into 1024 codes
 (``parse_image_tokens``, reported per row as an ``ImageTokenReport``). ``stop_token_ids_for(model)``
 is the template's stop tokens and EOS; ``decoder_of(llm)`` the decoder stack under the LM head.
@@ -39,13 +39,15 @@ class ImageTokenReport:
         return self.had_end and self.padded == 0 and self.truncated == 0 and self.n_other_tokens == 0
 
 
-def parse_image_tokens(ids: Iterable[int], vocab: VocabIds, n_codes: int = NUM_VQ_CODES
+def parse_image_tokens(ids: Iterable[int], vocab: VocabIds, n_codes: int = NUM_VQ_CODES,
+                       n_tokens: int = TOKENS_PER_IMAGE
                        ) -> tuple[np.ndarray, ImageTokenReport]:
-    """Turn a generated id sequence into 1024 VQ codes; never raises on malformed input.
+    """Turn a generated id sequence into ``n_tokens`` VQ codes (1024: the paper's 32x32 grid); never raises
+    on malformed input.
 
     Rules: everything up to the first ``<end_index>`` is read (all of it if there is none);
     ``<start_index>`` and ``<pixel_newline>`` are skipped; other non-index tokens are dropped and
-    counted; more than 1024 codes are truncated; fewer are padded by repeating the last code (code
+    counted; more than ``n_tokens`` codes are truncated; fewer are padded by repeating the last code (code
     0 if none was produced). Index tokens at or beyond ``n_codes`` (a VQGAN with a smaller codebook
     than the vocabulary's 8192 rows) are dropped like other tokens. The report says what happened
     (``report.ok`` when nothing did).
@@ -68,12 +70,12 @@ def parse_image_tokens(ids: Iterable[int], vocab: VocabIds, n_codes: int = NUM_V
         rep.notes.append("no <end_index>")
     if rep.n_other_tokens:
         rep.notes.append(f"dropped {rep.n_other_tokens} non-index tokens")
-    if len(codes) > TOKENS_PER_IMAGE:
-        rep.truncated = len(codes) - TOKENS_PER_IMAGE
-        codes = codes[:TOKENS_PER_IMAGE]
+    if len(codes) > n_tokens:
+        rep.truncated = len(codes) - n_tokens
+        codes = codes[:n_tokens]
         rep.notes.append(f"truncated {rep.truncated} extra codes")
-    elif len(codes) < TOKENS_PER_IMAGE:
-        rep.padded = TOKENS_PER_IMAGE - len(codes)
+    elif len(codes) < n_tokens:
+        rep.padded = n_tokens - len(codes)
         fill = codes[-1] if codes else 0
         codes = codes + [fill] * rep.padded
         rep.notes.append(f"padded {rep.padded} missing codes with code {fill}")
@@ -141,13 +143,16 @@ def generate(
         return torch.zeros((bsz, 0), dtype=torch.long, device=model.device)
     return torch.stack(generated, dim=1)
 
-def image_logits_hook(model: nn.Module, n_codes: int = NUM_VQ_CODES) -> Callable[[int, torch.Tensor], torch.Tensor]:
-    """Constrain decoding to 1024 ``<idx_*>`` tokens (the first ``n_codes``) followed by ``<end_index>``."""
+def image_logits_hook(model: nn.Module, n_codes: int = NUM_VQ_CODES,
+                      n_tokens: int | None = None) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """Constrain decoding to ``n_tokens`` ``<idx_*>`` tokens (the first ``n_codes``) followed by ``<end_index>``;
+    ``n_tokens`` defaults to the model's ``image_tokens`` (1024 unless its VQ grid is smaller)."""
     lo, hi, end = model.vocab.idx_0, model.vocab.idx_0 + min(n_codes, NUM_VQ_CODES), model.vocab.end_index
+    n_tokens = int(n_tokens or getattr(model, "image_tokens", TOKENS_PER_IMAGE))
 
     def hook(step: int, logits: torch.Tensor) -> torch.Tensor:
         masked = torch.full_like(logits, float("-inf"))
-        if step < TOKENS_PER_IMAGE:
+        if step < n_tokens:
             masked[:, lo:hi] = logits[:, lo:hi]
         else:
             masked[:, end] = 0.0
@@ -163,24 +168,27 @@ def generate_image_tokens(
     pixel_values: torch.Tensor | None = None,
     *,
     constrained: bool = False,
-    max_new_tokens: int = TOKENS_PER_IMAGE + 40,
+    max_new_tokens: int | None = None,
     streamer: Callable[[torch.Tensor], None] | None = None,
     n_codes: int = NUM_VQ_CODES,
 ) -> tuple[np.ndarray, list[ImageTokenReport]]:
     """Generate image tokens (prompt should end with ``<start_index>``, see ``encode_prompt``)
-    and parse/repair them into codes ``[B, 1024]``. ``constrained`` masks the logits so that the
-    output is always well formed; the default is free decoding like the released code.
-    ``n_codes`` is the VQGAN's codebook size (codes beyond it cannot be decoded)."""
+    and parse/repair them into codes ``[B, model.image_tokens]`` (1024 = the paper's 32x32 grid; a smaller
+    VQ grid sets the preset override ``image_tokens``). ``constrained`` masks the logits so that the
+    output is always well formed; the default is free decoding like the released code (up to
+    ``max_new_tokens``, default image tokens + 40). ``n_codes`` is the VQGAN's codebook size (codes
+    beyond it cannot be decoded)."""
+    n_tokens = int(getattr(model, "image_tokens", TOKENS_PER_IMAGE))
     stops = [model.vocab.end_index] + stop_token_ids_for(model)
     ids = model.generate(
         input_ids, attention_mask, pixel_values, task="generation",
-        max_new_tokens=TOKENS_PER_IMAGE + 1 if constrained else max_new_tokens,
-        stop_token_ids=stops, logits_hook=model.image_logits_hook(n_codes) if constrained else None,
+        max_new_tokens=n_tokens + 1 if constrained else (max_new_tokens or n_tokens + 40),
+        stop_token_ids=stops, logits_hook=model.image_logits_hook(n_codes, n_tokens) if constrained else None,
         streamer=streamer,
     )
     codes, reports = [], []
     for row in ids.tolist():
-        c, r = parse_image_tokens(row, model.vocab, n_codes)
+        c, r = parse_image_tokens(row, model.vocab, n_codes, n_tokens)
         codes.append(c)
         reports.append(r)
     return np.stack(codes), reports

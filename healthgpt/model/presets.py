@@ -27,7 +27,9 @@ Local paths (argument overrides win over environment variables)::
 
 A missing path raises ``MissingWeightsError`` saying what to download and where to put it.
 
-Overrides accepted by every preset: ``variant`` (``hlora``/``lora``/``moelora``), ``comp_r``,
+Overrides accepted by every preset: ``image_tokens`` (VQ codes per generated image: 1024 = the
+paper's 32x32 grid, 256 for a 16x16 demo VQ), ``new_rows_noise`` (noise on the mean initialisation of
+the new token rows, in units of the old rows' standard deviation; default 0), ``variant`` (``hlora``/``lora``/``moelora``), ``comp_r``,
 ``comp_alpha``, ``gen_r``, ``gen_alpha``, ``experts``, ``dropout``, ``template``, ``dtype``
 (``float32``/``bfloat16``/``float16``), ``seed``, and ``comprehension_features`` /
 ``generation_features`` (``abstract`` or ``concrete``: the visual feature level a task reads; the
@@ -43,6 +45,7 @@ Tiny is self-contained and seeded: the same ``seed`` gives the same weights.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -222,6 +225,7 @@ def _check_unused(preset: str, ov: dict[str, Any]) -> None:
 
 
 def _build_tiny(ov: dict[str, Any]) -> HealthGPT:
+    noise = float(ov.pop("new_rows_noise", 0.0))
     seed = int(ov.pop("seed", 0))
     arch = ov.pop("arch", "llama")
     hidden = int(ov.pop("hidden", 64))
@@ -237,7 +241,7 @@ def _build_tiny(ov: dict[str, Any]) -> HealthGPT:
     tower, proc = _small_tower("tiny", tower_ov, 32, 8, seed)
     torch.manual_seed(seed + 2)
     model = HealthGPT.from_parts(llm, tokenizer, tower, proc, adapters=adapters, template=template, preset="tiny",
-                                 feature_levels=levels)
+                                 feature_levels=levels, new_rows_noise=noise)
     return model.to(dtype)
 
 
@@ -263,6 +267,7 @@ def smollm2_gguf_path() -> Path:
 
 
 def _build_smollm2(ov: dict[str, Any]) -> HealthGPT:
+    noise = float(ov.pop("new_rows_noise", 0.0))
     seed = int(ov.pop("seed", 0))
     template = ov.pop("template", "smollm2")
     dtype = _dtype(ov.pop("dtype", None))
@@ -276,7 +281,7 @@ def _build_smollm2(ov: dict[str, Any]) -> HealthGPT:
     tower, proc = _small_tower("smollm2-135m", tower_ov, 64, 16, seed, hidden=64, layers=3)
     torch.manual_seed(seed + 2)
     model = HealthGPT.from_parts(llm, tokenizer, tower, proc, adapters=adapters, template=template,
-                                 preset="smollm2-135m", feature_levels=levels)
+                                 preset="smollm2-135m", feature_levels=levels, new_rows_noise=noise)
     return model.to(dtype)
 
 
@@ -288,6 +293,7 @@ _REAL = {
 
 
 def _build_real(preset: str, ov: dict[str, Any]) -> HealthGPT:
+    noise = float(ov.pop("new_rows_noise", 0.0))
     env, default_template, (cr, ca, gr, ga) = _REAL[preset]
     llm_dir = _resolve(preset, ov.pop("llm_path", None), env, "config.json")
     clip_dir = _resolve(preset, ov.pop("clip_path", None), "HEALTHGPT_CLIP_DIR", "config.json")
@@ -302,7 +308,7 @@ def _build_real(preset: str, ov: dict[str, Any]) -> HealthGPT:
     tower = CLIPVisionModel.from_pretrained(clip_dir, dtype=dtype).eval()
     proc = _CLIPProcessor.from_pretrained(clip_dir)
     model = HealthGPT.from_parts(llm, tokenizer, tower, proc, adapters=adapters, template=template, preset=preset,
-                                 feature_levels=levels)
+                                 feature_levels=levels, new_rows_noise=noise)
     # adapters and new rows are created in float32; keep everything in one dtype
     return model.to(dtype)
 
@@ -313,6 +319,7 @@ def build_model(preset: str, **overrides: Any) -> tuple[HealthGPT, Any]:
     Nothing is trainable yet: call ``model.set_trainable(...)`` with ``parameter_groups()`` names.
     """
     ov = dict(overrides)
+    image_tokens = ov.pop("image_tokens", None)
     if preset == "tiny":
         model = _build_tiny(ov)
     elif preset == "smollm2-135m":
@@ -321,5 +328,10 @@ def build_model(preset: str, **overrides: Any) -> tuple[HealthGPT, Any]:
         model = _build_real(preset, ov)
     else:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if image_tokens is not None:
+        side = math.isqrt(int(image_tokens))
+        if side * side != int(image_tokens) or not 1 <= int(image_tokens) <= 1024:
+            raise ValueError(f"image_tokens must be a square grid of at most 1024 codes (32x32), got {image_tokens}")
+        model.image_tokens = int(image_tokens)
     model.eval()
     return model, model.tokenizer
