@@ -39,15 +39,18 @@ def _main() -> None:
     help=(
         "Answer a question about an image, or generate an image (--task generation).\n\n"
         "Comprehension streams the greedy answer to stdout. Generation decodes the model's 1024 VQ "
-        "tokens with the VQGAN and writes a PNG (plus the codes as <output>.vq.npy); malformed token "
-        "sequences are repaired (padded/truncated to 1024) and reported on stderr.\n\n"
+        "tokens (fewer with a smaller VQ grid: --model-set image_tokens=256) with the VQGAN and writes a PNG "
+        "(plus the codes as <output>.vq.npy); malformed token sequences are repaired (padded/truncated) and "
+        "reported on stderr.\n\n"
         "Real presets read their weights from local folders (--llm-path/--clip-path or the "
         "HEALTHGPT_*_DIR variables); --released loads a HealthGPT-M3 download "
         "(com_hlora_weights.bin, gen_hlora_weights.bin, fusion_layer_weights.bin).\n\n"
         "Example:\n\n"
         "    healthgpt infer --preset tiny --image scan.png --question 'What organ is shown?'\n\n"
         "    healthgpt infer --preset tiny --task generation --image ct.png "
-        "--instruction 'Convert this CT to MRI' --output mri.png"
+        "--instruction 'Convert this CT to MRI' --output mri.png\n\n"
+        "    healthgpt infer --preset tiny --checkpoint demo/runs/stage3 --model-set vision_path=demo/vision "
+        "--image scan.png --question 'Is there a lesion?'"
     ),
 )
 def infer(
@@ -69,6 +72,9 @@ def infer(
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for random (tiny) weights.")] = 0,
     threads: Annotated[int, typer.Option(help="CPU threads for torch (0: torch's default).")] = 0,
+    model_set: Annotated[list[str] | None, typer.Option(
+        "--model-set", help="Model preset override key=value, the same as the run was trained with "
+                            "(e.g. vision_path=demo/vision, image_tokens=256).")] = None,
 ) -> None:
     from healthgpt.model.presets import MissingWeightsError
     from healthgpt.model.weights import CheckpointError
@@ -95,6 +101,9 @@ def infer(
         overrides["dtype"] = dtype
     if preset in ("m3", "l14", "xl32"):
         overrides.pop("seed")
+    from healthgpt.training.train import _parse_sets
+
+    overrides.update(_parse_sets(model_set or [], "--model-set"))
     try:
         model = load_model(preset, checkpoint=checkpoint, released=released, device=device, **overrides)
     except (MissingWeightsError, CheckpointError, ValueError) as err:

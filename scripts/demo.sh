@@ -35,7 +35,7 @@ section "2. build shards"
 # training and, once its shards exist, the text pre-training. Each keeps one thread, so its numbers do not
 # depend on what runs beside it; their logs are printed when they are waited for.
 # a failure or Ctrl-C of the foreground stops the background jobs too (they would keep writing into $DEMO_DIR)
-trap 'kill ${pid_vq-} ${pid_text-} ${pid_stage1_generation-} 2> /dev/null || true' EXIT
+trap 'kill ${pid_vq-} ${pid_text-} ${pid_vision-} ${pid_stage1_generation-} 2> /dev/null || true' EXIT
 background() {  # background NAME LOG COMMAND...: start, remember the pid
   local name=$1 log=$2; shift 2
   echo "   (in the background: $name; log: ${log#"$DEMO_DIR"/})"
@@ -76,6 +76,11 @@ vlhealth build llava-instruct "$RAW/llava_pretrain" --out "$SHARDS/llava_558k"  
 background text "$DEMO_DIR/text-lm.log" \
   healthgpt pretrain-text --shards "$SHARDS/llava_instruct_text" --shards "$SHARDS/vqa_rad" --shards "$SHARDS/slake" \
   --out "$DEMO_DIR/text-lm" --steps 400
+# a vision tower that keeps what both paths need (the random one's layer-normalised tokens lose grey levels):
+# pixels at the concrete level, image-text contrast at the abstract level; frozen afterwards, as CLIP is
+background vision "$DEMO_DIR/vision.log" \
+  healthgpt pretrain-vision --shards "$SHARDS/vqa_rad" --shards "$SHARDS/slake" --shards "$VQ_DIR/source" \
+  --out "$DEMO_DIR/vision" --steps 300
 finish vq "$DEMO_DIR/vq_train.log"
 echo "-- 2c. generation sources, tokenized with that VQGAN"
 vlhealth build synthrad       "$RAW/synthrad2023"   --out "$SHARDS/synthrad" "${synthrad_opts[@]}" --vqgan "$VQ"
@@ -110,32 +115,37 @@ section "5. train the tiny preset: stage 1 (alignment) -> 2 (plugin adaptation) 
 RUNS="$DEMO_DIR/runs"
 mkdir -p "$RUNS"
 finish text "$DEMO_DIR/text-lm.log"
+finish vision "$DEMO_DIR/vision.log"
 # the demo's VQGAN has a small codebook: the loss's softmax runs over its codes only (--image-codes), as the
 # evaluator's constrained decoding does; the 8192 - n dead rows of the LM head are then never computed
 CODES=$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["n_embed"])' "$VQ_DIR/vqgan.json")
-train="healthgpt train --preset tiny --image-codes $CODES"
+# every stage: the pre-trained tower, and a validation loss on fixed held-out batches per task (the val split,
+# or 1 in 20 train groups of VQA-RAD, which has none) at step 0, every quarter of the stage and at the end
+MS=(--model-set "vision_path=$DEMO_DIR/vision")
+train="healthgpt train --preset tiny --image-codes $CODES --model-set vision_path=$DEMO_DIR/vision --val-batches 4"
 # the two stage-1 runs are independent: generation in the background, comprehension in the foreground
 background stage1_generation "$RUNS/stage1-generation.log" \
   $train --stage 1 --task generation --shards "$SHARDS/synthrad" --init "$DEMO_DIR/text-lm" \
-  --out "$RUNS/stage1-generation" --micro-batch 2 --global-batch 2 --steps 40 --no-progress
+  --out "$RUNS/stage1-generation" --micro-batch 2 --global-batch 2 --steps 40 --no-progress --val-every 10 \
+  --model-set new_rows_noise=1
 $train --stage 1 --task comprehension --shards "$SHARDS/vqa_rad" --shards "$SHARDS/slake" --init "$DEMO_DIR/text-lm" \
-  --out "$RUNS/stage1-comprehension" --steps 200
+  --out "$RUNS/stage1-comprehension" --steps 200 --val-every 50
 finish stage1_generation "$RUNS/stage1-generation.log"
 $train --stage 2 --task mixed --shards "$DEMO_DIR/mix" \
-  --init "$RUNS/stage1-comprehension" --init "$RUNS/stage1-generation" --out "$RUNS/stage2" --steps 300
+  --init "$RUNS/stage1-comprehension" --init "$RUNS/stage1-generation" --out "$RUNS/stage2" --steps 300 --val-every 75
 $train --stage 3 --task mixed --shards "$SHARDS/vqa_rad" --shards "$SHARDS/slake" --shards "$SHARDS/synthrad:0.8" \
-  --init "$RUNS/stage2" --out "$RUNS/stage3" --steps 1800
+  --init "$RUNS/stage2" --out "$RUNS/stage3" --steps 1800 --val-every 450
 
 section "6. evaluate on the held-out splits (baselines in every table)"
 healthgpt eval --shards "$SHARDS/vqa_rad" --shards "$SHARDS/slake" --shards "$SHARDS/omnimedvqa" \
-  --shards "$SHARDS/synthrad" --checkpoint "$RUNS/stage3" --preset tiny --vq "$VQ" \
+  --shards "$SHARDS/synthrad" --checkpoint "$RUNS/stage3" --preset tiny --vq "$VQ" "${MS[@]}" \
   --out "$DEMO_DIR/eval" --generation-limit 8 --batch-size 16 --max-new-tokens 16 --device cpu --constrained-images
 
 section "6b. SynthRAD2023 as the challenge scores it: whole 3D volumes on the source grid (MR->CT)"
 # bounded: one held-out patient per anatomy, MR->CT only (every slice of it is generated, 1024 tokens each:
 # ~63 slices, ~40 s); one torch thread, as the tiny model's small matrices only contend with more
 healthgpt eval-volumes --shards "$SHARDS/synthrad" --source-root "$RAW/synthrad2023" --checkpoint "$RUNS/stage3" \
-  --preset tiny --vq "$VQ" --out "$DEMO_DIR/eval" --max-patients 1 --batch-size 16 --constrained-images --device cpu \
+  --preset tiny --vq "$VQ" "${MS[@]}" --out "$DEMO_DIR/eval" --max-patients 1 --batch-size 16 --constrained-images --device cpu \
   --threads 1
 healthgpt eval-volumes --shards "$SHARDS/synthrad" --source-root "$RAW/synthrad2023" --oracle \
   --out "$DEMO_DIR/eval/oracle_volumes" --max-patients 1 --no-figures   # the round-trip ceiling
@@ -143,7 +153,7 @@ healthgpt eval-volumes --shards "$SHARDS/synthrad" --source-root "$RAW/synthrad2
 section "7. inference with the trained demo model"
 vqa_images=("$RAW/vqa_rad/VQA_RAD Image Folder/"*.jpg)  # a glob, not `ls | head` (SIGPIPE under pipefail)
 question_image=${vqa_images[0]}
-healthgpt infer --preset tiny --checkpoint "$RUNS/stage3" --image "$question_image" --question "Is there a lesion?"
+healthgpt infer --preset tiny --checkpoint "$RUNS/stage3" "${MS[@]}" --image "$question_image" --question "Is there a lesion?"
 ct_slice="$DEMO_DIR/eval/ct_input.png"
 python - "$SHARDS/synthrad" "$ct_slice" <<'PY'
 import sys
@@ -151,7 +161,7 @@ from vlhealth.shards import iter_samples
 sample = next(s for s in iter_samples(sys.argv[1]) if s.record.subtask == "ct2mri" and s.record.split == "test")
 open(sys.argv[2], "wb").write(sample.input_image)
 PY
-healthgpt infer --preset tiny --checkpoint "$RUNS/stage3" --task generation --image "$ct_slice" --vq "$VQ" \
+healthgpt infer --preset tiny --checkpoint "$RUNS/stage3" "${MS[@]}" --task generation --image "$ct_slice" --vq "$VQ" \
   --instruction "Convert this CT slice to an MRI slice." --output "$DEMO_DIR/eval/ct2mri_demo.png" --constrained
 
 section "8. verdict: does the model beat the baselines?"
@@ -166,7 +176,7 @@ echo "    answers its features carry at all (organ, modality, lesion count); abo
 echo "  The same commands with a real preset, GPUs and real data are the experiment that counts."
 
 section "9. is the answer in the frozen vision features? (a linear probe, train images -> test images)"
-python benchmarks/vision_probe.py --shards "$SHARDS/vqa_rad" --checkpoint "$RUNS/stage3" --json "$DEMO_DIR/vision_probe.json"
+python benchmarks/vision_probe.py --shards "$SHARDS/vqa_rad" --checkpoint "$RUNS/stage3" "${MS[@]}" --json "$DEMO_DIR/vision_probe.json"
 echo "   (took $((SECONDS - last)) s; the whole demo $((SECONDS / 60)) min $((SECONDS % 60)) s)"
 echo "demo finished: outputs under $DEMO_DIR/ (stats.png, shards/, vq/, runs/, eval/report.md, eval/ct2mri_demo.png, verdict.json,
   vision_probe.json)"

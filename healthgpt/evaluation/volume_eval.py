@@ -613,10 +613,15 @@ def eval_volumes_command(
     seed: Annotated[int, typer.Option(help="Seed of random (tiny) weights.")] = 0,
     figures: Annotated[bool, typer.Option(help="Write OUT/volumes/<task>-<patient>.png.")] = True,
     threads: Annotated[int, typer.Option(help="CPU threads for torch (0: torch's default).")] = 0,
+    model_set: Annotated[list[str] | None, typer.Option(
+        "--model-set", help="Model preset override key=value, the same as the run was trained with "
+                            "(e.g. vision_path=demo/vision).")] = None,
 ) -> None:
     import sys
 
     from rich.console import Console
+
+    from healthgpt.training.train import _parse_sets
 
     if threads > 0:
         import torch
@@ -628,6 +633,7 @@ def eval_volumes_command(
     for name, value in (("llm_path", llm_path), ("clip_path", clip_path), ("dtype", dtype)):
         if value is not None:
             overrides[name] = value
+    overrides.update(_parse_sets(model_set or [], "--model-set"))
     config = VolumeEvalConfig(
         shards=shards, source_root=source_root, out=out, subtasks=tuple(task or ("mri2ct",)),
         split=None if split == "all" else split, max_patients=max_patients, oracle=oracle, oracle_bits=oracle_bits,
