@@ -233,6 +233,9 @@ def test_eval_cli(shards: list[Path], tmp_path: Path) -> None:
     assert "VQA-RAD close" in result.output
     report = json.loads((out / "report.json").read_text())
     assert report["counts"] == {"comprehension": 8, "generation": 4}  # --limit counts per shard folder
+    assert "--shuffled-limit" in helped.output and "--shuffle-seed" in helped.output
+    # image reliance is on by default: the shuffled-image pass ran and has its own predictions
+    assert report["image_reliance"]["status"] == "computed" and (out / "predictions_shuffled.jsonl").is_file()
     # a checkpoint that does not exist is a clear error, not a traceback
     bad = runner.invoke(app, args[:-2] + ["--checkpoint", str(tmp_path / "missing.safetensors")])
     assert bad.exit_code == 2 and "missing.safetensors" in bad.output

@@ -21,8 +21,14 @@ Flow (one process, or one per GPU under ``torchrun``):
    (flushed and fsynced per batch). A rerun with the same ``OUT`` skips every key found in any part
    file (a torn last line from a killed run is discarded), so an interrupted eval continues where
    it stopped, even with a different number of ranks.
+   Generation records also carry ``loss``: the teacher-forced cross-entropy of the true target's VQ
+   codes given prompt + input image, as training computes it (:mod:`healthgpt.evaluation.reliance`).
+   With ``shuffled_images`` (on by default) each rank then makes a second pass, every input image
+   swapped for another test sample's of the same task (a seeded derangement; ``shuffled_limit``
+   bounds its generation samples), into ``OUT/predictions_shuffled/part-rNNN.jsonl``, resumable the
+   same way (a record is reused only when it was made with the same donor image).
 5. When all ranks are done (a ``torch.distributed`` barrier under ``torchrun``), rank 0 merges the
-   parts into ``OUT/predictions.jsonl`` (sorted by key) and writes the report
+   parts into ``OUT/predictions.jsonl`` (and ``OUT/predictions_shuffled.jsonl``), sorted by key, and writes the report
    (:mod:`healthgpt.evaluation.report`): ``report.json``, ``report.md`` and ``grids/*.png``.
 
 ``OUT/eval_config.json`` records what the predictions were made with; resuming with a different
@@ -55,10 +61,18 @@ import torch
 import typer
 
 from healthgpt.evaluation.baselines import collect_train_reference, generation_baselines, generation_group
+from healthgpt.evaluation.reliance import (
+    ShuffleEntry,
+    load_members_image,
+    plan_donors,
+    shuffled_selection,
+    teacher_forced_loss,
+    with_image,
+)
 from healthgpt.evaluation.samples import target_modality
 from healthgpt.training.dist import Dist, device_for, world_info
 from vlhealth.image_metrics import image_metrics, synthrad_metrics, to_hu
-from vlhealth.schema import IMAGE_TOKEN, Sample, decode_image
+from vlhealth.schema import IMAGE_TOKEN, Record, Sample, decode_image
 from vlhealth.shards import ShardError, iter_tar, list_shards, verify_tars, write_atomic
 from vlhealth.volumes import grey_levels
 
@@ -80,6 +94,8 @@ log = logging.getLogger(__name__)
 
 PREDICTIONS_DIR = "predictions"
 PREDICTIONS_NAME = "predictions.jsonl"
+SHUFFLED_DIR = "predictions_shuffled"
+SHUFFLED_NAME = "predictions_shuffled.jsonl"
 CONFIG_NAME = "eval_config.json"
 RUN_NAME = "run.json"
 # Fields of eval_config.json that must match for a run to resume another's predictions.
@@ -116,6 +132,10 @@ class EvalConfig:
     progress: bool = False
     verify: bool = True  # compare each tar's sha256 with index.json before reading it
     baselines: bool = True  # identity / train-mean / majority / random-choice rows (reads the train split)
+    shuffled_images: bool = True  # score again with each input image swapped for another sample's (reliance.py)
+    shuffle_seed: int = 0  # seed of that derangement
+    shuffled_limit: int | None = None  # generation samples of the shuffled pass per subtask/body part and folder;
+    # None: as generation_limit
 
 
 @dataclass
@@ -126,6 +146,7 @@ class EvalResult:
     n_total: int
     report: dict[str, Any] | None = None
     seconds: float = 0.0
+    n_shuffled_new: int = 0  # new predictions of the shuffled-image pass
 
 
 # -------------------------------------------------------------------------------- predictions
@@ -195,8 +216,8 @@ def _record_json(members: dict[str, bytes]) -> dict[str, Any] | None:
 
 def _iter_members(shards: Sequence[os.PathLike | str], split: str | None, limit: int | None = None,
                   verify: bool = True, generation_limit: int | None = None
-                  ) -> Iterator[tuple[str, dict[str, bytes], dict, str]]:
-    """(key, members, record json, tar name) of the wanted split, in shard order; at most ``limit`` per shard
+                  ) -> Iterator[tuple[str, dict[str, bytes], dict, Path]]:
+    """(key, members, record json, tar path) of the wanted split, in shard order; at most ``limit`` per shard
     folder (so a quick run still covers every benchmark given) and at most ``generation_limit`` generation
     samples per subtask and body part of a folder (so every conversion direction and anatomy is covered).
     With ``verify`` every tar's sha256 is compared with its index.json first."""
@@ -226,32 +247,41 @@ def _iter_members(shards: Sequence[os.PathLike | str], split: str | None, limit:
                         continue
                     per_group[group] = per_group.get(group, 0) + 1
                 taken += 1
-                yield key, members, rec, tar.name
+                yield key, members, rec, tar
 
 
-Batch = list[tuple[str, dict[str, bytes], str]]  # (key, members, tar name)
+Batch = list[tuple[str, dict[str, bytes], Path]]  # (key, members, tar path)
 
 
-def _stream_batches(config: EvalConfig, rank: int, world: int, done: set[str], all_keys: list[str]) -> Iterator[Batch]:
+def _stream_batches(config: EvalConfig, rank: int, world: int, done: set[str] | Any, all_keys: list[str], *,
+                    entries: list[ShuffleEntry] | None = None, select: set[str] | None = None) -> Iterator[Batch]:
     """This rank's unfinished samples in fixed batches, streamed (at most one batch per task in memory).
 
     Batch boundaries count finished samples too, so a resumed run decodes the same batches as an
-    uninterrupted one. ``all_keys`` receives every evaluated key of every rank, in stream order.
+    uninterrupted one. ``all_keys`` receives every evaluated key of every rank, in stream order, and
+    ``entries`` (when given) what the shuffled-image pass needs of each. ``select``: only these keys
+    take part (the shuffled pass); ranks take every n-th of them.
     """
     pending: dict[str, Batch] = {"comprehension": [], "generation": []}
     slots = dict.fromkeys(pending, 0)
     seen: set[str] = set()
-    for i, (key, members, rec, tar) in enumerate(_iter_members(config.shards, config.split, config.limit,
-                                                                config.verify, config.generation_limit)):
+    j = -1
+    for key, members, rec, tar in _iter_members(config.shards, config.split, config.limit, config.verify,
+                                                config.generation_limit):
         if key in seen:
             raise EvalError(f"sample key {key!r} occurs twice in the evaluated shards")
         seen.add(key)
         all_keys.append(key)
-        if i % world != rank:
-            continue
         task = rec.get("task")
         if task not in pending:
-            raise EvalError(f"{tar}: sample {key!r}: unknown task {task!r}")
+            raise EvalError(f"{tar.name}: sample {key!r}: unknown task {task!r}")
+        if entries is not None:
+            entries.append(_shuffle_entry(key, members, rec, tar))
+        if select is not None and key not in select:
+            continue
+        j += 1
+        if j % world != rank:
+            continue
         slots[task] += 1
         if key not in done:
             pending[task].append((key, members, tar))
@@ -264,8 +294,25 @@ def _stream_batches(config: EvalConfig, rank: int, world: int, done: set[str], a
             yield pending[task]
 
 
-def _sample(key: str, members: dict[str, bytes], tar: str) -> Sample:
+def _shuffle_entry(key: str, members: dict[str, bytes], rec: dict[str, Any], tar: Path) -> ShuffleEntry:
+    """What the derangement needs of one sample: its task, kind, whether its prompt shows an image."""
+    conv = rec.get("conversations") or [{}]
+    has_image = load_members_image(members) is not None and IMAGE_TOKEN in str(conv[0].get("value", ""))
+    if rec.get("task") == "generation":
+        try:
+            tm = target_modality(Record.from_json(dict(rec)))
+        except (ValueError, TypeError, KeyError):
+            tm = None
+        kind = generation_group(str(rec.get("subtask")), rec.get("body_part"), tm)
+    else:
+        kind = str(rec.get("source"))
+    return ShuffleEntry(key, str(rec.get("task")), kind, has_image, tar,
+                        (str(tar.parent), rec.get("subtask"), rec.get("body_part")))
+
+
+def _sample(key: str, members: dict[str, bytes], tar: Path | str) -> Sample:
     """The validated sample; a broken one (e.g. a corrupt ``target.vq.npy``) is an error naming tar and sample."""
+    tar = Path(tar).name
     try:
         return Sample.from_members(key, members)
     except (ValueError, OSError, EOFError) as exc:
@@ -412,7 +459,18 @@ class _Runner:
             })
         return records
 
-    def generation(self, samples: list[Sample]) -> list[dict[str, Any]]:
+    def main(self, batch: Batch) -> list[dict[str, Any]]:
+        """The true-image pass over one batch of (key, members, tar)."""
+        samples = [_sample(key, members, tar) for key, members, tar in batch]
+        return self.comprehension(samples) if samples[0].record.task == "comprehension" else self.generation(samples)
+
+    def _n_codes(self) -> int | None:
+        """The eval VQGAN's codebook size when it is smaller than the 8192 image-token rows."""
+        cfg = getattr(self.vq, "config", None)
+        return int(cfg.n_embed) if cfg is not None and int(cfg.n_embed) < 8192 else None
+
+    def _decode_images(self, samples: list[Sample]) -> tuple[Any, Any, Any, list[str]]:
+        """Greedy image tokens, their repair reports and decoded images, and the questions."""
         ids, mask, pixel_values, questions = self._batch_inputs(samples, "generation")
         kwargs: dict[str, Any] = {"constrained": self.config.constrained_images}
         if getattr(self.vq, "config", None) is not None:  # a smaller codebook than the 8192 token rows
@@ -420,7 +478,10 @@ class _Runner:
         if self.config.max_image_tokens is not None:
             kwargs["max_new_tokens"] = self.config.max_image_tokens
         codes, reports = self.model.generate_image_tokens(ids, mask, pixel_values, **kwargs)
-        preds = self.vq.decode(codes)
+        return codes, reports, self.vq.decode(codes), questions
+
+    def _targets(self, samples: list[Sample]) -> tuple[list[np.ndarray], dict[int, np.ndarray]]:
+        """The 8-bit targets and the VQGAN's reconstruction of each target's codes (by row)."""
         targets = [s.target for s in samples]
         vq_rows = [i for i, s in enumerate(samples) if s.target_vq is not None]
         recon = self.vq.decode(np.stack([samples[i].target_vq for i in vq_rows])) if vq_rows else None
@@ -428,23 +489,39 @@ class _Runner:
         for i, t in enumerate(targets):
             if t is None:  # a target known only by its codes: score against their decoding
                 targets[i] = recon_of[i]
+        return targets, recon_of
+
+    def _scores(self, sample: Sample, pred: np.ndarray, target: np.ndarray) -> dict[str, Any]:
+        """Image metrics (+ LPIPS, + HU metrics of CT targets) and the true target's teacher-forced loss."""
+        metrics = image_metrics(pred, target)
+        if self.lpips is not None:
+            metrics["lpips"] = self.lpips.distance_uint8(pred, target)
+        hu: dict[str, float] = {}
+        if target_modality(sample.record) == "CT":
+            ref = hu_reference(sample)
+            if ref is not None:
+                gt_hu, body, window = ref
+                pred_hu = to_hu(pred, window)
+                if pred_hu.shape != gt_hu.shape:
+                    raise EvalError(f"sample {sample.key!r}: HU reference {gt_hu.shape} does not match "
+                                    f"the {pred_hu.shape} prediction")
+                hu = synthrad_metrics(gt_hu, pred_hu, body)
+        out: dict[str, Any] = {"metrics": _metrics_json(metrics), "hu_metrics": _metrics_json(hu) if hu else None,
+                               "pred_std": float(np.std(grey_levels(pred)))}
+        try:
+            scored = teacher_forced_loss(self.model, sample, sample.input_image, self._n_codes())
+        except ValueError as exc:  # e.g. target codes beyond the eval VQGAN's codebook
+            scored, out["loss_error"] = None, str(exc)
+        out["loss"], out["n_loss_tokens"] = (_finite(scored[0]), scored[1]) if scored else (None, None)
+        return out
+
+    def generation(self, samples: list[Sample]) -> list[dict[str, Any]]:
+        codes, reports, preds, questions = self._decode_images(samples)
+        targets, recon_of = self._targets(samples)
         records = []
         for i, sample in enumerate(samples):
             rec = sample.record
             target = targets[i]
-            metrics = image_metrics(preds[i], target)
-            if self.lpips is not None:
-                metrics["lpips"] = self.lpips.distance_uint8(preds[i], target)
-            hu: dict[str, float] = {}
-            if target_modality(rec) == "CT":
-                ref = hu_reference(sample)
-                if ref is not None:
-                    gt_hu, body, window = ref
-                    pred_hu = to_hu(preds[i], window)
-                    if pred_hu.shape != gt_hu.shape:
-                        raise EvalError(f"sample {sample.key!r}: HU reference {gt_hu.shape} does not match "
-                                        f"the {pred_hu.shape} prediction")
-                    hu = synthrad_metrics(gt_hu, pred_hu, body)
             ceiling = None
             if i in recon_of and sample.target is not None:
                 ceiling = _metrics_json(image_metrics(recon_of[i], sample.target))
@@ -457,12 +534,27 @@ class _Runner:
                 "target_modality": target_modality(rec),
                 "question": questions[i].replace(IMAGE_TOKEN, "").strip(),
                 "codes": [int(c) for c in codes[i]],
-                "pred_std": float(np.std(grey_levels(preds[i]))),
                 "tokens_ok": bool(rep.ok), "token_notes": list(rep.notes),
-                "metrics": _metrics_json(metrics), "hu_metrics": _metrics_json(hu) if hu else None,
+                **self._scores(sample, preds[i], target),
                 "vq_ceiling": ceiling,
                 "baselines": {k: _metrics_json(v) for k, v in
                               generation_baselines(inp, target, group, self.train_ref).items()},
+            })
+        return records
+
+    def shuffled_generation(self, samples: list[Sample]) -> list[dict[str, Any]]:
+        """The shuffled-image pass: ``samples`` carry another sample's input image; scored against their
+        own (true) targets, and the true target's loss given the swapped image."""
+        codes, reports, preds, _ = self._decode_images(samples)
+        targets, _ = self._targets(samples)
+        records = []
+        for i, sample in enumerate(samples):
+            rec = sample.record
+            records.append({
+                "key": sample.key, "task": rec.task, "subtask": rec.subtask, "source": rec.source,
+                "body_part": rec.body_part, "target_modality": target_modality(rec),
+                "n_distinct_codes": len(np.unique(np.asarray(codes[i]))), "tokens_ok": bool(reports[i].ok),
+                **self._scores(sample, preds[i], targets[i]),
             })
         return records
 
@@ -516,6 +608,9 @@ def _config_record(config: EvalConfig, model: Any, vq: Any, lpips: Any) -> dict[
         "max_new_tokens": config.max_new_tokens,
         "max_image_tokens": config.max_image_tokens,
         "constrained_images": config.constrained_images,
+        "shuffled_images": config.shuffled_images,
+        "shuffle_seed": config.shuffle_seed if config.shuffled_images else None,
+        "shuffled_limit": config.shuffled_limit,
         "lpips": [Path(p).name for p in config.lpips_weights] if lpips is not None else None,
         "overrides": {k: str(v) if isinstance(v, os.PathLike) else v for k, v in config.overrides.items()
                       if k not in ("llm_path", "clip_path")},
@@ -537,17 +632,81 @@ def _check_resume(out: Path, current: dict[str, Any]) -> None:
                 f"({previous.get(name)!r} vs now {current.get(name)!r}); use a new --out folder")
 
 
-def run_evaluation(config: EvalConfig, *, model: Any = None, vq: Any = None, lpips: Any = None) -> EvalResult:
-    """Evaluate (or resume evaluating) ``config.shards``; rank 0 writes the report when all is done.
+def _decode_pass(batches: Iterator[Batch], handle: Any, writer: _PartWriter, progress: Any,
+                 budget: list[int | None]) -> tuple[int, bool]:
+    """Decode ``batches`` with ``handle(batch) -> records`` and append them; ``budget[0]`` counts down the
+    batches this run may still decode (``max_batches``). Returns (new predictions, stopped early)."""
+    n_new = 0
+    for batch in batches:
+        if budget[0] is not None:
+            if budget[0] <= 0:
+                return n_new, True
+            budget[0] -= 1
+        with torch.inference_mode():
+            records = handle(batch)
+        writer.write(records)
+        n_new += len(records)
+        progress(len(records))
+    return n_new, False
 
-    ``model``/``vq``/``lpips`` may be passed pre-built (tests, notebooks); otherwise they are built
-    from ``config`` on this rank's device.
-    """
-    t0 = time.perf_counter()
+
+class _ShuffledPass:
+    """The shuffled-image pass of one rank (:mod:`healthgpt.evaluation.reliance`): which image each sample
+    gets, which samples are scored, and the batches of those still to do."""
+
+    def __init__(self, config: EvalConfig, entries: list[ShuffleEntry], out: Path) -> None:
+        self.config = config
+        self.entries = {e.key: e for e in entries}
+        self.donors, self.notes = plan_donors(entries, config.shuffle_seed)
+        limit = config.shuffled_limit if config.shuffled_limit is not None else config.generation_limit
+        self.keys = shuffled_selection(entries, self.donors, limit)
+        self.out = out
+        from vlhealth.shards import TarReader
+
+        self.reader = TarReader()
+
+    def done(self) -> dict[str, dict[str, Any]]:
+        """Finished shuffled predictions made with the current donors (a record made with another
+        derangement, e.g. under other limits, is redone)."""
+        found: dict[str, dict[str, Any]] = {}
+        pdir = self.out / SHUFFLED_DIR
+        for part in sorted(pdir.glob("part-r*.jsonl")) if pdir.is_dir() else []:
+            for rec in _read_jsonl(part):
+                if rec.get("donor") == self.donors.get(rec["key"]):
+                    found.setdefault(rec["key"], rec)
+        return found
+
+    def batches(self, rank: int, world: int) -> Iterator[Batch]:
+        return _stream_batches(self.config, rank, world, set(self.done()), [], select=set(self.keys))
+
+    def handle(self, runner: _Runner, batch: Batch) -> list[dict[str, Any]]:
+        samples = []
+        for key, members, tar in batch:
+            donor = self.entries[self.donors[key]]
+            image = load_members_image(self.reader.read(donor.tar, donor.key, ("input.png", "input.jpg")))
+            if image is None:
+                raise EvalError(f"{donor.tar.name}: sample {donor.key!r} lost its input image")
+            samples.append(_sample(key, with_image(members, image), tar))
+        task = samples[0].record.task
+        records = runner.comprehension(samples) if task == "comprehension" else runner.shuffled_generation(samples)
+        for r in records:
+            donor = self.donors[r["key"]]
+            r["donor"] = donor
+            r["donor_same_kind"] = self.entries[donor].kind == self.entries[r["key"]].kind
+        return records
+
+    def info(self) -> dict[str, Any]:
+        return {"status": "computed", "seed": self.config.shuffle_seed, "notes": self.notes,
+                "shuffled_limit": self.config.shuffled_limit, "n_scored": len(self.keys)}
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def _setup(config: EvalConfig, model: Any, vq: Any, lpips: Any) -> tuple[Dist, Path, str, Any, Any, Any, dict]:
     # gloo: the evaluator only needs barriers; ranks finish decoding at very different times, so
     # the barrier must outwait the slowest one
     dd = Dist(backend="gloo", timeout=timedelta(hours=24))
-    rank, world = dd.rank, dd.world
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     device = device_for(config.device, dd.local_rank)
@@ -555,65 +714,103 @@ def run_evaluation(config: EvalConfig, *, model: Any = None, vq: Any = None, lpi
     cfg_record = _config_record(config, model, vq, lpips)
     _check_resume(out, cfg_record)
     dd.barrier()
-    if rank == 0:
+    if dd.rank == 0:
         from vlhealth.shards import write_json_atomic
 
         write_json_atomic(out / CONFIG_NAME, cfg_record)
+    return dd, out, device, model, vq, lpips, cfg_record
 
+
+def run_evaluation(config: EvalConfig, *, model: Any = None, vq: Any = None, lpips: Any = None) -> EvalResult:
+    """Evaluate (or resume evaluating) ``config.shards``; rank 0 writes the report when all is done.
+
+    ``model``/``vq``/``lpips`` may be passed pre-built (tests, notebooks); otherwise they are built
+    from ``config`` on this rank's device. With ``shuffled_images`` the shuffled-image pass follows
+    the true-image one (``OUT/predictions_shuffled/``, resumable the same way).
+    """
+    t0 = time.perf_counter()
+    dd, out, device, model, vq, lpips, cfg_record = _setup(config, model, vq, lpips)
+    rank, world = dd.rank, dd.world
     done = set(read_predictions(out))
     all_keys: list[str] = []
+    entries: list[ShuffleEntry] = []
     train_ref = collect_train_reference(config.shards) if config.baselines else None
     runner = _Runner(config, model, vq, lpips, train_ref)
-    writer = _PartWriter(out / PREDICTIONS_DIR / f"part-r{rank:03d}.jsonl")
-    n_new = 0
-    stopped = False
     progress = _prediction_counter(config.progress and rank == 0)
+    budget: list[int | None] = [config.max_batches]
+    shuffled: _ShuffledPass | None = None
+    n_shuffled = 0
     try:
-        for bi, batch in enumerate(_stream_batches(config, rank, world, done, all_keys)):
-            if config.max_batches is not None and bi >= config.max_batches:
-                stopped = True
-                break
-            samples = [_sample(key, members, tar) for key, members, tar in batch]
-            task = samples[0].record.task
-            with torch.inference_mode():
-                records = runner.comprehension(samples) if task == "comprehension" else runner.generation(samples)
-            writer.write(records)
-            n_new += len(records)
-            progress(len(records))
+        writer = _PartWriter(out / PREDICTIONS_DIR / f"part-r{rank:03d}.jsonl")
+        try:
+            n_new, stopped = _decode_pass(_stream_batches(config, rank, world, done, all_keys, entries=entries),
+                                          runner.main, writer, progress, budget)
+        finally:
+            writer.close()
+        if config.shuffled_images and not stopped and all_keys:
+            shuffled = _ShuffledPass(config, entries, out)
+            writer = _PartWriter(out / SHUFFLED_DIR / f"part-r{rank:03d}.jsonl")
+            try:
+                n_shuffled, stopped = _decode_pass(shuffled.batches(rank, world),
+                                                   lambda b: shuffled.handle(runner, b), writer, progress, budget)
+            finally:
+                writer.close()
+                shuffled.close()
     finally:
-        writer.close()
         progress(None)
     n_total = len(all_keys)
     if n_total == 0:
         raise EvalError(f"no samples of split {config.split!r} in the given shards")
     dd.barrier()
-    result = EvalResult(out=out, complete=False, n_new=n_new, n_total=n_total)
+    result = EvalResult(out=out, complete=False, n_new=n_new, n_total=n_total, n_shuffled_new=n_shuffled)
     if rank != 0:
         result.seconds = time.perf_counter() - t0
         return result
+    return _finish(config, result, all_keys, stopped, shuffled, cfg_record, vq, lpips, train_ref, t0,
+                   {"world_size": world, "device": device})
+
+
+def _finish(config: EvalConfig, result: EvalResult, all_keys: list[str], stopped: bool,
+            shuffled: _ShuffledPass | None, cfg_record: dict[str, Any], vq: Any, lpips: Any, train_ref: Any,
+            t0: float, where: dict[str, Any]) -> EvalResult:
+    """Rank 0, when every rank is done: merge the predictions and write the report (or report partial)."""
+    out = result.out
     predictions = read_predictions(out)
     missing = [k for k in all_keys if k not in predictions]
+    shuffled_done = shuffled.done() if shuffled is not None else {}
+    missing += [k for k in (shuffled.keys if shuffled is not None else []) if k not in shuffled_done]
     if missing or stopped:
         result.seconds = time.perf_counter() - t0
-        log.info("evaluation partial: %d of %d samples predicted; rerun to continue", n_total - len(missing), n_total)
+        log.info("evaluation partial: %d predictions to go; rerun to continue", len(missing))
         return result
     ordered = [predictions[k] for k in sorted(all_keys)]
-    write_atomic(out / PREDICTIONS_NAME,
-                 "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in ordered).encode("utf-8"))
+    write_atomic(out / PREDICTIONS_NAME, _jsonl(ordered))
+    shuffled_records = None
+    reliance_info: dict[str, Any] = {"status": "not computed (--no-shuffled-images)"}
+    if shuffled is not None:
+        shuffled_records = [shuffled_done[k] for k in sorted(shuffled.keys)]
+        write_atomic(out / SHUFFLED_NAME, _jsonl(shuffled_records))
+        reliance_info = shuffled.info()
     from healthgpt.evaluation.report import write_report
 
     result.report = write_report(out, ordered, cfg_record, shards=config.shards, vq=vq,
                                  grids_per_task=config.grids_per_task,
-                                 lpips_status=_lpips_status(config, lpips), train_ref=train_ref)
+                                 lpips_status=_lpips_status(config, lpips), train_ref=train_ref,
+                                 shuffled=shuffled_records, reliance=reliance_info)
     result.complete = True
     result.seconds = time.perf_counter() - t0
     from vlhealth.shards import write_json_atomic
 
-    write_json_atomic(out / RUN_NAME, {"seconds_this_run": round(result.seconds, 3), "new_predictions": n_new,
-                                       "total_predictions": n_total, "world_size": world, "device": device,
+    write_json_atomic(out / RUN_NAME, {"seconds_this_run": round(result.seconds, 3), "new_predictions": result.n_new,
+                                       "new_shuffled_predictions": result.n_shuffled_new,
+                                       "total_predictions": result.n_total, **where,
                                        "config": {k: v for k, v in asdict(config).items()
                                                   if k in ("batch_size", "limit", "max_batches", "device")}})
     return result
+
+
+def _jsonl(records: Sequence[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
 
 
 def _lpips_status(config: EvalConfig, lpips: Any) -> str:
@@ -650,6 +847,10 @@ EVAL_HELP = (
     "Writes OUT/report.json, OUT/report.md (the paper's table layouts), OUT/predictions.jsonl and "
     "OUT/grids/*.png (input | prediction | target). Interrupted runs resume: rerun the same command. "
     "Under torchrun every rank takes every n-th sample and rank 0 writes the report.\n\n"
+    "Image reliance (on by default, --no-shuffled-images skips it): every sample is scored again with another test "
+    "sample's image of the same task (a seeded derangement, --shuffle-seed; --shuffled-limit bounds its generation "
+    "samples), reported as the row 'model, shuffled images' (OUT/predictions_shuffled.jsonl); generation rows also "
+    "give the true target's teacher-forced loss.\n\n"
     "Example:\n\n"
     "    healthgpt eval --shards shards/vqa_rad --shards shards/synthrad --checkpoint runs/stage3/final.safetensors "
     "--preset tiny --out reports/tiny\n\n"
@@ -687,6 +888,14 @@ def eval_command(
         "Compare each tar's sha256 with its folder's index.json before reading it (--no-verify skips it)."))] = True,
     model_set: Annotated[list[str] | None, typer.Option(
         "--model-set", help="Model preset override key=value, as given to healthgpt train (variant, experts, ...).")] = None,
+    shuffled_images: Annotated[bool, typer.Option(
+        "--shuffled-images/--no-shuffled-images", help=(
+            "Image reliance: score the model again with each input image swapped for another test sample's image "
+            "of the same task (a seeded derangement), reported as the row 'model, shuffled images'."))] = True,
+    shuffle_seed: Annotated[int, typer.Option(min=0, help="Seed of the shuffled-image derangement.")] = 0,
+    shuffled_limit: Annotated[int | None, typer.Option(min=1, help=(
+        "At most N generation samples per subtask and body part of each --shards folder in the shuffled-image "
+        "pass (it decodes each one again; default: as --generation-limit)."))] = None,
 ) -> None:
     from rich.console import Console
 
@@ -707,7 +916,7 @@ def eval_command(
         split=None if split == "all" else split, limit=limit, generation_limit=generation_limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
         max_image_tokens=max_image_tokens, constrained_images=constrained_images,
         lpips_weights=lpips_weights or [], grids_per_task=grids, device=device, overrides=overrides, progress=True,
-        verify=verify,
+        verify=verify, shuffled_images=shuffled_images, shuffle_seed=shuffle_seed, shuffled_limit=shuffled_limit,
     )
     try:
         result = run_evaluation(config)
@@ -718,6 +927,6 @@ def eval_command(
         if world_info()[0] == 0:
             console.print(f"partial: {result.n_new} new predictions; rerun the same command to continue")
         return
-    console.print(f"{result.n_total} samples ({result.n_new} new) in {result.seconds:.1f} s; "
-                  f"wrote {out.name}/report.md, report.json, predictions.jsonl")
+    console.print(f"{result.n_total} samples ({result.n_new} new, {result.n_shuffled_new} new with shuffled images) "
+                  f"in {result.seconds:.1f} s; wrote {out.name}/report.md, report.json, predictions.jsonl")
     sys.stdout.write((out / "report.md").read_text("utf-8").split("## Notes")[0])

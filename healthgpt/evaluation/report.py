@@ -6,13 +6,16 @@ of :mod:`healthgpt.evaluation.evaluate` into
 * ``report.json`` — everything, machine-readable: comprehension per benchmark (``close``,
   ``open``, ``all``, ``choice``, counts, choice accuracy per modality), generation per subtask and
   body part (SSIM 0-1, PSNR dB, MSE in 8-bit grey levels, LPIPS or ``null``, SynthRAD HU metrics,
-  the VQGAN ceiling, repaired token sequences), the metric definitions and the model/VQGAN
-  provenance. Deterministic: the same predictions give the same bytes (no timestamps here; timing
+  the VQGAN ceiling, repaired token sequences, the true target's teacher-forced ``loss``, the
+  ``shuffled_images`` row), ``image_reliance`` (true vs shuffled images on the same samples,
+  :mod:`healthgpt.evaluation.reliance`), the metric definitions and the model/VQGAN provenance. Deterministic: the same predictions give the same bytes (no timestamps here; timing
   goes to ``run.json``).
 * ``report.md`` — the paper's Table 1 (VQA-RAD/SLAKE/PathVQA close and all, MMMU-Med and
   OmniMedVQA op), Table 9 (single-choice accuracy per modality), Table 4 (modality conversion:
   SSIM/PSNR/MSE per direction and anatomy), Table 5 (super-resolution: SSIM/PSNR/MSE/LPIPS), the
-  SynthRAD2023 HU metrics, and notes. SSIM is shown x100, as in the paper.
+  SynthRAD2023 HU metrics, the image-reliance tables, and notes. SSIM is shown x100, as in the paper.
+  Every table has the row ``model, shuffled images`` (each input image swapped for another test
+  sample's of the same task) beside the baselines, in the same units.
 * ``grids/<subtask>/<key>.png`` — input | prediction | target, 256 px each, for a deterministic
   sample of generation cases (evenly spaced over the keys of each subtask).
 """
@@ -31,6 +34,7 @@ import numpy as np
 
 from healthgpt.evaluation.answer_metrics import ALL_DEFINITION, VQAItem, summarize_vqa
 from healthgpt.evaluation.baselines import BASELINE_NOTES, comprehension_baselines
+from healthgpt.evaluation.reliance import RELIANCE_DEFINITION, SHUFFLED_NAME, reliance_summary, token_weighted
 from healthgpt.evaluation.samples import benchmark_name
 
 __all__ = ["FLAT_STD", "REPORT_FORMAT", "benchmark_name", "benchmark_order", "prediction_diversity", "generation_summary", "table1_average",
@@ -40,7 +44,7 @@ REPORT_FORMAT = "healthgpt-eval-report/1"
 # baseline rows shown under each generation task (baselines.py), and their display names
 GENERATION_BASELINES = ("identity", "train_mean", "blank")
 _PREDICTOR_NAMES = {"identity": "identity (input)", "train_mean": "train mean image", "blank": "blank (flat background)",
-                    "vq_ceiling": "VQGAN ceiling",
+                    "vq_ceiling": "VQGAN ceiling", "shuffled_images": SHUFFLED_NAME,
                     "majority": "majority (train)", "random_choice": "random choice"}
 
 _TABLE1_ORDER = ["VQA-RAD", "SLAKE", "PathVQA", "MMMU-Med", "OMVQA"]
@@ -76,6 +80,10 @@ DEFINITIONS = {
             "fell back to a background code), out of n",
     "vq_ceiling": "the same 8-bit metrics for the VQGAN's own reconstruction of the target "
                   "(decode(target codes) vs target): the best a perfect token predictor could score",
+    "loss": "held-out teacher-forced loss of the true target: cross-entropy of its VQ codes (and end tokens) given "
+            "prompt + input image, the model's forward with labels exactly as training computes it, mean over the "
+            "label tokens of the row's samples",
+    "shuffled_images": RELIANCE_DEFINITION,
 }
 
 
@@ -109,11 +117,34 @@ def prediction_diversity(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "n_flat": sum(1 for s in stds if s < FLAT_STD) if stds else None}
 
 
-def generation_summary(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per ``subtask/body_part``: n, mean SSIM/PSNR/MSE/LPIPS, HU metrics, ceiling, repairs."""
+def _hu_summary(hu: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    if not hu:
+        return None
+    return {"n": len(hu), "mae_hu": _mean([h["mae_hu"] for h in hu]), "psnr_hu": _mean([h["psnr_hu"] for h in hu]),
+            "ssim_hu": _mean([h["ssim_hu"] for h in hu])}
+
+
+def _shuffled_summary(rs: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The ``model, shuffled images`` row of one generation group (None when none was scored)."""
+    if not rs:
+        return None
+    stds = [float(r["pred_std"]) for r in rs if r.get("pred_std") is not None]
+    return {**_summary_of([r["metrics"] for r in rs]), "loss": token_weighted(rs),
+            "n_loss": sum(1 for r in rs if r.get("loss") is not None),
+            "n_flat": sum(1 for s in stds if s < FLAT_STD) if stds else None,
+            "hu": _hu_summary([r["hu_metrics"] for r in rs if r.get("hu_metrics")])}
+
+
+def generation_summary(records: Sequence[dict[str, Any]],
+                       shuffled: Sequence[dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """Per ``subtask/body_part``: n, mean SSIM/PSNR/MSE/LPIPS, the true target's loss, HU metrics, ceiling,
+    repairs, and the ``shuffled_images`` row when ``shuffled`` (the shuffled-image pass) is given."""
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         groups[_group_name(r)].append(r)
+    shuffled_of: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in shuffled or []:
+        shuffled_of[_group_name(r)].append(r)
     out: dict[str, dict[str, Any]] = {}
     for name in sorted(groups):
         rs = groups[name]
@@ -131,15 +162,16 @@ def generation_summary(records: Sequence[dict[str, Any]]) -> dict[str, dict[str,
             "mse": _mean([m["mse"] for m in metrics]),
             "n_identical": sum(1 for m in metrics if m["psnr"] is None),
             "lpips": _mean(lp) if lp else None,
+            "loss": token_weighted(rs),
+            "n_loss": sum(1 for r in rs if r.get("loss") is not None),
             "n_repaired_tokens": sum(1 for r in rs if not r.get("tokens_ok", True)),
             **prediction_diversity(rs),
             "hu": None,
             "vq_ceiling": None,
         }
-        if hu:
-            entry["hu"] = {"n": len(hu), "mae_hu": _mean([h["mae_hu"] for h in hu]),
-                           "psnr_hu": _mean([h["psnr_hu"] for h in hu]),
-                           "ssim_hu": _mean([h["ssim_hu"] for h in hu])}
+        entry["hu"] = _hu_summary(hu)
+        if shuffled is not None:
+            entry["shuffled_images"] = _shuffled_summary(shuffled_of.get(name, []))
         if ceil:
             entry["vq_ceiling"] = _summary_of(ceil)
         entry["baselines"] = {b: _summary_of(v) for b in GENERATION_BASELINES
@@ -229,6 +261,7 @@ def _markdown(report: dict[str, Any]) -> str:
 
     lines += _comprehension_section(report, model)
     lines += _generation_section(report)
+    lines += _reliance_section(report)
 
     lines += ["## Notes", "", f"- LPIPS: {report['lpips']}."]
     lines += [f"- `{k}`: {v.rstrip('.')}." for k, v in DEFINITIONS.items()]
@@ -254,19 +287,23 @@ def _comprehension_section(report: dict[str, Any], model: dict[str, Any]) -> lis
     rows = [_table1_row(model["preset"], comp, comp, order)]
     for name, summary in (report.get("comprehension_baselines") or {}).items():
         rows.append(_table1_row(_PREDICTOR_NAMES.get(name, name), summary, comp, order))
+    shuffled = ((report.get("image_reliance") or {}).get("comprehension") or {}).get("shuffled")
+    if shuffled is not None:
+        rows.append(_table1_row(SHUFFLED_NAME, shuffled, comp, order))
     lines += _table(header + ["Avg."], rows) + [""]
     lines += ["Per benchmark:", ""]
-    rows = [[b, str(comp[b]["n_closed"]), str(comp[b]["n_open"]), str(comp[b]["n_choice"]),
-             _f(comp[b]["close"]), _f(comp[b]["open"]), _f(comp[b]["all"]), _f(comp[b]["choice"])]
-            for b in order]
+    named = [(b, b, comp[b]) for b in order] + [(b, f"{b}, {SHUFFLED_NAME}", shuffled[b])
+                                                  for b in order if shuffled and b in shuffled]
+    rows = [[label, str(s["n_closed"]), str(s["n_open"]), str(s["n_choice"]),
+             _f(s["close"]), _f(s["open"]), _f(s["all"]), _f(s["choice"])] for _, label, s in named]
     lines += _table(["Benchmark", "n closed", "n open", "n choice", "close", "open (recall)", "all", "choice"],
                     rows) + [""]
     choice_benches = [b for b in order if comp[b]["by_modality"]]
     if choice_benches:
         mods = sorted({m for b in choice_benches for m in comp[b]["by_modality"]})
         lines += ["Single-choice accuracy by modality (Table 9 layout, %):", ""]
-        rows = [[b] + [_f(comp[b]["by_modality"].get(m, {}).get("choice")) for m in mods] + [_f(comp[b]["choice"])]
-                for b in choice_benches]
+        rows = [[label] + [_f(s["by_modality"].get(m, {}).get("choice")) for m in mods] + [_f(s["choice"])]
+                for b, label, s in named if b in choice_benches and s["by_modality"]]
         lines += _table(["Benchmark"] + mods + ["Overall"], rows) + [""]
     lines += [f"Definition of `all`: {ALL_DEFINITION}", ""]
     if report.get("unscorable"):
@@ -296,28 +333,72 @@ def _generation_section(report: dict[str, Any]) -> list[str]:
         rows = []
         for v in group.values():
             rows.append([name(v), "model", str(v["n"]), _f(v["ssim"], 100), _f(v["psnr"]), _f(v["mse"]),
-                         _f(v["lpips"], 1, 4), str(v["n_repaired_tokens"]),
+                         _f(v["lpips"], 1, 4), _f(v.get("loss"), 1, 3), str(v["n_repaired_tokens"]),
                          "–" if v.get("n_flat") is None else str(v["n_flat"])])
+            if v.get("shuffled_images"):
+                m = v["shuffled_images"]
+                rows.append([name(v), SHUFFLED_NAME, str(m["n"]), _f(m["ssim"], 100), _f(m["psnr"]), _f(m["mse"]),
+                             "–", _f(m.get("loss"), 1, 3), "–", "–" if m.get("n_flat") is None else str(m["n_flat"])])
             others = {**(v.get("baselines") or {}), **({"vq_ceiling": v["vq_ceiling"]} if v.get("vq_ceiling")
                                                        else {})}
             rows += [[name(v), _PREDICTOR_NAMES[b], str(m["n"]), _f(m["ssim"], 100), _f(m["psnr"]),
-                      _f(m["mse"]), "–", "–", "–"] for b, m in others.items()]
+                      _f(m["mse"]), "–", "–", "–", "–"] for b, m in others.items()]
         return rows
 
-    header = ["Task", "Predictor", "n", "SSIM", "PSNR (dB)", "MSE", "LPIPS", "repaired", "flat"]
+    header = ["Task", "Predictor", "n", "SSIM", "PSNR (dB)", "MSE", "LPIPS", "loss", "repaired", "flat"]
     for title, group in (("Modality conversion (Table 4 layout)", conv),
                          ("Super-resolution (Table 5 layout)", sr), ("Other generation tasks", other)):
         if group:
             lines += [f"### {title}", ""] + _table(header, rows_of(group)) + [""]
-    hu = {k: v for k, v in gen.items() if v.get("hu")}
+    hu = [(name(v), label, h) for v in gen.values()
+          for label, h in (("model", v.get("hu")), (SHUFFLED_NAME, (v.get("shuffled_images") or {}).get("hu"))) if h]
     if hu:
         lines += ["### SynthRAD2023 challenge metrics (HU, body mask)", ""]
-        lines += _table(["Task", "n", "MAE (HU)", "PSNR (dB)", "SSIM"],
-                        [[name(v), str(v["hu"]["n"]), _f(v["hu"]["mae_hu"], 1, 1), _f(v["hu"]["psnr_hu"]),
-                          _f(v["hu"]["ssim_hu"], 1, 4)] for v in hu.values()]) + [""]
+        lines += _table(["Task", "Predictor", "n", "MAE (HU)", "PSNR (dB)", "SSIM"],
+                        [[task, label, str(h["n"]), _f(h["mae_hu"], 1, 1), _f(h["psnr_hu"]), _f(h["ssim_hu"], 1, 4)]
+                         for task, label, h in hu]) + [""]
     if report.get("grids"):
         lines += ["### Examples (input | prediction | target)", ""]
         lines += [f"![{Path(g).stem}]({g})" for g in report["grids"]] + [""]
+    return lines
+
+
+def _below(true: float | None, shuffled: float | None) -> str:
+    """How far the true-image loss lies below the shuffled-image one, in percent of the latter."""
+    if true is None or shuffled is None or shuffled == 0:
+        return "–"
+    return f"{100 * (shuffled - true) / shuffled:.1f}%"
+
+
+def _reliance_section(report: dict[str, Any]) -> list[str]:
+    """True images vs shuffled images on the same samples (``image_reliance``)."""
+    rel = report.get("image_reliance") or {}
+    lines = ["## Image reliance (does the model look?)", ""]
+    if "comprehension" not in rel:
+        return lines + [f"Shuffled-image pass: {rel.get('status', 'not computed')}.", ""]
+    lines += [f"Each input image swapped for another test sample's of the same task (seed {rel.get('seed')}; "
+              f"{rel.get('n_same_kind', 0)} of {rel.get('n_scored', 0)} swapped images are of the same subtask/body part "
+              "or source); true-image numbers on the same samples.", ""]
+    lines += [f"- {note}." for note in rel.get("notes") or []] + ([""] if rel.get("notes") else [])
+    comp = rel.get("comprehension")
+    if comp:
+        rows = []
+        for b in benchmark_order(comp["shuffled"]):
+            t, s = comp["true"].get(b, {}), comp["shuffled"][b]
+            rows.append([b, str(s["n_closed"]), f"{_f(t.get('close'))} / {_f(s['close'])}", str(s["n_open"]),
+                         f"{_f(t.get('open'))} / {_f(s['open'])}", str(s["n_choice"]),
+                         f"{_f(t.get('choice'))} / {_f(s['choice'])}"])
+        lines += ["Comprehension (%, true / shuffled images):", ""]
+        lines += _table(["Benchmark", "n closed", "close", "n open", "open (recall)", "n choice", "choice"], rows)
+        lines += [""]
+    gen = rel.get("generation") or {}
+    if gen:
+        rows = [[g, str(v["n"]), _f(v["ssim_true"], 100), _f(v["ssim_shuffled"], 100), _f(v["loss_true"], 1, 3),
+                 _f(v["loss_shuffled"], 1, 3), _below(v["loss_true"], v["loss_shuffled"])]
+                for g, v in list(gen.items()) + [("all", rel["generation_pooled"])]]
+        lines += ["Generation (SSIM x100; loss: the true target's teacher-forced loss):", ""]
+        lines += _table(["Task", "n", "SSIM true", "SSIM shuffled", "loss true", "loss shuffled",
+                         "true below shuffled"], rows) + [""]
     return lines
 
 
@@ -395,8 +476,11 @@ def write_report(
     grids_per_task: int = 4,
     lpips_status: str = "not computed",
     train_ref: Any = None,
+    shuffled: Sequence[dict[str, Any]] | None = None,
+    reliance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write report.json, report.md and the grids; returns the report dict."""
+    """Write report.json, report.md and the grids; returns the report dict. ``shuffled``: the predictions of
+    the shuffled-image pass (None: not run), ``reliance``: its seed, notes and status."""
     from vlhealth.shards import write_atomic
 
     out = Path(out_dir)
@@ -414,11 +498,15 @@ def write_report(
         "comprehension_baselines": comprehension_baselines(comp_recs, train_ref) if comp_recs else {},
         "baselines": {"definitions": BASELINE_NOTES, **(train_ref.describe() if train_ref is not None else {})},
         "unscorable": unscorable,
-        "generation": generation_summary(gen_recs),
+        "generation": generation_summary(gen_recs, None if shuffled is None else
+                                         [r for r in shuffled if r["task"] == "generation"]),
+        "image_reliance": reliance_summary(predictions, shuffled, reliance or {"status": "not computed"},
+                                           _group_name),
         "lpips": lpips_status,
         "definitions": DEFINITIONS,
         "grids": grids,
         "predictions": "predictions.jsonl",
+        "predictions_shuffled": "predictions_shuffled.jsonl" if shuffled is not None else None,
     }
     write_atomic(out / "report.json",
                  (json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n").encode())

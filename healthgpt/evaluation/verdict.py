@@ -1,8 +1,8 @@
 """A short, plain verdict on a finished run (``healthgpt verdict``): did the model learn the tasks?
 
 One line per task, read from what the pipeline already wrote: the eval report (model and baseline
-rows, VQGAN ceiling), the tokenizer's training report, and each training stage's
-``train_summary.json`` (per-task loss first/last). Each line gives the model's number, the best
+rows, VQGAN ceiling, the shuffled-image rows), the tokenizer's training report, and each training
+stage's ``train_summary.json`` (its validation loss). Each line gives the model's number, the best
 baseline's, and says plainly whether the model beats it; the project's targets are checked with
 their numbers (met or missed), never adjusted:
 
@@ -12,7 +12,19 @@ their numbers (met or missed), never adjusted:
   report has it, so that a model whose images collapsed to background cannot pass; the line says how
   many of the model's images are flat (one tone everywhere) and how many VQ codes they use;
 * closed questions of VQA-RAD + SLAKE: model accuracy >= majority baseline + 15 points;
-* every training stage's loss, per task, ends at <= 70% of its start.
+* image reliance (``healthgpt eval --shuffled-images``, the report's ``image_reliance``: every test
+  image swapped for another test sample's of the same task, on the same samples): closed-question
+  accuracy (all benchmarks) with true images >= the shuffled-image row + 10 points; the generation
+  validation loss of the true target with true images >= 10% below the one with shuffled images;
+  SSIM true vs shuffled is stated beside them. An eval without the shuffled pass misses both;
+* validation loss (the trainer's ``--val-every``: fixed held-out batches, ``val_by_task`` in
+  ``final/train_summary.json``), per stage and task: it ends below where it started; and at the end
+  of stage 3 it is at most 50% of the *untrained* model's. The untrained model's loss of a task is
+  the validation loss at step 0 of the earliest stage that trained that task: among the runs under
+  ``--runs`` whose ``train_summary.json`` names that task (``task``, ``mixed`` for both, or a
+  ``val_by_task`` entry), the one with the lowest ``stage`` (ties: folder name); stage 1 when it is
+  there. A run without validation loss reads "no validation loss (train with --val-every)" and
+  misses its targets.
 """
 
 from __future__ import annotations
@@ -24,11 +36,15 @@ from typing import Annotated, Any
 
 import typer
 
-__all__ = ["Check", "CLOSED_MARGIN", "LOSS_RATIO", "VQ_CEILING_SSIM", "collect_checks", "verdict_command"]
+__all__ = ["Check", "CLOSED_MARGIN", "RELIANCE_CLOSED_MARGIN", "RELIANCE_LOSS_GAP", "UNTRAINED_RATIO",
+           "VQ_CEILING_SSIM", "collect_checks", "verdict_command"]
 
 VQ_CEILING_SSIM = 0.85
 CLOSED_MARGIN = 15.0  # percentage points over the majority baseline
-LOSS_RATIO = 0.7
+RELIANCE_CLOSED_MARGIN = 10.0  # percentage points of closed accuracy, true over shuffled images
+RELIANCE_LOSS_GAP = 0.10  # the true-image generation loss at least this fraction below the shuffled-image one
+UNTRAINED_RATIO = 0.5  # stage 3's last validation loss at most this fraction of the untrained model's
+NO_VAL = "no validation loss (train with --val-every)"
 CONVERSIONS = ("ct2mri/brain", "ct2mri/pelvis", "mri2ct/brain", "mri2ct/pelvis")
 _NAMES = {"identity": "identity", "train_mean": "train mean", "blank": "blank", "majority": "majority", "random_choice": "random choice"}
 
@@ -113,17 +129,129 @@ def _comprehension(report: dict[str, Any]) -> list[Check]:
     return out
 
 
-def _losses(runs: Path) -> list[Check]:
-    out = []
-    for summary_path in sorted(runs.glob("*/final/train_summary.json")):
-        summary = json.loads(summary_path.read_text("utf-8"))
-        stage = summary_path.parent.parent.name
-        for task, v in sorted((summary.get("loss_by_task") or {}).items()):
-            ratio = v["last"] / v["first"] if v["first"] else float("inf")
-            ok = ratio <= LOSS_RATIO
-            out.append(Check(f"loss:{stage}:{task}", f"loss {stage} / {task}: {v['first']:.3f} -> {v['last']:.3f} "
-                             f"({100 * ratio:.0f}% of start, target <= {100 * LOSS_RATIO:.0f}%): {_yes(ok)}", ok))
+def _reliance(report: dict[str, Any]) -> list[Check]:
+    """Image reliance: true vs shuffled images on the same samples (the report's ``image_reliance``)."""
+    rel = report.get("image_reliance") or {}
+    has_comp = any((v or {}).get("n_closed") for v in (report.get("comprehension") or {}).values())
+    has_gen = bool(report.get("generation"))
+    out: list[Check] = []
+    if "comprehension" not in rel:  # no shuffled pass in this eval
+        why = f"not measured ({rel.get('status', 'no shuffled-image pass')}; eval with --shuffled-images)"
+        if has_comp:
+            out.append(Check("reliance:closed", f"image reliance, closed questions: {why}: MISSED", False))
+        if has_gen:
+            out.append(Check("reliance:generation_loss", f"image reliance, generation loss: {why}: MISSED", False))
+        return out
+    notes = "; ".join(rel.get("notes") or [])
+    comp = rel.get("comprehension") or {}
+    pooled = [(comp["true"][b], s) for b, s in (comp.get("shuffled") or {}).items() if s.get("n_closed")]
+    if pooled:
+        n = sum(s["n_closed"] for _, s in pooled)
+        true = sum(t["close"] * s["n_closed"] for t, s in pooled) / n
+        shuf = sum(s["close"] * s["n_closed"] for _, s in pooled) / n
+        ok = true >= shuf + RELIANCE_CLOSED_MARGIN
+        out.append(Check("reliance:closed", f"image reliance, closed questions (n={n}, all benchmarks): true images "
+                         f"{true:.1f}% | shuffled images {shuf:.1f}% | {true - shuf:+.1f} points (target >= "
+                         f"+{RELIANCE_CLOSED_MARGIN:.0f}): {_yes(ok)}", ok))
+    elif has_comp:
+        out.append(Check("reliance:closed", f"image reliance, closed questions: none scored with shuffled images "
+                         f"({notes or 'no closed question took part'}): MISSED", False))
+    gen = rel.get("generation_pooled") or {}
+    if gen.get("loss_true") is not None and gen.get("loss_shuffled"):
+        below = (gen["loss_shuffled"] - gen["loss_true"]) / gen["loss_shuffled"]
+        ok = below >= RELIANCE_LOSS_GAP
+        out.append(Check("reliance:generation_loss", f"image reliance, generation loss of the true target (held-out, "
+                         f"teacher-forced, n={gen['n']}): true images {gen['loss_true']:.4f} | shuffled images "
+                         f"{gen['loss_shuffled']:.4f} | {100 * below:.1f}% below (target >= "
+                         f"{100 * RELIANCE_LOSS_GAP:.0f}% below): {_yes(ok)}", ok))
+    elif has_gen:
+        out.append(Check("reliance:generation_loss", "image reliance, generation loss: not scored with shuffled images "
+                         f"({notes or 'no loss: samples without target codes'}): MISSED", False))
+    if gen.get("ssim_true") is not None and gen.get("ssim_shuffled") is not None:
+        out.append(Check("reliance:generation_ssim", f"image reliance, generation SSIM (n={gen['n']}): true images "
+                         f"{gen['ssim_true']:.3f} | shuffled images {gen['ssim_shuffled']:.3f} | "
+                         f"{gen['ssim_true'] - gen['ssim_shuffled']:+.3f}", None))
     return out
+
+
+def _stage_of(name: str, summary: dict[str, Any]) -> float:
+    stage = summary.get("stage")
+    if isinstance(stage, int | float):
+        return float(stage)
+    digits = "".join(ch for ch in name if ch.isdigit())
+    return float(digits) if digits else float("inf")
+
+
+def _tasks_of(summary: dict[str, Any]) -> list[str]:
+    """The tasks a run trained: its ``task`` (``mixed``: both), its training-loss and its validation tasks."""
+    task = summary.get("task")
+    tasks = {"comprehension", "generation"} if task == "mixed" else {task} if task else set()
+    return sorted(tasks | set(summary.get("loss_by_task") or {}) | set(summary.get("val_by_task") or {}))
+
+
+def _read_runs(runs: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(folder name, train_summary) of every run under ``runs``, earliest stage first (ties: name)."""
+    found = []
+    for path in sorted(runs.glob("*/final/train_summary.json")):
+        found.append((path.parent.parent.name, json.loads(path.read_text("utf-8"))))
+    return sorted(found, key=lambda r: (_stage_of(*r), r[0]))
+
+
+def _untrained(found: list[tuple[str, dict[str, Any]]], task: str) -> tuple[float | None, str, Any]:
+    """(the untrained model's validation loss of ``task``, where it was read, that run's validation sources):
+    step 0 of the earliest stage that trained the task (see the module docstring)."""
+    for name, s in found:
+        if task not in _tasks_of(s):
+            continue
+        step0 = next((float(h["val_loss"][task]) for h in s.get("val_loss") or []
+                      if int(h.get("step", -1)) == 0 and task in (h.get("val_loss") or {})), None)
+        sources = (s.get("val_sources") or {}).get(task)
+        if step0 is not None:
+            return step0, f"{name} step 0", sources
+        v = (s.get("val_by_task") or {}).get(task)
+        if v is not None:  # no step-0 validation (e.g. resumed): its first one, said so
+            return float(v["first"]), f"{name} step {v['first_step']}, its first validation, not step 0", sources
+        return None, f"{name} (the earliest run that trained {task}) has {NO_VAL}", sources
+    return None, f"no run trained {task}", None
+
+
+def _losses(runs: Path) -> list[Check]:
+    """Per stage and task: the validation loss ends below its start; stage 3 ends at most 50% of the untrained
+    model's (module docstring)."""
+    out = []
+    found = _read_runs(runs)
+    for name, summary in found:
+        for task in _tasks_of(summary):
+            v = (summary.get("val_by_task") or {}).get(task)
+            if v is None:
+                out.append(Check(f"loss:{name}:{task}", f"val loss {name} / {task}: {NO_VAL}: MISSED", False))
+                if _stage_of(name, summary) == 3:
+                    out.append(Check(f"loss_vs_untrained:{name}:{task}", f"val loss {name} / {task} vs the untrained "
+                                     f"model: {NO_VAL}: MISSED", False))
+                continue
+            ok = v["last"] < v["first"]
+            out.append(Check(f"loss:{name}:{task}", f"val loss {name} / {task}: {v['first']:.4f} (step "
+                             f"{v['first_step']}) -> {v['last']:.4f} (step {v['last_step']}), "
+                             f"{100 * v['last'] / v['first']:.0f}% of its start (target: ends below its start): "
+                             f"{_yes(ok)}", ok))
+            if _stage_of(name, summary) == 3:
+                out.append(_vs_untrained(found, name, summary, task, v))
+    return out
+
+
+def _vs_untrained(found: list[tuple[str, dict[str, Any]]], name: str, summary: dict[str, Any], task: str,
+                  v: dict[str, Any]) -> Check:
+    base, where, sources = _untrained(found, task)
+    head = f"val loss {name} / {task} vs the untrained model"
+    if base is None:
+        return Check(f"loss_vs_untrained:{name}:{task}", f"{head}: {where}: MISSED", False)
+    ratio = v["last"] / base if base else float("inf")
+    ok = ratio <= UNTRAINED_RATIO
+    mine = (summary.get("val_sources") or {}).get(task)
+    differ = f" (validation sets differ: {sources} vs {mine})" if sources and mine and sources != mine else ""
+    return Check(f"loss_vs_untrained:{name}:{task}", f"{head}: {v['last']:.4f} (step {v['last_step']}) is "
+                 f"{100 * ratio:.0f}% of {base:.4f} ({where}: the untrained model's, the earliest stage that trained "
+                 f"{task}){differ} (target <= {100 * UNTRAINED_RATIO:.0f}%): {_yes(ok)}", ok)
 
 
 def collect_checks(eval_dir: Path, runs: Path | None = None, vq_report: Path | None = None) -> list[Check]:
@@ -131,7 +259,7 @@ def collect_checks(eval_dir: Path, runs: Path | None = None, vq_report: Path | N
     if report is None:
         raise FileNotFoundError(f"{eval_dir.name}/report.json not found: run healthgpt eval first")
     checks = _ceiling(report, _read(vq_report) if vq_report else None)
-    checks += _generation(report) + _comprehension(report)
+    checks += _generation(report) + _comprehension(report) + _reliance(report)
     if runs is not None:
         checks += _losses(runs)
     return checks
@@ -139,11 +267,18 @@ def collect_checks(eval_dir: Path, runs: Path | None = None, vq_report: Path | N
 
 def verdict_command(
     eval_dir: Annotated[Path, typer.Option("--eval", help="healthgpt eval --out folder (report.json).")],
-    runs: Annotated[Path | None, typer.Option(help="Folder of training --out folders (*/final/train_summary.json).")] = None,
+    runs: Annotated[Path | None, typer.Option(help=(
+        "Folder of training --out folders (*/final/train_summary.json, trained with --val-every). The untrained "
+        "model's validation loss of a task is step 0 of the earliest stage there that trained it."))] = None,
     vq_report: Annotated[Path | None, typer.Option(help="vq_train_report.json of the VQGAN used.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the checks to this JSON file.")] = None,
 ) -> None:
     """Print one line per task: the model, the best baseline, whether it beats it, and the targets met or missed.
+
+    Targets: VQGAN ceiling; conversions above every baseline; closed questions over the majority; image reliance
+    (true images over shuffled ones: closed accuracy +10 points, generation loss 10% below); per stage and task the
+    validation loss ends below its start, and stage 3 ends at most 50% of the untrained model's (the validation
+    loss at step 0 of the earliest stage under --runs that trained the task).
 
     Example:
 
@@ -155,6 +290,9 @@ def verdict_command(
     typer.echo("== verdict (tiny model on demo data; research use only, not for clinical use)")
     for c in checks:
         typer.echo(f"  {c.line}")
+    if runs is not None:
+        typer.echo("  (validation loss: the trainer's fixed held-out batches; the untrained model's loss of a task is the "
+                   "validation loss at step 0 of the earliest stage under --runs that trained it)")
     typer.echo(f"  targets met: {len(targets) - len(missed)} of {len(targets)}"
                + (f"; missed: {', '.join(missed)}" if missed else ""))
     if json_out is not None:
