@@ -25,7 +25,7 @@ section() {
 DEMO_SCALE="${DEMO_SCALE:-6}"
 # VQA_SCALE: VQA-RAD / SLAKE replicas this many times larger (image-dependent answers need a few hundred images)
 VQA_SCALE="${VQA_SCALE:-40}"
-VQ_STEPS="${VQ_STEPS:-400}"
+VQ_STEPS="${VQ_STEPS:-800}"
 
 section "1. demo data (synthetic replicas of the upstream layouts, scale $DEMO_SCALE) -> $RAW"
 vlhealth demo-data "$RAW" --scale "$DEMO_SCALE" --scale-source vqa_rad="$VQA_SCALE" --scale-source slake="$VQA_SCALE"
