@@ -544,3 +544,14 @@ def test_fp32_trainable_rows_in_a_bf16_model_without_autocast(stage: str) -> Non
     assert any(p.grad is not None for p in params)
     ids = torch.tensor([encode_prompt(tok, "What?", template="chatml")])
     assert model.generate(ids, pixel_values=pv, task=task, max_new_tokens=2, stop_token_ids=[]).shape == (1, 2)
+
+
+def test_llm_only_weights_load_into_any_plugin_configuration(tmp_path) -> None:
+    # a text pre-training holds LLM weights only: its file records the default plugins, but the plugins
+    # (and visual feature levels) of the model it is loaded into do not matter for it
+    a, _ = build_model("tiny", seed=3)
+    save_trainable(a, tmp_path / "text.safetensors", ["word_embeddings", "lm_head", "llm_base"])
+    b, _ = build_model("tiny", variant="lora", comp_r=96, shared_plugin=True, comprehension_features="concrete")
+    keys = load_trainable(b, tmp_path / "text.safetensors")
+    assert keys and not any(".plugins." in k for k in keys)
+    torch.testing.assert_close(b.embed.old, a.embed.old)

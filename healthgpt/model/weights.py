@@ -142,13 +142,17 @@ def load_trainable(model: HealthGPT, path: str | os.PathLike[str], strict: bool 
         meta = read_metadata(path)
     except Exception as err:  # safetensors raises several types for bad files
         raise CheckpointError(f"{source}: not a readable safetensors checkpoint ({err})") from err
-    if strict and meta.get("adapters"):
+    # the configurations matter only for what the file holds: a text pre-training (LLM weights only) loads
+    # into a model with any plugins or feature levels
+    has_plugins = any(".plugins." in k for k in tensors)
+    has_adapters = any(k.startswith(("vision.abstract_adapter.", "vision.concrete_adapter.")) for k in tensors)
+    if strict and has_plugins and meta.get("adapters"):
         ours = {t: c.to_dict() for t, c in model.adapters.items()}
         if meta["adapters"] != ours:
             raise CheckpointError(f"{source}: adapter configuration {meta['adapters']} differs from the "
                                   f"model's {ours}")
     levels = dict(model.vision.feature_levels)
-    if strict and meta.get("feature_levels") and meta["feature_levels"] != levels:
+    if strict and has_adapters and meta.get("feature_levels") and meta["feature_levels"] != levels:
         raise CheckpointError(f"{source}: trained with visual feature levels {meta['feature_levels']}, the model "
                               f"reads {levels} (pass the same comprehension_features/generation_features)")
     params = dict(model.named_parameters(remove_duplicate=False))
