@@ -10,8 +10,10 @@ The ``HealthGPT`` methods of the same names are these functions.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -112,7 +114,8 @@ def generate(
     decoder = decoder_of(model.llm)
     bsz = embeds.shape[0]
     out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True)
-    cache = out.past_key_values
+    cache_kw = _cache_keyword(decoder)
+    cache = _cache_of(out)
     logits = model.lm_head(out.last_hidden_state[:, -1])
     next_pos = pos[:, -1:] + 1
     stop_t = torch.tensor(stops, dtype=torch.long, device=model.device) if stops else None
@@ -135,8 +138,8 @@ def generate(
             break
         mask = torch.cat([mask, mask.new_ones((bsz, 1))], dim=1)
         out = decoder(inputs_embeds=model.embed_tokens(token[:, None]), attention_mask=mask,
-                      position_ids=next_pos, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+                      position_ids=next_pos, use_cache=True, **{cache_kw: cache})
+        cache = _cache_of(out)
         logits = model.lm_head(out.last_hidden_state[:, -1])
         next_pos = next_pos + 1
     if not generated:
@@ -192,6 +195,18 @@ def generate_image_tokens(
         codes.append(c)
         reports.append(r)
     return np.stack(codes), reports
+
+
+def _cache_keyword(decoder: nn.Module) -> str:
+    """The decoder's KV-cache argument: ``cache`` in transformers 5.2x (``past_key_values`` is deprecated
+    there and warns on every call), ``past_key_values`` before."""
+    params = inspect.signature(type(decoder).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _cache_of(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def stop_token_ids_for(model: nn.Module) -> list[int]:
