@@ -1,6 +1,6 @@
 """Did a run learn? Its scores against the baselines in its own ``eval/report.json``.
 
-:func:`baseline_margins` gives, per score metric of :func:`healthgpt.experiment.results.report_metrics`,
+:func:`baseline_margins` gives, per score metric of :func:`healthgpt.experiment.scores.report_metrics`,
 ``margin:<metric>`` = the model's value minus the best baseline's, each baseline scored on the same
 items and aggregated the same way as the model (> 0: the run beat every baseline; for ``mse``, lower
 is better and the sign follows):
@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from healthgpt.experiment.scores import report_metrics
 from healthgpt.experiment.stats import MARGIN
 
 __all__ = ["COMP_BASELINES", "GEN_BASELINES", "baseline_margins", "loss_margins"]
@@ -56,8 +57,6 @@ def _comp_margins(report: Mapping[str, Any], baseline: str) -> dict[str, float]:
 
 
 def _gen_margins(report: Mapping[str, Any], baseline: str) -> dict[str, float]:
-    from healthgpt.experiment.results import report_metrics
-
     gen = report.get("generation") or {}
     model_part, base_part = {}, {}
     for group, g in gen.items():

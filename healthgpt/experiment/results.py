@@ -35,11 +35,12 @@ import json
 import math
 import statistics
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from healthgpt.experiment.learned import baseline_margins, loss_margins
+from healthgpt.experiment.scores import report_metrics
 from healthgpt.experiment.spec import Experiment, RunSpec, expand, parse_experiment
 from healthgpt.experiment.stats import MARGIN, Summary, evaluate_claim, mean_std
 
@@ -47,8 +48,6 @@ __all__ = ["EXPERIMENT_FILE", "ExperimentResults", "collect_experiment", "read_l
 
 EXPERIMENT_FILE = "experiment.json"
 RUN_FILE = "run.json"
-# generation subtasks -> the paper's columns (Table 4: RECOM, MTRANS, SR); gen_avg averages these
-FAMILIES = {"ct2mri": "mtrans", "mri2ct": "mtrans", "recon": "recon", "sr4x": "sr", "report2cxr": "report2cxr"}
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -94,46 +93,6 @@ def step_time(step_dir: str | Path, skip_first: int = 1) -> float | None:
     if not total:
         return None
     return sum(len(v) / total * statistics.median(v) for v in by_task.values())
-
-
-def _weighted(entries: Sequence[Mapping[str, Any]], key: str, scale: float = 1.0) -> float | None:
-    pairs = [(e[key], e.get("n", 1)) for e in entries if e.get(key) is not None]
-    total = sum(n for _, n in pairs)
-    return sum(v * n for v, n in pairs) / total * scale if total else None
-
-
-def report_metrics(report: Mapping[str, Any]) -> dict[str, float | None]:
-    """Flat metrics of a ``report.json`` (see the module docstring)."""
-    from healthgpt.evaluation.report import table1_average
-
-    out: dict[str, float | None] = {}
-    comp = report.get("comprehension") or {}
-    for bench, s in comp.items():
-        for m in ("close", "all", "open", "choice"):
-            out[f"comp/{bench}/{m}"] = s.get(m)
-    if comp:
-        out["comp_avg"] = table1_average(comp)
-    gen = report.get("generation") or {}
-    by_group: dict[str, list[dict[str, Any]]] = defaultdict(list)  # recon_ct, ct2mri, ...
-    by_subtask: dict[str, list[dict[str, Any]]] = defaultdict(list)  # recon, ct2mri, ...
-    for group, g in gen.items():
-        prefix = group.split("/")[0]
-        by_group[prefix].append(g)
-        if g.get("subtask") and g["subtask"] != prefix:
-            by_subtask[str(g["subtask"])].append(g)
-        if g.get("body_part"):
-            for m, scale in (("ssim", 100.0), ("psnr", 1.0), ("mse", 1.0)):
-                out[f"gen/{prefix}/{g['body_part']}/{m}"] = None if g.get(m) is None else g[m] * scale
-    by_family: dict[str, list[dict[str, Any]]] = defaultdict(list)  # the paper's columns: mtrans, recon, sr
-    for g in gen.values():
-        by_family[FAMILIES.get(str(g.get("subtask")), str(g.get("subtask")))].append(g)
-    for name, entries in [*by_group.items(), *by_subtask.items(), *by_family.items()]:
-        for m, scale in (("ssim", 100.0), ("psnr", 1.0), ("mse", 1.0)):
-            out[f"gen/{name}/{m}"] = _weighted(entries, m, scale)
-    ssims = [out[f"gen/{f}/ssim"] for f in sorted(by_family) if out.get(f"gen/{f}/ssim") is not None]
-    if ssims:
-        out["gen_avg"] = sum(ssims) / len(ssims)  # type: ignore[arg-type]
-    return out
 
 
 def _timing_session(record: Mapping[str, Any], step: str) -> str | None:
