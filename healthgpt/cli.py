@@ -35,6 +35,19 @@ def _main() -> None:
     """Keeps ``healthgpt`` a command group even while ``infer`` is its only command."""
 
 
+def _infer_overrides(preset: str, seed: int, llm_path: Path | None, clip_path: Path | None, dtype: str | None,
+                     model_set: list[str] | None) -> dict[str, object]:
+    """``build_model`` overrides of ``healthgpt infer`` (the seed only for the presets with random parts)."""
+    from healthgpt.training.train import _parse_sets
+
+    overrides: dict[str, object] = {} if preset in ("m3", "l14", "xl32") else {"seed": seed}
+    for name, value in (("llm_path", llm_path), ("clip_path", clip_path), ("dtype", dtype)):
+        if value is not None:
+            overrides[name] = value
+    overrides.update(_parse_sets(model_set or [], "--model-set"))
+    return overrides
+
+
 @app.command(
     help=(
         "Answer a question about an image, or generate an image (--task generation).\n\n"
@@ -92,18 +105,7 @@ def infer(
     text = question if task == "comprehension" else (instruction or question)
     if not text:
         raise typer.BadParameter("--question (comprehension) or --instruction (generation) is required")
-    overrides: dict[str, object] = {"seed": seed}
-    if llm_path is not None:
-        overrides["llm_path"] = llm_path
-    if clip_path is not None:
-        overrides["clip_path"] = clip_path
-    if dtype is not None:
-        overrides["dtype"] = dtype
-    if preset in ("m3", "l14", "xl32"):
-        overrides.pop("seed")
-    from healthgpt.training.train import _parse_sets
-
-    overrides.update(_parse_sets(model_set or [], "--model-set"))
+    overrides = _infer_overrides(preset, seed, llm_path, clip_path, dtype, model_set)
     try:
         model = load_model(preset, checkpoint=checkpoint, released=released, device=device, **overrides)
     except (MissingWeightsError, CheckpointError, ValueError) as err:
