@@ -264,3 +264,35 @@ def test_the_init_chain_is_recorded_and_its_data_reaches_the_export(small_run, t
     assert [s["run"] for s in info["stages"]][-1] == "stage3"
     with pytest.raises(ExportError, match="unknown|credentialed"):
         plan_model_publish(tmp_path / "export")
+
+
+def test_a_run_that_carries_the_base_llm_exports_and_loads(small_run, tmp_path) -> None:
+    """A run grown from a text pre-training (the demo's runs start from text-lm) saves llm_base: its export
+    holds those weights too, and loading the export gives back the run's model."""
+    import torch
+
+    from healthgpt.model.presets import build_model
+    from healthgpt.model.weights import load_trainable, save_trainable
+    from healthgpt.training.train import TrainConfig, train
+
+    text_lm = tmp_path / "text-lm.safetensors"
+    base, _ = build_model("tiny", seed=7)  # another seed: LLM weights unlike the default tiny model's
+    save_trainable(base, text_lm, ["word_embeddings", "lm_head", "llm_base"])
+    out = tmp_path / "run"
+    train(TrainConfig(preset="tiny", stage=3, task="comprehension", shards=[str(small_run["comp"])], out=out,
+                      init=(text_lm,), overrides={"steps": 1, "micro_batch": 2, "global_batch": 2},
+                      save_every=0, progress=False))
+    summary = export_run(out, tmp_path / "export")
+    assert (summary.out / "base_rows.safetensors").is_file()
+    card = (summary.out / "README.md").read_text("utf-8")
+    assert "base_rows.safetensors" in card and "every\n  LLM weight" in card
+    run_model, _ = build_model("tiny")
+    load_trainable(run_model, out / "final" / "trainable.safetensors")
+    exported, _ = build_model("tiny")
+    load_export(exported, summary.out)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids, task="comprehension").logits,
+                                   run_model(ids, task="comprehension").logits)
+        assert not torch.equal(exported.llm.model.layers[0].mlp.down_proj.base_layer.weight,
+                               build_model("tiny")[0].llm.model.layers[0].mlp.down_proj.base_layer.weight)

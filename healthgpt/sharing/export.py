@@ -262,7 +262,9 @@ def export_run(
     row_meta = {k: meta[k] for k in ("format_version", "preset", "template", "adapters", "vocab_first_new",
                                      "vocab_total") if k in meta}
     covered.update(_save_rows(model, ["new_token_rows"], tmp / TOKEN_ROWS, row_meta))
-    base_groups = [g for g in ("word_embeddings", "lm_head") if g in meta.get("groups", [])]
+    # the LLM's own weights a run trained or carried (stage 2's embedding/head rows; every LLM weight of a
+    # text pre-training such as the demo's text-lm) travel with the export: without them it is another model
+    base_groups = [g for g in ("word_embeddings", "lm_head", "llm_base") if g in meta.get("groups", [])]
     if base_groups:
         covered.update(_save_rows(model, base_groups, tmp / BASE_ROWS, row_meta))
     lost = sorted(loaded - covered)
@@ -384,7 +386,8 @@ reconstruction) through task-specific H-LoRA plugins on a shared LLM.
   (`visual_adapter.safetensors`).
 * `{TOKEN_ROWS}`: the 8195 new token rows (`<start_index>`, 8192 `<idx_N>`, `<end_index>`,
   `<pixel_newline>`) of the embedding and the LM head.{f'''
-* `{BASE_ROWS}`: the LLM's own embedding/head rows, trained in stage 2.''' if BASE_ROWS in
+* `{BASE_ROWS}`: the LLM's own weights this model changed (embedding/head rows trained in stage 2; every
+  LLM weight when it grew from a text pre-training): they replace the base model's.''' if BASE_ROWS in
   [p.name for p in folder.iterdir()] else ''}
 * `healthgpt_export.json`: preset `{preset}`, template `{info.get('template')}`, adapter
   configurations, VQGAN description, stages, data and file checksums.
