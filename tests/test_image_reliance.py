@@ -264,3 +264,18 @@ def test_shuffled_limit_bounds_the_generation_pass(components: tuple, tmp_path: 
     assert res.report["generation"]["ct2mri/brain"]["shuffled_images"]["n"] == 1
     # the three brain samples lend each other their images; the lone pelvis one is spliced into their cycle
     assert rel["n_same_kind"] >= 1 and np.isfinite(rel["generation_pooled"]["loss_true"])
+
+
+def test_donors_come_from_other_patients_where_there_are_any() -> None:
+    # 3 patients x 6 slices: a plain derangement would give many same-patient donors (neighbouring slices)
+    keys = [f"p{p}-slice{s:02d}" for p in range(3) for s in range(6)]
+    groups = {k: k.split("-")[0] for k in keys}
+    for seed in range(5):
+        d = derangement(keys, seed, "generation", "ct2mri/brain", groups=groups)
+        assert all(d[k] != k for k in keys)
+        assert all(groups[d[k]] != groups[k] for k in keys)
+        assert sorted(d.values()) == sorted(keys)  # a permutation
+    # one patient only: the plain derangement, still no fixed point
+    one = {k: "p0" for k in keys}
+    d = derangement(keys, 0, "generation", "ct2mri/brain", groups=one)
+    assert all(d[k] != k for k in keys)

@@ -307,7 +307,7 @@ def _shuffle_entry(key: str, members: dict[str, bytes], rec: dict[str, Any], tar
     else:
         kind = str(rec.get("source"))
     return ShuffleEntry(key, str(rec.get("task")), kind, has_image, tar,
-                        (str(tar.parent), rec.get("subtask"), rec.get("body_part")))
+                        (str(tar.parent), rec.get("subtask"), rec.get("body_part")), str(rec.get("group") or key))
 
 
 def _sample(key: str, members: dict[str, bytes], tar: Path | str) -> Sample:

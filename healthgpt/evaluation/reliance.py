@@ -70,19 +70,36 @@ class ShuffleEntry:
     has_image: bool
     tar: Any  # Path of the tar holding the sample (the donor image is read from it)
     limit_group: tuple[Any, ...]  # (shard folder, subtask, body part): what --shuffled-limit counts in
+    group: str = ""  # the patient / image group: a donor from the same one would be a near copy
 
 
 def _rng(seed: int, *names: str) -> np.random.Generator:
     return np.random.default_rng([int(seed) & 0xFFFFFFFF] + [zlib.crc32(n.encode("utf-8")) for n in names])
 
 
-def derangement(keys: Sequence[str], seed: int, *names: str) -> dict[str, str]:
+def derangement(keys: Sequence[str], seed: int, *names: str,
+                groups: Mapping[str, str] | None = None) -> dict[str, str]:
     """A seeded random derangement of ``keys`` (sorted first, so the stream order does not matter):
-    ``{key: donor}`` with ``donor != key``; ``names`` (task, kind) make each group's draw its own."""
+    ``{key: donor}`` with ``donor != key``; ``names`` (task, kind) make each group's draw its own.
+
+    ``groups`` (key -> patient/image group): when no group holds more than half of the keys, no donor
+    comes from its sample's own group (another slice of the same patient, another question on the same
+    image, would be a near copy): the keys are laid out group by group (groups and members in seeded
+    random order) and each takes the image of the key as many places on as the largest group has
+    members. Otherwise (or without ``groups``) a uniform random derangement (rejection sampling)."""
     order = sorted(keys)
     if len(order) < 2:
         raise ValueError("a derangement needs at least two samples")
     rng = _rng(seed, *names)
+    if groups is not None:
+        members: dict[str, list[str]] = defaultdict(list)
+        for k in order:
+            members[str(groups.get(k, k))].append(k)
+        largest = max(len(v) for v in members.values())
+        if len(members) > 1 and 2 * largest <= len(order):
+            layout = [k for g in rng.permutation(sorted(members)) for k in rng.permutation(members[str(g)])]
+            n = len(layout)
+            return {str(layout[i]): str(layout[(i + largest) % n]) for i in range(n)}
     ident = np.arange(len(order))
     while True:  # rejection sampling: about e draws on average, uniform over derangements
         perm = rng.permutation(len(order))
@@ -96,6 +113,7 @@ def plan_donors(entries: Sequence[ShuffleEntry], seed: int) -> tuple[dict[str, s
     donors: dict[str, str] = {}
     notes: list[str] = []
     tasks: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    group_of = {e.key: e.group or e.key for e in entries}
     no_image: dict[str, int] = defaultdict(int)
     for e in entries:
         if e.has_image:
@@ -114,7 +132,7 @@ def plan_donors(entries: Sequence[ShuffleEntry], seed: int) -> tuple[dict[str, s
         singles: list[str] = []
         for kind in sorted(kinds):
             if len(kinds[kind]) >= 2:
-                donors.update(derangement(kinds[kind], seed, task, kind))
+                donors.update(derangement(kinds[kind], seed, task, kind, groups=group_of))
             else:
                 singles += kinds[kind]
         if len(singles) >= 2:
@@ -124,6 +142,8 @@ def plan_donors(entries: Sequence[ShuffleEntry], seed: int) -> tuple[dict[str, s
             placed = sorted(k for ks in kinds.values() if len(ks) >= 2 for k in ks)
             y = placed[int(_rng(seed, task, "(splice)").integers(len(placed)))]
             donors[x], donors[y] = donors[y], x
+    same = sum(group_of[k] == group_of[d] for k, d in donors.items())
+    notes.append(f"{same} of {len(donors)} donor images come from the sample's own patient/image group")
     return donors, notes
 
 

@@ -296,12 +296,16 @@ def source_sample_counts(specs: Sequence[ShardSpec | str], split: str = "train")
     return out
 
 
-HOLDOUT_EVERY = 20  # a source without a val split lends 1 in 20 of its train groups to validation
+# 1 in 20 train groups of every source are never trained on: a source without a val split validates on
+# them, and a stage-2 mix (no val split, but drawn from sources whose other stages train on the rest)
+# cannot validate on what an earlier stage trained on
+HOLDOUT_EVERY = 20
 
 
 def held_out(rec: Mapping[str, Any]) -> bool:
-    """Whether a train sample belongs to the validation slice of a source without a ``val`` split:
-    decided by its patient/image group (its key when it has none), so a group is never on both sides."""
+    """Whether a train sample belongs to the held-out slice that no training reads (1 in ``HOLDOUT_EVERY``
+    patient/image groups; decided by the group, its key when it has none, so a group is never on both
+    sides, and by the group alone, so the slice is the same in a source's own shards and in a mix of it)."""
     group = str(rec.get("group") or rec.get("key") or "")
     digest = hashlib.sha256(group.encode("utf-8")).digest()
     return int.from_bytes(digest[:4], "big") % HOLDOUT_EVERY == 0
@@ -395,10 +399,9 @@ class TaskBatchStream(IterableDataset):
             "comprehension": ("json", "input.png", "input.jpg"),
             "generation": ("json", "input.png", "input.jpg", "target.vq.npy"),
         }
-        # the train groups a source without a val split lends to validation are never trained on,
-        # whether validation runs or not (healthgpt.training.validation)
-        lend = holdout_streams(cfg.specs) if cfg.split == "train" else set()
-        self.lent = {(shard.path.name, task) for i, task in lend for shard in self.sources[i]}
+        # the held-out train groups are never trained on, whether validation runs or not
+        # (healthgpt.training.validation); only the train split has them
+        self.skip_held_out = cfg.split == "train"
 
     # -- worker identity ---------------------------------------------------------------------
     def _logical_worker(self) -> int:
@@ -439,8 +442,8 @@ class TaskBatchStream(IterableDataset):
     def _encode_counted(self, stats: dict[str, int], where: Path, key: str, rec: Mapping[str, Any],
                         members: Mapping[str, bytes]) -> _Example | None:
         """:meth:`_encode`, counting (and logging) bad samples and over-long ones in ``stats``; None skips
-        (also the train samples lent to validation, counted as ``validation``)."""
-        if self.lent and (where.name, rec.get("task")) in self.lent and held_out({"group": rec.get("group"), "key": key}):
+        (also the held-out train groups, counted as ``validation``)."""
+        if self.skip_held_out and rec.get("split") == "train" and held_out({"group": rec.get("group"), "key": key}):
             stats["validation"] = stats.get("validation", 0) + 1
             return None
         try:

@@ -64,6 +64,7 @@ def text_encodings(model: Any, shards: Sequence[os.PathLike | str], *, split: st
                    image_text: str = "", max_len: int = 512) -> list[dict[str, Any]]:
     """Encoded comprehension conversations of ``split`` from ``shards``, ``<image>`` replaced by ``image_text``."""
     from healthgpt.model.conversation import encode_conversation
+    from healthgpt.training.data import held_out
     from vlhealth.schema import IMAGE_TOKEN
     from vlhealth.shards import iter_samples
 
@@ -73,6 +74,8 @@ def text_encodings(model: Any, shards: Sequence[os.PathLike | str], *, split: st
             rec = sample.record
             if rec.task != "comprehension" or rec.split != split:
                 continue
+            if split == "train" and held_out({"group": rec.group, "key": sample.key}):
+                continue  # the held-out groups validate every stage: no training reads them
             conv = [{**turn, "value": str(turn["value"]).replace(IMAGE_TOKEN, image_text).strip()}
                     for turn in rec.conversations]
             out.append(encode_conversation(model.tokenizer, conv, template=model.template, max_len=max_len))

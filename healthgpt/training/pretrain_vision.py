@@ -181,6 +181,7 @@ def training_images(shards: Sequence[os.PathLike | str], split: str = "train", l
                     ) -> tuple[list[Any], list[str]]:
     """Input images and their texts of ``split`` from ``shards``, one per image (its first sample's text)."""
     from healthgpt.model.vision import decode_input_image
+    from healthgpt.training.data import held_out
     from vlhealth.shards import iter_samples
 
     images, texts, seen = [], [], set()
@@ -189,6 +190,8 @@ def training_images(shards: Sequence[os.PathLike | str], split: str = "train", l
             rec = sample.record
             if rec.split != split or sample.input_image is None:
                 continue
+            if split == "train" and held_out({"group": rec.group, "key": sample.key}):
+                continue  # the held-out groups validate every stage: no training reads them
             data = sample.input_image
             digest = zlib.crc32(data if isinstance(data, bytes) else np.ascontiguousarray(data).tobytes())
             text = _sample_text(rec)

@@ -300,6 +300,9 @@ def setup(cfg: TrainConfig, dd: Dist, device_kind: str, model: Any) -> _Run:
     loader, run.loader_state = make_loader(data_cfg, model.tokenizer, VisionPreprocessor.from_model(model),
                                            rank=dd.rank, world_size=dd.world, state=run.loader_state)
     run.batches = iter(loader)  # draws a base seed from the torch RNG
+    if cfg.val_every > 0 and cfg.split != "train":
+        raise ValueError(f"--val-every validates on held-out data: training on --split {cfg.split} would "
+                         "train on it; train on the train split")
     if cfg.val_every > 0:
         run.validation = ValidationSet.build(data_cfg, model.tokenizer, VisionPreprocessor.from_model(model),
                                              cfg.val_batches)
@@ -357,12 +360,12 @@ def fit(run: _Run, batch_hook: Callable[[int, dict[str, Any]], dict[str, Any]] |
                     f"{record.get('skip_reason')}); stopping. Resume from the last checkpoint with a lower "
                     f"--lr/--adapter-lr, or inspect the data around step {run.step} (metrics.jsonl lists the "
                     "skipped steps)")
+            if cfg.val_every and (run.step % cfg.val_every == 0 or run.step == run.total_steps):
+                _validate(run, writer, console)
             if cfg.debug_exit_after is not None and run.step >= cfg.debug_exit_after:
                 if cfg.save_every and run.step % cfg.save_every == 0:
                     _checkpoint(run)
                 os._exit(137)  # simulate a hard kill: no cleanup
-            if cfg.val_every and (run.step % cfg.val_every == 0 or run.step == run.total_steps):
-                _validate(run, writer, console)
             terminate = dd.any(stop["signal"])
             if (cfg.save_every and run.step % cfg.save_every == 0) or terminate:
                 _checkpoint(run)
@@ -459,6 +462,13 @@ def _validate(run: _Run, writer: Any, console: Any) -> None:
         for task, loss in losses.items():
             writer.add_scalar(f"val/loss_{task}", loss, run.step)
     console.print(f"step {run.step}: validation loss " + ", ".join(f"{t} {v:.4f}" for t, v in losses.items()))
+
+
+def _shareable(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Model overrides as a summary may show them: a path (``vision_path``, ``llm_path``, ...) by its folder
+    name only, never the building machine's absolute path."""
+    out = json.loads(json.dumps(dict(overrides), default=str))
+    return {k: (Path(str(v)).name if k.endswith("_path") and v is not None else v) for k, v in out.items()}
 
 
 def val_by_task(history: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
@@ -620,7 +630,7 @@ def _finish(run: _Run, status: str, console: Any) -> TrainResult:
                 "preset": cfg.preset, "stage": cfg.stage, "task": cfg.task, "steps": run.step,
                 "shards": [str(Path(s).name) for s in cfg.shards],  # names only (no local paths)
                 "lineage": run.lineage,  # the earlier stages this run's weights grew from, with their data
-                "model_overrides": json.loads(json.dumps(cfg.preset_overrides, default=str)),
+                "model_overrides": _shareable(cfg.preset_overrides),
                 "image_codes": cfg.image_codes,
                 "groups": list(run.groups), "saved_groups": run.saved_groups, "trainable": summary,
                 "hparams": json.loads(json.dumps(run.hp.to_dict(), default=str)),

@@ -6,10 +6,12 @@ about the model (a stage-2 run read its "start" as 0.58 where its next seven ste
 
 Where the batches come from
     Per task, the ``val`` split of every ``--shards`` source that has one. A source without a ``val``
-    split for a task (VQA-RAD's release has only train and test) lends a fixed slice of its *train*
-    groups instead (:func:`held_out`: 1 in 20 patient/image groups, by a hash of the group id), and
-    the training stream never reads that slice, whether validation is on or not, so switching
-    validation on or off cannot change what is trained on. The test split is never read.
+    split for a task (VQA-RAD's release has only train and test; a ``vlhealth mix``) validates on a
+    fixed slice of its *train* groups instead (:func:`~healthgpt.training.data.held_out`: 1 in 20
+    patient/image groups, by a hash of the group id). No training reads that slice, in any source,
+    whether validation is on or not (nor ``pretrain-text`` / ``pretrain-vision``), so switching
+    validation on or off cannot change what is trained on, and a stage-2 mix drawn from sources that
+    other stages train on validates only on groups no stage saw. The test split is never read.
 
     The examples are taken in key order, round-robin over the sources, encoded exactly as training
     encodes them (:meth:`TaskBatchStream._encode`) and collated into ``batches`` micro-batches of the
@@ -23,8 +25,8 @@ Scoring
 
 Public API::
 
-    (healthgpt.training.data: held_out(rec) -> bool, holdout_streams(specs) -> {(source, task)}: the
-    train slice a source without val lends, and which sources lend it)
+    (healthgpt.training.data: held_out(rec) -> bool, the held-out train groups no training reads;
+    holdout_streams(specs) -> {(source, task)}: the sources that validate on them, having no val split)
     ValidationSet.build(data_cfg, tokenizer, preprocess, batches) -> ValidationSet | None
     ValidationSet.loss(model, device, amp=None, n_codes=None) -> {task: loss}
 """
