@@ -134,12 +134,12 @@ finish stage1_generation "$RUNS/stage1-generation.log"
 $train --stage 2 --task mixed --shards "$DEMO_DIR/mix" \
   --init "$RUNS/stage1-comprehension" --init "$RUNS/stage1-generation" --out "$RUNS/stage2" --steps 300 --val-every 75
 $train --stage 3 --task mixed --shards "$SHARDS/vqa_rad" --shards "$SHARDS/slake" --shards "$SHARDS/synthrad:0.8" \
-  --init "$RUNS/stage2" --out "$RUNS/stage3" --steps 1800 --val-every 450
+  --init "$RUNS/stage2" --out "$RUNS/stage3" --steps 1500 --val-every 375
 
 section "6. evaluate on the held-out splits (baselines in every table)"
 healthgpt eval --shards "$SHARDS/vqa_rad" --shards "$SHARDS/slake" --shards "$SHARDS/omnimedvqa" \
   --shards "$SHARDS/synthrad" --checkpoint "$RUNS/stage3" --preset tiny --vq "$VQ" "${MS[@]}" \
-  --out "$DEMO_DIR/eval" --generation-limit 8 --batch-size 16 --max-new-tokens 16 --device cpu --constrained-images
+  --out "$DEMO_DIR/eval" --generation-limit 8 --shuffled-limit 4 --batch-size 16 --max-new-tokens 16 --device cpu --constrained-images
 
 section "6b. SynthRAD2023 as the challenge scores it: whole 3D volumes on the source grid (MR->CT)"
 # bounded: one held-out patient per anatomy, MR->CT only (every slice of it is generated, 1024 tokens each:
