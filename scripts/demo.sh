@@ -134,7 +134,7 @@ finish stage1_generation "$RUNS/stage1-generation.log"
 $train --stage 2 --task mixed --shards "$DEMO_DIR/mix" \
   --init "$RUNS/stage1-comprehension" --init "$RUNS/stage1-generation" --out "$RUNS/stage2" --steps 300 --val-every 75
 $train --stage 3 --task mixed --shards "$SHARDS/vqa_rad" --shards "$SHARDS/slake" --shards "$SHARDS/synthrad:0.8" \
-  --init "$RUNS/stage2" --out "$RUNS/stage3" --steps 1200 --val-every 300
+  --init "$RUNS/stage2" --out "$RUNS/stage3" --steps 1500 --val-every 375
 
 section "6. evaluate on the held-out splits (baselines in every table)"
 healthgpt eval --shards "$SHARDS/vqa_rad" --shards "$SHARDS/slake" --shards "$SHARDS/omnimedvqa" \
