@@ -15,17 +15,18 @@ The output is an ordinary trainable-weights checkpoint (``OUT/final/trainable.sa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
 import torch
 import typer
 
-__all__ = ["TEXT_GROUPS", "pretrain_text", "pretrain_text_command", "text_encodings"]
+__all__ = ["TEXT_GROUPS", "pretrain_text", "pretrain_text_command", "step_log", "text_encodings"]
 
 # the LLM's own weights: what a base model's pre-training trains
 TEXT_GROUPS = ("word_embeddings", "lm_head", "llm_base")
@@ -84,6 +85,25 @@ def text_encodings(model: Any, shards: Sequence[os.PathLike | str], *, split: st
     return out
 
 
+@contextlib.contextmanager
+def step_log(out: Path, name: str, steps: int, console: Any) -> Iterator[Callable[[int, dict[str, float]], None]]:
+    """A pre-training's step log: ``log(step, record)`` appends ``{"step", **record}`` to a fresh
+    ``OUT/metrics.jsonl`` and moves the progress bar (which shows ``record["loss"]``)."""
+    from vlhealth.progress import progress_bar
+
+    metrics = out / "metrics.jsonl"
+    metrics.write_text("", "utf-8")
+    with progress_bar(name, "loss {task.fields[loss]:.4f}", console=console, enabled=console.is_terminal) as progress:
+        bar = progress.add_task(name, total=steps, loss=float("nan"))
+
+        def log(step: int, record: dict[str, float]) -> None:
+            progress.update(bar, completed=step, loss=record["loss"])
+            with open(metrics, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"step": step, **record}) + "\n")
+
+        yield log
+
+
 def pretrain_text_command(
     shards: Annotated[list[Path], typer.Option("--shards", help="Shard folders whose conversations are the text "
                                                               "(comprehension samples; images are dropped).")],
@@ -111,7 +131,6 @@ def pretrain_text_command(
     from healthgpt.model.presets import build_model
     from healthgpt.model.weights import save_trainable
     from healthgpt.training.train import _parse_sets
-    from vlhealth.progress import progress_bar
 
     console = Console(stderr=True)
     overrides = _parse_sets(model_set or [], "--model-set")
@@ -123,18 +142,9 @@ def pretrain_text_command(
         raise typer.BadParameter(f"no {split!r} comprehension conversations in "
                                  + ", ".join(p.name for p in shards), param_hint="--shards")
     out.mkdir(parents=True, exist_ok=True)
-    metrics = out / "metrics.jsonl"
-    metrics.write_text("", "utf-8")
-    with progress_bar("pretrain-text", "loss {task.fields[loss]:.4f}", console=console,
-                      enabled=console.is_terminal) as progress:
-        bar = progress.add_task("pretrain-text", total=steps, loss=float("nan"))
-
-        def on_step(step: int, loss: float) -> None:
-            progress.update(bar, completed=step, loss=loss)
-            with open(metrics, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps({"step": step, "loss": loss}) + "\n")
-
-        losses = pretrain_text(model, encodings, steps=steps, lr=lr, batch=batch, seed=seed, on_step=on_step)
+    with step_log(out, "pretrain-text", steps, console) as log:
+        losses = pretrain_text(model, encodings, steps=steps, lr=lr, batch=batch, seed=seed,
+                               on_step=lambda step, loss: log(step, {"loss": loss}))
     final = out / "final"
     final.mkdir(exist_ok=True)
     save_trainable(model, final / "trainable.safetensors", TEXT_GROUPS)

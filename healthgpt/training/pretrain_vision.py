@@ -233,8 +233,8 @@ def pretrain_vision_command(
     from rich.console import Console
 
     from healthgpt.model.presets import build_model
+    from healthgpt.training.pretrain_text import step_log
     from healthgpt.training.train import _parse_sets
-    from vlhealth.progress import progress_bar
 
     console = Console(stderr=True)
     overrides = _parse_sets(model_set or [], "--model-set")
@@ -252,19 +252,9 @@ def pretrain_vision_command(
                                  param_hint="--shards")
     pixel_values = model.vision.preprocess(images)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = out / "metrics.jsonl"
-    metrics.write_text("", "utf-8")
-    with progress_bar("pretrain-vision", "loss {task.fields[loss]:.4f}", console=console,
-                      enabled=console.is_terminal) as progress:
-        bar = progress.add_task("pretrain-vision", total=steps, loss=float("nan"))
-
-        def on_step(step: int, parts: dict[str, float]) -> None:
-            progress.update(bar, completed=step, loss=parts["loss"])
-            with open(metrics, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps({"step": step, **parts}) + "\n")
-
+    with step_log(out, "pretrain-vision", steps, console) as log:
         history = pretrain_vision(model.vision.tower, pixel_values, texts, steps=steps, lr=lr, batch=batch,
-                                  seed=seed, on_step=on_step)
+                                  seed=seed, on_step=log)
     save_tower(model.vision.tower, out)
     k = min(10, len(history))
     mean = {key: (sum(h[key] for h in history[:k]) / k, sum(h[key] for h in history[-k:]) / k)
