@@ -15,6 +15,11 @@ Routes::
 Every refusal is an OpenAI-style error body with a 4xx status; a failure inside the model is a 500
 whose body carries only the request id (the log has the traceback under the same id). Every
 response has an ``x-request-id`` header.
+
+Before a route runs, :class:`~healthgpt.serving.guard.RequestGuard` checks the API key and the body
+size (401 / 413). Then: a full queue is a 429 with ``Retry-After``; a request whose client disconnects
+(streamed or not) has its job cancelled; one that passes its deadline (``request_timeout_s``,
+queueing included) is cancelled and answered 504.
 """
 
 from __future__ import annotations
@@ -35,9 +40,10 @@ from starlette.concurrency import run_in_threadpool
 
 from healthgpt.model.conversation import IMAGE_PLACEHOLDER
 from healthgpt.serving.errors import ApiError, error_body, new_request_id
+from healthgpt.serving.guard import ApiKeys, RequestGuard
 from healthgpt.serving.images import decode_image_bytes, png_base64
 from healthgpt.serving.service import RESEARCH_NOTICE, Service
-from healthgpt.serving.worker import ChatResult, ImageJobResult, WorkerStopped
+from healthgpt.serving.worker import ChatResult, ImageJobResult, JobCancelled, QueueFull, WorkerStopped
 
 __all__ = ["ChatCompletionRequest", "create_app"]
 
@@ -62,7 +68,7 @@ class ChatCompletionRequest(BaseModel):
 
 
 def _error_response(err: ApiError, request_id: str) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers={"x-request-id": request_id})
+    return JSONResponse(err.body(), status_code=err.status, headers={"x-request-id": request_id, **err.headers})
 
 
 def _server_error(request_id: str, status: int = 500) -> JSONResponse:
@@ -92,11 +98,45 @@ class _Events:
                 return kind, value
 
 
+class _ClientGone(Exception):
+    """The client disconnected before its answer was ready (nothing is sent; logged as 499)."""
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone away (the body was read already: ``receive`` waits for that)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _result(service: Service, request: Request, job: Any, events: _Events, started: float) -> tuple[str, Any]:
+    """The job's final event; cancels the job when the client disconnects or the deadline passes first."""
+    timeout = service.settings.request_timeout_s
+    remaining = max(0.0, started + timeout - time.monotonic()) if timeout > 0 else None
+    final = asyncio.ensure_future(events.final())
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({final, gone}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (final, gone):
+            task.cancel()
+    if final in done:
+        return final.result()
+    job.cancelled = True  # the worker drops it from the queue, or stops it at its next token
+    if gone in done:
+        raise _ClientGone
+    raise ApiError(504, f"The request did not finish within {timeout:g} s (the server's request timeout); it "
+                        "was cancelled. Retry later or ask for fewer max_tokens.", code="timeout",
+                   type="server_error")
+
+
 def create_app(service: Service, *, ui: bool = True) -> FastAPI:
     app = FastAPI(title="HealthGPT", description=RESEARCH_NOTICE, docs_url="/docs", redoc_url=None)
     app.state.service = service
     name = service.settings.model_name
     created = int(time.time())
+    keys = ApiKeys(service.settings.api_keys)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError) -> JSONResponse:
@@ -117,19 +157,21 @@ def create_app(service: Service, *, ui: bool = True) -> FastAPI:
         log.error("request %s failed", rid, exc_info=err)
         return _server_error(rid)
 
-    @app.middleware("http")
-    async def _request_id(request: Request, call_next: Any) -> Any:
-        request.state.request_id = new_request_id()
-        response = await call_next(request)
-        response.headers.setdefault("x-request-id", request.state.request_id)
-        return response
+    @app.exception_handler(_ClientGone)
+    async def _client_gone(request: Request, err: _ClientGone) -> JSONResponse:
+        rid = getattr(request.state, "request_id", new_request_id())
+        return JSONResponse(error_body("the client disconnected", type="invalid_request_error", code="cancelled"),
+                            status_code=499, headers={"x-request-id": rid})
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
         w = service.worker
+        s = service.settings
         return {"status": "ok", "model": name, "preset": service.model.preset, "context_length":
-                service.context_length, "queued": w.queued(), "batches_run": w.batches_run,
-                "largest_batch": w.largest_batch, "notice": RESEARCH_NOTICE}
+                service.context_length, "queued": w.queued(), "running": w.running, "max_queue": s.max_queue,
+                "refused": w.refused, "cancelled": w.cancelled, "timed_out": service.timed_out,
+                "batches_run": w.batches_run, "largest_batch": w.largest_batch, "auth": keys.enabled,
+                "notice": RESEARCH_NOTICE}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -138,7 +180,7 @@ def create_app(service: Service, *, ui: bool = True) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        return await _chat_completion(service, body, request.state.request_id)
+        return await _chat_completion(service, body, request)
 
     @app.post("/v1/images/edits")
     async def images_edits(request: Request) -> Any:
@@ -150,10 +192,13 @@ def create_app(service: Service, *, ui: bool = True) -> FastAPI:
         from healthgpt.serving.ui import build_ui
 
         app = gr.mount_gradio_app(app, build_ui(service), path="/")
+    app.add_middleware(RequestGuard, keys=keys, max_body_bytes=service.settings.max_request_bytes, ui=ui)
     return app
 
 
-async def _chat_completion(service: Service, body: ChatCompletionRequest, rid: str) -> Any:
+async def _chat_completion(service: Service, body: ChatCompletionRequest, request: Request) -> Any:
+    rid: str = request.state.request_id
+    started = time.monotonic()
     name = service.settings.model_name
     service.check_model(body.model)
     task = body.task or "comprehension"
@@ -171,18 +216,15 @@ async def _chat_completion(service: Service, body: ChatCompletionRequest, rid: s
                            param="stream")
         instruction = turns[-1]["value"].replace(IMAGE_PLACEHOLDER + "\n", "")
         job = service.image_job(rid, instruction, image, events.emit)
-        return await _finish_image_chat(service, job, events, rid, name)
+        return await _finish_image_chat(service, request, job, events, started, name)
     job = service.chat_job(rid, turns, system, image, sampling, events.emit,
                            explicit_max_tokens=max_tokens is not None)
     _submit(service, job)
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
-        return StreamingResponse(_stream(job, events, rid, name, include_usage), media_type="text/event-stream",
-                                 headers={"x-request-id": rid, "cache-control": "no-cache"})
-    try:
-        kind, value = await events.final()
-    finally:
-        job.cancelled = True  # a client that went away frees its batch row
+        return StreamingResponse(_stream(service, job, events, rid, name, include_usage, started),
+                                 media_type="text/event-stream", headers={"x-request-id": rid, "cache-control": "no-cache"})
+    kind, value = await _timed_result(service, request, job, events, started)
     if kind == "error":
         return _model_failure(value, rid)
     res: ChatResult = value
@@ -194,7 +236,18 @@ async def _chat_completion(service: Service, body: ChatCompletionRequest, rid: s
     }, headers={"x-request-id": rid})
 
 
+async def _timed_result(service: Service, request: Request, job: Any, events: _Events,
+                        started: float) -> tuple[str, Any]:
+    try:
+        return await _result(service, request, job, events, started)
+    except ApiError as err:
+        if err.status == 504:
+            service.timed_out += 1
+        raise
+
+
 async def _image_edit(service: Service, request: Request, rid: str) -> Any:
+    started = time.monotonic()
     limit = service.settings.max_image_bytes
     try:
         form = await request.form(max_files=4, max_part_size=limit + 2**20)
@@ -216,7 +269,7 @@ async def _image_edit(service: Service, request: Request, rid: str) -> Any:
     events = _Events()
     job = service.image_job(rid, _form_str(form, "prompt") or "", image, events.emit)
     _submit(service, job)
-    kind, value = await events.final()
+    kind, value = await _timed_result(service, request, job, events, started)
     if kind == "error":
         return _model_failure(value, rid)
     res: ImageJobResult = value
@@ -230,6 +283,9 @@ async def _image_edit(service: Service, request: Request, rid: str) -> Any:
 def _submit(service: Service, job: Any) -> None:
     try:
         service.worker.submit(job)
+    except QueueFull as err:
+        raise ApiError(429, f"The server is busy: {err}. Retry after a second.", code="rate_limit_exceeded",
+                       type="requests", headers={"retry-after": "1"}) from err
     except WorkerStopped as err:
         raise ApiError(503, "The server is shutting down; retry later.", code="unavailable",
                        type="server_error") from err
@@ -238,6 +294,8 @@ def _submit(service: Service, job: Any) -> None:
 def _model_failure(err: Exception, rid: str) -> JSONResponse:
     if isinstance(err, WorkerStopped):
         return _server_error(rid, 503)
+    if isinstance(err, JobCancelled):  # only a job whose client left or whose deadline passed is cancelled
+        raise _ClientGone
     log.error("request %s: the model failed (%s: %s)", rid, type(err).__name__, err)
     return _server_error(rid)
 
@@ -275,9 +333,11 @@ def _check_image_options(form: Any) -> None:
         raise ApiError(400, f"output_format={out}: only png", code="invalid_value", param="output_format")
 
 
-async def _finish_image_chat(service: Service, job: Any, events: _Events, rid: str, name: str) -> Any:
+async def _finish_image_chat(service: Service, request: Request, job: Any, events: _Events, started: float,
+                             name: str) -> Any:
+    rid: str = request.state.request_id
     _submit(service, job)
-    kind, value = await events.final()
+    kind, value = await _timed_result(service, request, job, events, started)
     if kind == "error":
         return _model_failure(value, rid)
     res: ImageJobResult = value
@@ -291,8 +351,12 @@ async def _finish_image_chat(service: Service, job: Any, events: _Events, rid: s
     }, headers={"x-request-id": rid})
 
 
-async def _stream(job: Any, events: _Events, rid: str, name: str, include_usage: bool) -> AsyncIterator[str]:
+async def _stream(service: Service, job: Any, events: _Events, rid: str, name: str, include_usage: bool,
+                  started: float) -> AsyncIterator[str]:
+    """The SSE chunks; Starlette cancels this generator when the client disconnects (``finally`` cancels the
+    job). Past the deadline the stream ends with an error event."""
     created = int(time.time())
+    timeout = service.settings.request_timeout_s
 
     def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict[str, int] | None = None) -> str:
         body: dict[str, Any] = {"id": f"chatcmpl-{rid}", "object": "chat.completion.chunk", "created": created,
@@ -305,11 +369,20 @@ async def _stream(job: Any, events: _Events, rid: str, name: str, include_usage:
     try:
         yield chunk({"role": "assistant", "content": ""})
         while True:
-            kind, value = await events.queue.get()
+            try:
+                kind, value = await asyncio.wait_for(
+                    events.queue.get(), None if timeout <= 0 else max(0.0, started + timeout - time.monotonic()))
+            except TimeoutError:
+                service.timed_out += 1
+                msg = f"The request did not finish within {timeout:g} s (the server's request timeout); it was cancelled."
+                yield f"data: {json.dumps(error_body(msg, type='server_error', code='timeout'))}\n\n"
+                break
             if kind == "text":
                 yield chunk({"content": value})
                 continue
             if kind == "error":
+                if isinstance(value, JobCancelled):
+                    break
                 if not isinstance(value, WorkerStopped):
                     log.error("request %s: the model failed while streaming (%s)", rid, type(value).__name__)
                 msg = f"The server failed on this request (request id {rid}); the server log has the details."

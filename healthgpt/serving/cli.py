@@ -17,6 +17,11 @@ SERVE_HELP = (
     "--checkpoint takes a training run, a checkpoint, or a folder written by `healthgpt export`. "
     "One process loads the model once; requests queue and run one batch at a time (waiting chat "
     "requests are decoded together). Research use only, not for clinical use.\n\n"
+    "Beyond this machine (--host 0.0.0.0) the server needs an API key (--api-key, --api-key-file or "
+    "HEALTHGPT_API_KEY): /v1/* then takes `Authorization: Bearer KEY` and the web UI asks for the key once. "
+    "Request bodies over --max-request-mb are refused (413) before they are parsed; at most --max-queue "
+    "requests wait (429 beyond); a client that disconnects has its job cancelled. The log has request ids, "
+    "sizes, timings and status codes, never prompts or images.\n\n"
     "Example:\n\n"
     "    healthgpt serve --preset tiny --checkpoint demo/runs/stage3 --port 8000\n\n"
     "    curl -s localhost:8000/v1/chat/completions -H 'content-type: application/json' "
@@ -47,8 +52,46 @@ def serve_command(
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for random (tiny) weights.")] = 0,
     threads: Annotated[int, typer.Option(help="CPU threads for torch (0: torch's default).")] = 0,
+    api_key: Annotated[list[str] | None, typer.Option(
+        "--api-key", help="A key clients must send as `Authorization: Bearer KEY` (repeatable; also "
+                          "HEALTHGPT_API_KEY, comma-separated). Prefer --api-key-file: a command line is visible "
+                          "to other users of the machine.")] = None,
+    api_key_file: Annotated[Path | None, typer.Option(help="File with one API key per line (# comments).")] = None,
+    insecure_no_auth: Annotated[bool, typer.Option(
+        help="Serve a non-loopback --host without any API key (anyone who can reach the port can use it).")] = False,
+    max_request_mb: Annotated[float | None, typer.Option(
+        help="Largest request body (MiB), refused with 413 before parsing (default: one --max-image-mb "
+             "image as base64 plus 1 MiB).")] = None,
+    max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 1024,
+    max_queue: Annotated[int, typer.Option(help="Requests waiting for the model at most; beyond: 429 with "
+                                                "Retry-After (0: unbounded).")] = 64,
+    request_timeout: Annotated[float, typer.Option(
+        help="Per-request deadline in seconds, queueing included; then the job is cancelled and the answer "
+             "is 504 (0: none).")] = 300.0,
+    examples: Annotated[list[Path] | None, typer.Option(
+        "--examples", help="Shard folder(s) whose held-out (test, else val) samples become the web UI's "
+                           "clickable examples (default: a few synthetic phantom slices made at start-up).")] = None,
 ) -> None:
     console = Console(stderr=True)
+    import os
+
+    from healthgpt.serving.guard import is_loopback, read_api_keys
+
+    try:  # before the model loads: a refused start costs nothing
+        keys = read_api_keys(api_key or (), api_key_file, os.environ.get("HEALTHGPT_API_KEY"))
+    except ValueError as err:
+        console.print(f"[red]error:[/red] {err}", soft_wrap=True)
+        raise typer.Exit(2) from err
+    if not keys and not is_loopback(host):
+        if not insecure_no_auth:
+            console.print(f"[red]error:[/red] --host {host} makes the server reachable from other machines, and "
+                          "it has no API key: give one with --api-key-file FILE, --api-key KEY or HEALTHGPT_API_KEY "
+                          "(or --insecure-no-auth to serve without authentication, e.g. behind your own proxy)",
+                          soft_wrap=True)
+            raise typer.Exit(2)
+        console.print(f"[bold yellow]warning:[/bold yellow] serving on {host} WITHOUT authentication "
+                      f"(--insecure-no-auth): anyone who can reach port {port} can use the model and the UI",
+                      soft_wrap=True)
     try:
         import uvicorn
 
@@ -81,13 +124,29 @@ def serve_command(
         raise typer.Exit(2) from err
     if model_name is None:
         model_name = checkpoint.name if checkpoint is not None and is_export_folder(checkpoint) else f"healthgpt-{preset}"
+    if max_tokens > max_tokens_limit:
+        console.print(f"[red]error:[/red] --max-tokens {max_tokens} is over --max-tokens-limit {max_tokens_limit}")
+        raise typer.Exit(2)
     settings = ServeSettings(model_name=model_name, max_image_mb=max_image_mb, allow_remote_images=allow_remote_images,
-                             default_max_tokens=max_tokens, max_batch=max_batch)
+                             default_max_tokens=max_tokens, max_batch=max_batch, max_tokens_limit=max_tokens_limit,
+                             max_queue=max_queue, request_timeout_s=request_timeout, max_request_mb=max_request_mb,
+                             api_keys=tuple(keys))
     service = Service(model, decoder, settings, constrained_images=not free_images)
+    if ui:
+        from healthgpt.serving.ui import UiContent
+
+        try:
+            service.ui_content = UiContent.load(checkpoint, list(examples or ()))
+        except ValueError as err:
+            console.print(f"[red]error:[/red] {err}")
+            raise typer.Exit(2) from err
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    console.print(f"serving {model_name!r} on http://{host}:{port} (API under /v1, UI at /). "
-                  "Research use only, not for clinical use.")
+    console.print(f"serving {model_name!r} on http://{host}:{port} (API under /v1, UI at /; "
+                  f"{f'{len(keys)} API key(s)' if keys else 'no API key'}). Research use only, not for clinical use.")
     try:
-        uvicorn.run(create_app(service, ui=ui), host=host, port=port, log_level="info")
+        # our own access log (request id, route, status, sizes, timing; never a prompt or an image) replaces
+        # uvicorn's; a restart under load waits at most 10 s for the requests in flight
+        uvicorn.run(create_app(service, ui=ui), host=host, port=port, log_level="info", access_log=False,
+                    timeout_graceful_shutdown=10)
     finally:
         service.close()

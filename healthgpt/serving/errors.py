@@ -16,8 +16,9 @@ class ApiError(Exception):
     """A request the server refuses; ``status`` 4xx (or 5xx for the server's own failures)."""
 
     def __init__(self, status: int, message: str, *, code: str, param: str | None = None,
-                 type: str = "invalid_request_error") -> None:
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
+        self.headers = dict(headers or {})
         self.status = status
         self.message = message
         self.code = code

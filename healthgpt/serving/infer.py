@@ -146,13 +146,14 @@ def generate_image(
     vq: Any = None,
     constrained: bool = False,
     max_new_tokens: int | None = None,
+    streamer: Any = None,
 ) -> ImageResult:
     """Generate an image for ``instruction`` (e.g. "Convert this CT to MRI") from ``image``.
 
     ``vq``: a loaded VQ tokenizer (``load_vq_decoder``) or None to return only the codes.
     """
     return generate_images(model, [image], [instruction], vq=vq, constrained=constrained,
-                           max_new_tokens=max_new_tokens)[0]
+                           max_new_tokens=max_new_tokens, streamer=streamer)[0]
 
 
 def generate_images(
@@ -163,10 +164,12 @@ def generate_images(
     vq: Any = None,
     constrained: bool = False,
     max_new_tokens: int | None = None,
+    streamer: Any = None,
 ) -> list[ImageResult]:
     """:func:`generate_image` for a batch (prompts left-padded so every one ends at the last column).
 
-    ``images`` are all given or all None (the batch shares one visual input path).
+    ``images`` are all given or all None (the batch shares one visual input path). ``streamer(ids[B])``
+    sees each decoded step (the server's worker raises from it to stop a cancelled job).
     """
     if len(images) != len(instructions) or not images:
         raise ValueError(f"need one instruction per image, got {len(images)} images and {len(instructions)} instructions")
@@ -187,6 +190,8 @@ def generate_images(
         kwargs["max_new_tokens"] = max_new_tokens
     if getattr(vq, "config", None) is not None:  # a smaller codebook than the 8192 token rows
         kwargs["n_codes"] = int(vq.config.n_embed)
+    if streamer is not None:
+        kwargs["streamer"] = streamer
     codes, reports = model.generate_image_tokens(ids, mask, pixel_values, constrained=constrained, **kwargs)
     decoded = np.asarray(vq.decode(codes)) if vq is not None else [None] * len(prompts)
     return [ImageResult(image=decoded[i], codes=codes[i], report=reports[i]) for i in range(len(prompts))]

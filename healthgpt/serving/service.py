@@ -4,12 +4,14 @@
 refusing bad input with ``ApiError`` before anything reaches the model: at most one image, no
 image placeholders typed into the text, sampling parameters in range, and the prompt (each image
 counted as the vision tower's patch count) plus ``max_tokens`` within the LLM's context length.
+Text that cannot fit the context even at the vocabulary's longest token (characters per token) is
+refused before it is tokenised, so a huge prompt costs a length check, not a tokenizer pass.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from healthgpt.model.conversation import (
@@ -46,10 +48,43 @@ class ServeSettings:
     allow_remote_images: bool = False
     default_max_tokens: int = 256
     max_batch: int = 8
+    max_tokens_limit: int = 1024  # the largest max_tokens a request may ask for
+    max_queue: int = 64  # waiting requests at most (0: unbounded); beyond: 429
+    request_timeout_s: float = 300.0  # per-request deadline, queueing included (0: none)
+    max_request_mb: float | None = None  # request-body limit; None: what one largest image needs
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
 
     @property
     def max_image_bytes(self) -> int:
         return int(self.max_image_mb * 2**20)
+
+    @property
+    def max_request_bytes(self) -> int:
+        """The body limit: by default one largest image as base64 (4/3) plus 1 MiB of JSON and text."""
+        if self.max_request_mb is not None:
+            return int(self.max_request_mb * 2**20)
+        return int(self.max_image_bytes * 4 / 3) + 2**20
+
+
+def _max_chars_per_token(tokenizer: Any) -> int:
+    """The longest token of the vocabulary, in characters (an upper bound on what one token covers)."""
+    try:
+        vocab = tokenizer.get_vocab()
+        return max(1, max((len(t) for t in vocab), default=1))
+    except (AttributeError, TypeError, NotImplementedError):
+        return 64
+
+
+def _message_texts(messages: Sequence[Any]) -> list[str]:
+    """The text strings of OpenAI messages, whatever else is malformed in them (checked later)."""
+    out: list[str] = []
+    for msg in messages:
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if isinstance(content, str):
+            out.append(content)
+        elif isinstance(content, list):
+            out += [p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+    return out
 
 
 def _context_length(model: HealthGPT) -> int:
@@ -66,7 +101,11 @@ class Service:
         self.model = model
         self.settings = settings
         self.context_length = _context_length(model)
-        self.worker = ModelWorker(model, vq, max_batch=settings.max_batch, constrained_images=constrained_images)
+        self.max_chars_per_token = _max_chars_per_token(model.tokenizer)
+        self.timed_out = 0  # requests cancelled at their deadline
+        self.ui_content: Any = None  # the web UI's examples and model card (healthgpt.serving.ui.UiContent)
+        self.worker = ModelWorker(model, vq, max_batch=settings.max_batch, constrained_images=constrained_images,
+                                  max_queue=settings.max_queue)
 
     def close(self) -> None:
         self.worker.shutdown()
@@ -91,11 +130,24 @@ class Service:
         if max_tokens is not None and max_tokens < 1:
             raise ApiError(400, f"max_tokens={max_tokens} must be at least 1", code="invalid_value",
                            param="max_tokens")
+
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         if len(stops) > 4 or any(not s for s in stops):
             raise ApiError(400, "stop: up to 4 non-empty strings", code="invalid_value", param="stop")
         return Sampling(max_tokens=max_tokens or 0, temperature=temperature or 0.0,
                         top_p=1.0 if top_p is None else top_p, stop=stops, seed=seed)
+
+    def check_text_length(self, texts: Sequence[str], param: str = "messages") -> None:
+        """Refuse text that cannot fit the context at the vocabulary's best characters-per-token ratio,
+        before any tokenizer runs on it."""
+        chars = sum(len(t) for t in texts)
+        most = self.context_length * self.max_chars_per_token
+        if chars > most:
+            raise ApiError(400, f"This model's maximum context length is {self.context_length} tokens. However, "
+                                f"the messages have {chars:,} characters, more than {most:,} ({self.context_length} "
+                                f"tokens x {self.max_chars_per_token} characters, the vocabulary's longest token). "
+                                "Please reduce the length of the messages.", code="context_length_exceeded",
+                           param=param)
 
     def _fit_context(self, prompt_ids: list[int], sampling: Sampling, explicit: bool) -> tuple[int, Sampling]:
         n_images = prompt_ids.count(IMAGE_TOKEN_ID)
@@ -116,6 +168,7 @@ class Service:
         if not messages:
             raise ApiError(400, "messages: at least one user message is required", code="invalid_value",
                            param="messages")
+        self.check_text_length(_message_texts(messages))  # before any image is decoded or text tokenised
         turns: list[dict[str, str]] = []
         system: list[str] = []
         image = None
@@ -179,11 +232,16 @@ class Service:
 
     def chat_job(self, request_id: str, turns: list[dict[str, str]], system: str | None, image: Any,
                  sampling: Sampling, emit: Callable[[str, Any], None], *, explicit_max_tokens: bool) -> ChatJob:
+        self.check_text_length([t["value"] for t in turns] + [system or ""])
         template = get_template(self.model.template)
         if system is not None:  # keep the template's role header (its first line), replace the text
             template = template.with_system(template.system.split("\n", 1)[0] + "\n" + system)
         ids = encode_chat_prompt(self.model.tokenizer, turns, template=template)
         prompt_tokens, sampling = self._fit_context(ids, sampling, explicit_max_tokens)
+        if sampling.max_tokens > self.settings.max_tokens_limit:  # after the context check: its message says more
+            raise ApiError(400, f"max_tokens={sampling.max_tokens} is over this server's limit of "
+                                f"{self.settings.max_tokens_limit} (--max-tokens-limit)", code="invalid_value",
+                           param="max_tokens")
         return ChatJob(request_id, ids, image, sampling, emit, prompt_tokens=prompt_tokens)
 
     def image_job(self, request_id: str, instruction: str, image: Any, emit: Callable[[str, Any], None]) -> ImageJob:
@@ -195,6 +253,7 @@ class Service:
                            code="invalid_value", param="prompt")
         if IMAGE_PLACEHOLDER in instruction or TARGET_IMAGE_PLACEHOLDER in instruction:
             raise ApiError(400, f"prompt must not contain {IMAGE_PLACEHOLDER}", code="invalid_value", param="prompt")
+        self.check_text_length([instruction], param="prompt")
         ids = encode_chat_prompt(self.model.tokenizer, [{"from": "human", "value": IMAGE_PLACEHOLDER + "\n" +
                                                          instruction}], template=self.model.template,
                                  task="generation")

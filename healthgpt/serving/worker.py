@@ -11,6 +11,11 @@ that has hit either is forced to emit a stop token, so it finishes without holdi
 Text pieces are handed to each job's ``emit`` callback as soon as they are decoded; ``emit`` must
 not block (the HTTP layer hands them to its event loop with ``call_soon_threadsafe``, the UI puts
 them in a ``queue.Queue``), so a slow client never slows the worker or the other requests.
+
+Backpressure: at most ``max_queue`` jobs wait (``submit`` raises :class:`QueueFull` beyond, which the
+API answers with 429). A job whose ``cancelled`` flag is set (its client went away, or its deadline
+passed) is dropped if it is still waiting; a running chat row emits its stop token at the next
+decoding step, and a running image job stops at its next token (:class:`JobCancelled`).
 """
 
 from __future__ import annotations
@@ -28,13 +33,22 @@ import torch
 
 from healthgpt.model.core import HealthGPT, stop_token_ids_for
 
-__all__ = ["ChatJob", "ChatResult", "ImageJob", "ImageJobResult", "ModelWorker", "Sampling", "WorkerStopped"]
+__all__ = ["ChatJob", "ChatResult", "ImageJob", "ImageJobResult", "JobCancelled", "ModelWorker", "QueueFull", "Sampling",
+           "WorkerStopped"]
 
 log = logging.getLogger("healthgpt.serve")
 
 
 class WorkerStopped(RuntimeError):
     """The worker was shut down before the job ran."""
+
+
+class QueueFull(RuntimeError):
+    """``max_queue`` jobs are already waiting."""
+
+
+class JobCancelled(RuntimeError):
+    """The job was cancelled (its client went away or its deadline passed) before it finished."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +103,7 @@ class ImageJob:
     emit: Callable[[str, Any], None]
     prompt_tokens: int = 0
     enqueued: float = field(default_factory=time.monotonic)
+    cancelled: bool = False  # set when the client went away: decoding stops at the next token
 
 
 class _Row:
@@ -131,6 +146,9 @@ class _Row:
         # leading whitespace is dropped, as `healthgpt infer` strips its answer
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
         if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for more
+            if len(self.ids) >= self.job.sampling.max_tokens:  # unless max_tokens is reached
+                self.reason = "length"
+                self._flush(final=True)
             return
         self.text = text
         for stop in self.job.sampling.stop:
@@ -170,10 +188,12 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: t
 class ModelWorker:
     """Owns ``model`` (and the VQGAN ``vq``) on one thread; ``submit`` queues a job."""
 
-    def __init__(self, model: HealthGPT, vq: Any, *, max_batch: int = 8, constrained_images: bool = True) -> None:
+    def __init__(self, model: HealthGPT, vq: Any, *, max_batch: int = 8, constrained_images: bool = True,
+                 max_queue: int = 0) -> None:
         self.model = model
         self.vq = vq
         self.max_batch = max(1, max_batch)
+        self.max_queue = max_queue  # 0: unbounded
         self.constrained_images = constrained_images
         self.stop_ids = stop_token_ids_for(model)
         self._jobs: deque[ChatJob | ImageJob] = deque()
@@ -181,6 +201,9 @@ class ModelWorker:
         self._stopped = False
         self.batches_run = 0
         self.largest_batch = 0
+        self.refused = 0  # submits refused because the queue was full
+        self.cancelled = 0  # jobs dropped from the queue or stopped while running, their client gone
+        self.running = 0  # jobs in the batch being decoded
         self._thread = threading.Thread(target=self._loop, name="healthgpt-model-worker", daemon=True)
         self._thread.start()
 
@@ -190,6 +213,9 @@ class ModelWorker:
         with self._cv:
             if self._stopped:
                 raise WorkerStopped("the model worker is shut down")
+            if self.max_queue and len(self._jobs) >= self.max_queue:
+                self.refused += 1
+                raise QueueFull(f"{len(self._jobs)} requests are already waiting (--max-queue {self.max_queue})")
             self._jobs.append(job)
             self._cv.notify()
 
@@ -207,9 +233,24 @@ class ModelWorker:
             job.emit("error", WorkerStopped("the server is shutting down"))
         self._thread.join(timeout)
 
+    def count_cancelled(self) -> None:
+        with self._cv:
+            self.cancelled += 1
+
+    def _drop_cancelled(self) -> None:
+        """Jobs whose client went away while they waited never reach the model (called under the lock)."""
+        gone = [job for job in self._jobs if job.cancelled]
+        for job in gone:
+            self._jobs.remove(job)
+            self.cancelled += 1
+            job.emit("error", JobCancelled("cancelled while waiting"))
+
     def _next_batch(self) -> list[ChatJob] | ImageJob | None:
         with self._cv:
-            while not self._jobs and not self._stopped:
+            while True:
+                self._drop_cancelled()
+                if self._jobs or self._stopped:
+                    break
                 self._cv.wait()
             if self._stopped:
                 return None
@@ -232,6 +273,7 @@ class ModelWorker:
             if work is None:
                 return
             jobs = [work] if isinstance(work, ImageJob) else work
+            self.running = len(jobs)
             try:
                 if isinstance(work, ImageJob):
                     self._run_image(work)
@@ -241,6 +283,7 @@ class ModelWorker:
                 for job in jobs:
                     log.exception("request %s failed in the model", job.request_id)
                     job.emit("error", err)
+            self.running = 0
             self.batches_run += 1
             self.largest_batch = max(self.largest_batch, len(jobs))
 
@@ -277,15 +320,28 @@ class ModelWorker:
         model.generate(batch["input_ids"], batch["attention_mask"], pixels, task="comprehension",
                        max_new_tokens=steps, stop_token_ids=self.stop_ids, logits_hook=hook, streamer=streamer)
         for row in rows:
-            row.job.emit("done", row.result())
+            if row.reason == "cancelled":
+                self.count_cancelled()
+                row.job.emit("error", JobCancelled("cancelled while decoding"))
+            else:
+                row.job.emit("done", row.result())
 
     def _run_image(self, job: ImageJob) -> None:
         from healthgpt.serving.infer import generate_image
 
         if self.vq is None:
             raise RuntimeError("no VQGAN decoder is loaded")
-        result = generate_image(self.model, job.image, job.instruction, vq=self.vq,
-                                constrained=self.constrained_images)
+        def stop_if_cancelled(_tokens: torch.Tensor) -> None:
+            if job.cancelled:
+                raise JobCancelled("cancelled while decoding")
+
+        try:
+            result = generate_image(self.model, job.image, job.instruction, vq=self.vq,
+                                    constrained=self.constrained_images, streamer=stop_if_cancelled)
+        except JobCancelled as err:
+            self.count_cancelled()
+            job.emit("error", err)
+            return
         if result.image is None:
             raise RuntimeError("the VQGAN returned no image")
         job.emit("done", ImageJobResult(result.image, result.codes, list(result.report.notes), job.prompt_tokens))
