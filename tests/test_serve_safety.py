@@ -381,20 +381,82 @@ def test_ui_examples_synthetic_and_from_held_out_shards(small_run, tmp_path) -> 
         UiContent.load(None, [small_run["gen"]])  # train split only
 
 
-def test_the_model_card_summary_of_an_export_folder(small_run, tmp_path) -> None:
+@pytest.fixture(scope="module")
+def exported(small_run, tmp_path_factory) -> Path:
     from typer.testing import CliRunner
 
     from healthgpt.cli import app
-    from healthgpt.serving.ui import UiContent
 
-    out = tmp_path / "healthgpt-tiny-export"
+    out = tmp_path_factory.mktemp("exports") / "healthgpt-tiny-export"
     result = CliRunner().invoke(app, ["export", str(small_run["run"]), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    card = UiContent.load(out).card
+    return out
+
+
+def test_the_model_card_summary_of_an_export_folder(exported) -> None:
+    from healthgpt.serving.ui import UiContent
+
+    card = UiContent.load(exported).card
     assert card is not None
     assert "`tiny`" in card and "| 3 | mixed |" in card and "comp" in card and "gen" in card
     assert "not for clinical use" in card and "Training data" in card
-    assert str(tmp_path) not in card
+    assert str(exported.parent) not in card
+
+
+@pytest.mark.slow
+def test_web_ui_login_examples_and_model_card_in_headless_chromium(exported, tmp_path) -> None:
+    """Sign in with the key, see the model card, click an example in each tab and get the model's answer."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    from healthgpt.serving.infer import load_vq_decoder
+    from healthgpt.serving.ui import UiContent
+
+    torch.set_num_threads(1)
+    svc = Service(load_model("tiny", checkpoint=exported), load_vq_decoder("tiny"),
+                  ServeSettings(model_name=exported.name, default_max_tokens=16, api_keys=(KEY,)))
+    svc.ui_content = UiContent.load(exported)
+    first_image, first_question = svc.ui_content.chat[0]
+    try:
+        with running_server(svc, ui=True) as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
+            expected = client.chat.completions.create(
+                model=exported.name, messages=image_message(Path(first_image).read_bytes(), first_question),
+                max_tokens=16).choices[0].message.content
+            assert expected
+            with sync_api.sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=str(chromium), headless=True, args=[
+                    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                    "--disable-sync", "--no-first-run"])
+                try:
+                    page = browser.new_page(viewport={"width": 1280, "height": 1400})
+                    page.goto(url + "/", timeout=60_000)
+                    assert page.url.endswith("/login")
+                    page.locator("#key").fill("wrong-key-1234567")
+                    page.locator("#sign-in").click()
+                    assert "not valid" in page.locator("#login-error").inner_text()
+                    page.locator("#key").fill(KEY)
+                    page.locator("#sign-in").click()
+                    page.wait_for_url(url + "/", timeout=30_000)
+                    page.locator("#research-banner").wait_for(timeout=60_000)
+                    card = page.locator("#model-card").inner_text()
+                    assert "tiny" in card and "not for clinical use" in card
+                    page.get_by_text(svc.ui_content.labels["chat"][0]).first.click()
+                    page.wait_for_function("([sel, want]) => document.querySelector(sel).value === want",
+                                           arg=["#answer textarea", expected], timeout=60_000)
+                    assert page.locator("#question textarea").input_value() == first_question
+                    page.screenshot(path=str(tmp_path / "ui-examples.png"), full_page=True)
+
+                    page.get_by_role("tab", name="Generate an image").click()
+                    page.get_by_text(svc.ui_content.labels["generation"][0]).first.click()
+                    page.locator("#gen-output img").first.wait_for(timeout=120_000)
+                    page.screenshot(path=str(tmp_path / "ui-generate-example.png"), full_page=True)
+                finally:
+                    browser.close()
+    finally:
+        svc.close()
+    assert (tmp_path / "ui-examples.png").stat().st_size > 10_000
 
 
 # ------------------------------------------------------------------------------------ processes

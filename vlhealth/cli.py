@@ -350,6 +350,10 @@ def make_build_command(name: str, module: Any):
         except (ResumeError, ValueError) as exc:
             console.print(f"[red]error[/]: {exc}")
             raise typer.Exit(2) from exc
+        except OSError as exc:  # e.g. a full disk: the finished tars and the journal are kept
+            console.print(f"[red]error[/]: {exc.strerror or exc}; the finished tars are kept (no index.json until "
+                          "the build completes): free space, then rerun the same command with --resume", soft_wrap=True)
+            raise typer.Exit(2) from exc
         console.print(
             f"[bold]{module.NAME}[/]: {summary.samples} samples in {summary.shards} shard(s) from {summary.items} "
             f"items, {summary.rejects} rejected, {summary.seconds:.1f}s -> {summary.out}"

@@ -82,12 +82,22 @@ def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file, fsync and rename."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)  # a full disk leaves neither a partial file nor a half-replaced one
+        raise _naming(err, path) from err
     fsync_dir(path.parent)
+
+
+def _naming(err: OSError, path: Path) -> OSError:
+    """``err`` (e.g. ENOSPC, which names no file) as an OSError naming ``folder/file``."""
+    where = f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+    return OSError(err.errno, f"{err.strerror or err} while writing {where}")
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -211,7 +221,16 @@ class ShardWriter:
         self._count = 0
         self._payload = 0
 
+    def _current(self) -> Path:
+        return self.out_dir / shard_name(self.prefix, self.number)
+
     def _finish(self) -> None:
+        try:
+            self._finish_tar()
+        except OSError as err:
+            raise _naming(err, self._current()) from err
+
+    def _finish_tar(self) -> None:
         assert self._fh is not None and self._hashing is not None
         # end of archive as tarfile writes it: two zero blocks, then zeros up to a whole record
         end = 2 * _BLOCK
@@ -234,7 +253,10 @@ class ShardWriter:
         """Drop the shard being written (its temporary file is removed)."""
         if self._fh is not None:
             name = Path(self._fh.name)
-            self._fh.close()
+            try:
+                self._fh.close()
+            except OSError:  # flushing the rest failed too (a full disk): the file goes anyway
+                pass
             name.unlink(missing_ok=True)
         self._fh = self._hashing = None
 
@@ -264,7 +286,10 @@ class ShardWriter:
         ):
             self._finish()
         if self._hashing is None:
-            self._open()
+            try:
+                self._open()
+            except OSError as err:
+                raise _naming(err, self._current()) from err
         assert self._hashing is not None
         parts: list[bytes] = []  # the whole sample in one write (and one hash update)
         for suffix in sorted(members):
@@ -272,7 +297,10 @@ class ShardWriter:
             parts += (_member_header(f"{key}.{suffix}", len(data)), data)
             if len(data) % _BLOCK:
                 parts.append(_NUL_BLOCK[len(data) % _BLOCK :])
-        self._hashing.write(b"".join(parts))
+        try:
+            self._hashing.write(b"".join(parts))
+        except OSError as err:
+            raise _naming(err, self._current()) from err
         self._keys.add(key)
         self._count += 1
         self._payload += size

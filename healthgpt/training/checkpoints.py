@@ -3,9 +3,12 @@
 Training checkpoints (``write_checkpoint`` / ``read_checkpoint``): ``OUT/checkpoints/step-NNNNNNNN/``
 holds ``trainable.safetensors`` (this stage's and the earlier stages' groups), ``optimizer.pt``,
 ``rng-rank<R>.pt`` (every rank's RNG states) and ``trainer_state.json`` (step, scheduler, spike
-guard, every rank's data position, losses), written last: its presence marks a complete
-checkpoint. A checkpoint is written to a temporary folder, fsynced and renamed; the last ``keep``
-are kept.
+guard, every rank's data position, losses). A checkpoint is written to a temporary folder (with the
+main rank's RNG file), fsynced and renamed; the other ranks add theirs atomically. It is complete
+when ``trainer_state.json`` and every rank's RNG file are there: ``latest_checkpoint`` skips any
+other, and only complete checkpoints count towards the ``keep`` newest that are kept. A write that
+fails (a full disk: ``OSError(ENOSPC)``) removes its temporary folder and raises
+:class:`CheckpointWriteError`, naming the file; the earlier checkpoints are untouched.
 
 The weights file itself is :mod:`healthgpt.model.weights`.
 
@@ -14,8 +17,9 @@ Public API::
     load_run_weights(model, path) -> list[str]   (a run folder, checkpoint or file; returns its groups)
     run_lineage(inits) -> list[dict]
     latest_checkpoint(out_dir) -> Path | None
-    write_checkpoint(out, step, model, groups, optimizer, state, keep) -> Path;  read_checkpoint(path) -> dict
-    rng_state() -> dict;  set_rng_state(state)
+    write_checkpoint(out, step, model, groups, optimizer, state, keep, rng=None) -> Path;  read_checkpoint(path) -> dict
+    save_rng(checkpoint, rank, state);  rng_state() -> dict;  set_rng_state(state)
+    CheckpointWriteError (an OSError)
 """
 
 from __future__ import annotations
@@ -42,10 +46,15 @@ from healthgpt.model.weights import (
 )
 from vlhealth.shards import fsync_dir
 
-__all__ = ["CHECKPOINTS_DIR", "latest_checkpoint", "load_run_weights", "read_checkpoint", "rng_state", "run_lineage", "set_rng_state", "write_checkpoint"]
+__all__ = ["CHECKPOINTS_DIR", "CheckpointWriteError", "latest_checkpoint", "load_run_weights", "read_checkpoint",
+           "rng_state", "run_lineage", "save_rng", "set_rng_state", "write_checkpoint"]
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. the disk is full); the earlier ones are intact."""
 
 
 def load_run_weights(model: HealthGPT, path: str | os.PathLike[str]) -> list[str]:
@@ -77,43 +86,103 @@ def run_lineage(inits: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]
     return out
 
 
+def _complete(ckpt: Path) -> bool:
+    """trainer_state.json and the RNG file of every rank that wrote the checkpoint are there."""
+    try:
+        world = int(json.loads((ckpt / STATE_FILE).read_text("utf-8")).get("world_size", 1))
+    except (OSError, ValueError, AttributeError):
+        return False
+    return all((ckpt / f"rng-rank{r}.pt").is_file() for r in range(world))
+
+
+def _steps(root: Path) -> list[Path]:
+    return sorted((p for p in root.glob("step-*") if p.is_dir() and p.name.split("-")[1].isdigit()),
+                  key=lambda p: int(p.name.split("-")[1]))
+
+
 def latest_checkpoint(out_dir: str | os.PathLike[str]) -> Path | None:
     """The newest complete ``checkpoints/step-N`` of a training ``--out`` folder, or None."""
     root = Path(out_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return None
-    done = sorted((p for p in root.glob("step-*") if (p / STATE_FILE).is_file()),
-                  key=lambda p: int(p.name.split("-")[1]))
+    done = [p for p in _steps(root) if _complete(p)]
     return done[-1] if done else None
 
 
+def _where(path: Path, out: Path) -> str:
+    """``path`` as shown in messages: from the run folder's name down (no absolute paths)."""
+    try:
+        return (Path(out.name) / path.relative_to(out)).as_posix()
+    except ValueError:
+        return path.name
+
+
+def _write_failed(err: OSError, current: Path, out: Path, step: int) -> CheckpointWriteError:
+    previous = latest_checkpoint(out)
+    kept = (f"the previous checkpoint {previous.name} is intact; free space, then continue with --resume"
+            if previous is not None else "there is no earlier checkpoint; free space and start again")
+    return CheckpointWriteError(err.errno, f"checkpoint step-{step:08d} could not be written: "
+                                           f"{err.strerror or err} ({_where(current, out)}); {kept}")
+
+
+def save_rng(checkpoint: Path, rank: int, state: Mapping[str, Any]) -> None:
+    """Write ``rng-rank<rank>.pt`` into a checkpoint folder atomically (its presence means it is whole)."""
+    final = Path(checkpoint) / f"rng-rank{rank}.pt"
+    tmp = final.with_name(f".{final.name}.tmp")
+    try:
+        torch.save(dict(state), tmp)
+        _fsync(tmp)
+        os.replace(tmp, final)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        out = Path(checkpoint).parent.parent
+        raise _write_failed(err, tmp, out, int(Path(checkpoint).name.split("-")[1])) from err
+
+
 def write_checkpoint(out: Path, step: int, model: HealthGPT, groups: Sequence[str], optimizer: torch.optim.Optimizer,
-                     state: Mapping[str, Any], keep: int) -> Path:
-    """Write ``out/checkpoints/step-N`` atomically (weights of ``groups``, optimizer, ``state`` as
-    trainer_state.json last) and drop all but the newest ``keep``. The ranks' RNG files are added
-    to the final folder afterwards (:func:`rng_state`)."""
-    root = Path(out) / CHECKPOINTS_DIR
+                     state: Mapping[str, Any], keep: int, rng: Mapping[str, Any] | None = None) -> Path:
+    """Write ``out/checkpoints/step-N`` atomically (weights of ``groups``, optimizer, ``rng`` as this
+    (main) rank's RNG file, ``state`` as trainer_state.json) and drop all but the newest ``keep``
+    complete ones. The other ranks add their RNG files with :func:`save_rng`. A failed write raises
+    :class:`CheckpointWriteError` and leaves the earlier checkpoints as they were."""
+    out = Path(out)
+    root = out / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = root / f".step-{step:08d}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_trainable(model, tmp / TRAINABLE_FILE, list(groups))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    with open(tmp / STATE_FILE, "w", encoding="utf-8") as fh:
-        fh.write(json.dumps(json.loads(json.dumps(state, default=str)), indent=1))
-        fh.flush()
-        os.fsync(fh.fileno())
-    for f in tmp.iterdir():
-        _fsync(f)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_dir(root)
-    done = sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
-    for old in done[: max(0, len(done) - max(1, keep))]:
-        shutil.rmtree(old, ignore_errors=True)
+    current = tmp
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        current = tmp / TRAINABLE_FILE
+        save_trainable(model, current, list(groups))
+        current = tmp / "optimizer.pt"
+        torch.save(optimizer.state_dict(), current)
+        if rng is not None:
+            current = tmp / "rng-rank0.pt"
+            torch.save(dict(rng), current)
+        current = tmp / STATE_FILE
+        with open(current, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(json.loads(json.dumps(state, default=str)), indent=1))
+            fh.flush()
+            os.fsync(fh.fileno())
+        for f in tmp.iterdir():
+            current = f
+            _fsync(f)
+        current = final
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(root)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint is never read, and frees the space
+        raise _write_failed(err, current, out, step) from err
+    complete = [p for p in _steps(root) if _complete(p)]
+    survivors = complete[-max(1, keep):]
+    for old in _steps(root):  # older than the newest kept complete one and not kept: gone
+        if old not in survivors and survivors and int(old.name.split("-")[1]) < int(survivors[-1].name.split("-")[1]):
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

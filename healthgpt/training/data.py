@@ -118,6 +118,7 @@ from vlhealth.shards import (
 
 __all__ = [
     "HOLDOUT_EVERY",
+    "MAX_NAMED_BAD",
     "DataConfig",
     "LoaderState",
     "ShardSpec",
@@ -340,6 +341,9 @@ def _stream_urls(spec: ShardSpec, shards: Sequence[_Shard]) -> list[str]:
     return urls
 
 
+MAX_NAMED_BAD = 1000  # distinct undecodable samples named per loader worker (all are counted)
+
+
 # ------------------------------------------------------------------------------------ the stream
 
 
@@ -419,12 +423,14 @@ class TaskBatchStream(IterableDataset):
         wstate = (self.state.get("workers") or {}).get(str(worker), {})
         local_batch = int(wstate.get("batches", 0))
         stats = {k: int(v) for k, v in wstate.get("skipped", {}).items()}
+        self._bad_names = list(wstate.get("bad_samples", []))
         rows_from: RowSource
         if self.streaming:
             # a resumed stream restarts with a new shuffle: seeded by the batches this worker made before
             rows_from = StreamedRows(self.cfg, self.urls, slot, n_slots, local_batch, self._encode_counted)
         else:
-            rows_from = LocalTarRows(self.cfg, views, wstate.get("cursors", {}), self._encode_counted, self.members)
+            rows_from = LocalTarRows(self.cfg, views, wstate.get("cursors", {}), self._encode_counted, self.members,
+                                     on_bad=self._note_bad)
         try:
             while True:
                 m = local_batch * self.n_workers + worker  # rank-independent micro-batch number
@@ -435,6 +441,7 @@ class TaskBatchStream(IterableDataset):
                 local_batch += 1
                 batch["worker"] = worker
                 batch["state"] = rows_from.position(local_batch, stats)
+                batch["state"]["bad_samples"] = list(self._bad_names)
                 yield batch
         finally:
             rows_from.close()
@@ -449,12 +456,23 @@ class TaskBatchStream(IterableDataset):
         try:
             ex = self._encode(where, key, rec, members)
         except (ValueError, KeyError, TypeError) as err:
-            stats["bad"] = stats.get("bad", 0) + 1
-            log.warning("skipping sample %s in %s: %s", key, where.name, err)
+            self._note_bad(stats, where, key, str(err))
             return None
         if ex is None:
             stats["too_long"] = stats.get("too_long", 0) + 1
         return ex
+
+    def _note_bad(self, stats: dict[str, int], where: Path, key: str, reason: str) -> None:
+        """Count a sample that cannot be decoded, and name it (``tar:key`` and the reason; the first
+        :data:`MAX_NAMED_BAD` distinct ones) in the worker's data position, which the trainer reads."""
+        stats["bad"] = stats.get("bad", 0) + 1
+        name = f"{where.name}:{key}"
+        log.warning("skipping sample %s: %s", name, reason)
+        names = getattr(self, "_bad_names", None)
+        if names is None:
+            names = self._bad_names = []
+        if len(names) < MAX_NAMED_BAD and all(b["sample"] != name for b in names):
+            names.append({"sample": name, "reason": reason.removeprefix(f"{name}: ")})
 
     def _encode(self, tar: Path, key: str, rec: Mapping[str, Any], members: Mapping[str, bytes]) -> _Example | None:
         task = rec["task"]
@@ -517,6 +535,13 @@ class TaskBatchStream(IterableDataset):
 
 class LoaderState:
     """What the trainer consumed: per logical worker its position after its last consumed batch."""
+
+    def bad_samples(self) -> list[dict[str, str]]:
+        """The samples that failed to decode in what was consumed (``{"sample": "tar:key", "reason"}``), all workers."""
+        out: list[dict[str, str]] = []
+        for w in sorted(self.workers):
+            out += [b for b in self.workers[w].get("bad_samples", []) if b not in out]
+        return out
 
     def __init__(self, num_workers: int, consumed: int = 0, workers: Mapping[str, Any] | None = None) -> None:
         self.num_workers = max(1, num_workers)

@@ -223,8 +223,10 @@ class LocalTarRows:
     """Rows read by seeking into local tars; the position is a cursor per (source, task) stream."""
 
     def __init__(self, cfg: Any, views: list[_SlotView], cursors: Mapping[str, Any], encode: Encode,
-                 members: Mapping[str, Sequence[str]]) -> None:
+                 members: Mapping[str, Sequence[str]],
+                 on_bad: Callable[[dict[str, int], Path, str, str], None] | None = None) -> None:
         self.cfg, self.views, self.encode, self.members = cfg, views, encode, members
+        self.on_bad = on_bad  # a sample whose json cannot be read: counted and named, then skipped
         self.cursors: dict[str, int] = {k: int(v) for k, v in cursors.items()}
         self.reader = TarReader()
 
@@ -251,7 +253,13 @@ class LocalTarRows:
                                  f"found no usable {self.cfg.split!r} {task} sample in a whole pass")
             tar, idx = view.locate(pos)
             key = self.reader.index(tar).keys[idx]
-            rec = _load_json(self.reader.read(tar, key, ("json",)), tar, key)
+            try:
+                rec = _load_json(self.reader.read(tar, key, ("json",)), tar, key)
+            except ShardError as err:
+                if self.on_bad is None:
+                    raise
+                self.on_bad(stats, tar, key, str(err))
+                continue
             if rec.get("split") != self.cfg.split or rec.get("task") != task:
                 continue
             ex = self.encode(stats, tar, key, rec, self.reader.read(tar, key, self.members[task][1:]))

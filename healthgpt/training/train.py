@@ -68,11 +68,13 @@ from healthgpt.model.vision import VisionPreprocessor
 from healthgpt.model.weights import TRAINABLE_FILE, save_trainable
 from healthgpt.training.checkpoints import (
     CHECKPOINTS_DIR,
+    CheckpointWriteError,
     latest_checkpoint,
     load_run_weights,
     read_checkpoint,
     rng_state,
     run_lineage,
+    save_rng,
     set_rng_state,
     write_checkpoint,
 )
@@ -88,6 +90,7 @@ __all__ = [
     "LossGuard",
     "TrainConfig",
     "TrainResult",
+    "TooManyBadSamples",
     "TrainingDiverged",
     "latest_checkpoint",
     "loss_by_task",
@@ -101,6 +104,10 @@ log = logging.getLogger(__name__)
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive loss spikes."""
+
+
+class TooManyBadSamples(ValueError):
+    """More samples failed to decode than ``--max-bad-samples`` allows."""
 
 
 @dataclass
@@ -137,6 +144,7 @@ class TrainConfig:
     debug_nan_at: tuple[int, ...] = ()  # optimizer steps whose first micro-batch gets NaN pixels
     debug_exit_after: int | None = None  # hard exit (no checkpoint) after this step: simulates a kill
     debug_log_keys: bool = False  # write the sample keys each rank trained on to OUT/keys-rank<R>.txt
+    max_bad_samples: int = 10  # samples that fail to decode are skipped (and named) up to this many; then stop
 
 
 @dataclass
@@ -354,6 +362,9 @@ def fit(run: _Run, batch_hook: Callable[[int, dict[str, Any]], dict[str, Any]] |
                 if not progress.live.is_started and cfg.log_every and run.step % cfg.log_every == 0:
                     console.print(f"step {run.step}/{run.total_steps} loss {record['loss']:.4f} "
                                   f"tok/s {record['tokens_per_s']:,.0f}")
+            bad = run.loader_state.bad_samples()
+            if dd.any(len(bad) > cfg.max_bad_samples):
+                raise TooManyBadSamples(_bad_samples_message(bad, cfg.max_bad_samples, run.step))
             if run.guard.exhausted():
                 raise TrainingDiverged(
                     f"stage {cfg.stage}: {run.guard.consecutive} consecutive steps skipped as loss spikes (last: "
@@ -608,9 +619,10 @@ def _checkpoint(run: _Run) -> None:
             "hparams": run.hp.to_dict(), "seed": cfg.seed, "shards": [str(Path(s).name) for s in cfg.shards],
             "lineage": run.lineage, "val_history": run.val_history,
         }
-        write_checkpoint(Path(cfg.out), run.step, run.model, run.saved_groups, run.optimizer, state, cfg.keep)
-    dd.barrier()  # every rank writes its own RNG state into the (now final) folder
-    torch.save(rng, Path(cfg.out) / CHECKPOINTS_DIR / f"step-{run.step:08d}" / f"rng-rank{dd.rank}.pt")
+        write_checkpoint(Path(cfg.out), run.step, run.model, run.saved_groups, run.optimizer, state, cfg.keep, rng=rng)
+    dd.barrier()  # every other rank writes its own RNG state into the (now final) folder
+    if not dd.main:
+        save_rng(Path(cfg.out) / CHECKPOINTS_DIR / f"step-{run.step:08d}", dd.rank, rng)
     dd.barrier()
 
 
@@ -620,6 +632,10 @@ def _finish(run: _Run, status: str, console: Any) -> TrainResult:
     by_task = loss_by_task(losses[len(losses) - len(run.step_tasks):], run.step_tasks)
     rising = divergence_warnings(by_task)
     final = None
+    bad = [b for rank in dd.gather(run.loader_state.bad_samples()) for b in rank]
+    if bad and dd.main:
+        console.print(f"[yellow]{len(bad)} sample(s) could not be decoded and were skipped (train_summary.json "
+                      f"lists them): {', '.join(b['sample'] for b in bad[:5])}{' ...' if len(bad) > 5 else ''}[/yellow]")
     if status == "finished":
         if dd.main:
             final_dir = Path(cfg.out) / "final"
@@ -638,6 +654,7 @@ def _finish(run: _Run, status: str, console: Any) -> TrainResult:
                 "skipped_steps": run.skipped, "loss_by_task": by_task, "warnings": rising,
                 "val_loss": run.val_history, "val_by_task": val_by_task(run.val_history),
                 "val_sources": run.validation.sources if run.validation is not None else None,
+                "bad_samples": bad, "bad_sample_count": len(bad),  # undecodable samples that were skipped
             }, indent=2) + "\n", "utf-8")
         dd.barrier()
     if dd.main:
@@ -651,6 +668,14 @@ def _finish(run: _Run, status: str, console: Any) -> TrainResult:
         for warning in rising:
             console.print(f"[bold yellow]warning: {warning}[/bold yellow]", highlight=False)
     return TrainResult(status, run.step, run.total_steps, losses, run.skipped, summary, Path(cfg.out), final)
+
+
+def _bad_samples_message(bad: Sequence[Mapping[str, str]], limit: int, step: int) -> str:
+    listed = "".join(f"\n  {b['sample']}: {b['reason']}" for b in bad[:20])
+    more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+    return (f"{len(bad)} training samples could not be decoded (more than --max-bad-samples {limit}); stopped at step "
+            f"{step}. Rebuild or drop these shards, or raise --max-bad-samples, then continue with --resume:"
+            f"{listed}{more}")
 
 
 def _tensorboard(out: Path) -> Any:
@@ -755,6 +780,7 @@ def train_command(
     num_workers: Annotated[int | None, typer.Option(help="Loader worker processes (default 0 on CPU, 4 on CUDA).")] = None,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (0: only at the end/SIGTERM).")] = 100,
     keep: Annotated[int, typer.Option(help="Checkpoints to keep.")] = 3,
+    max_bad_samples: Annotated[int, typer.Option(help="Training samples that fail to decode are skipped, counted and named in train_summary.json, up to this many; one more stops the run with their list.")] = 10,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA), bf16 or fp32.")] = "auto",
     gradient_checkpointing: Annotated[bool | None, typer.Option(help="Default: on with CUDA.")] = None,
@@ -792,7 +818,7 @@ def train_command(
         debug_nan_at=tuple(debug_nan_at or ()), debug_exit_after=debug_exit_after, debug_log_keys=debug_log_keys,
         preset_overrides=_parse_sets(model_set or [], "--model-set"),
         groups=tuple(g.strip() for g in (groups or "").split(",") if g.strip()), image_codes=image_codes,
-        val_every=val_every, val_batches=val_batches,
+        val_every=val_every, val_batches=val_batches, max_bad_samples=max_bad_samples,
     )
     logging.basicConfig(level=logging.WARNING)
     try:
@@ -800,7 +826,7 @@ def train_command(
     except TrainingDiverged as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(3) from None
-    except (ValueError, FileNotFoundError, KeyError, TypeError) as err:
+    except (ValueError, FileNotFoundError, KeyError, TypeError, CheckpointWriteError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
     if result.status == "preempted":

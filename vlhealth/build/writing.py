@@ -27,6 +27,7 @@ from vlhealth.itemstore import ItemStore
 from vlhealth.limits import Limits
 from vlhealth.shards import (
     BUILD_NAME,
+    INDEX_NAME,
     REJECTS_NAME,
     ShardWriter,
     iter_tar,
@@ -116,6 +117,8 @@ class _BuildPlan:
         if not state["shards"]:
             # A fresh build replaces an earlier one in the same folder: its tars (this prefix only, so
             # other partitions stay) would otherwise linger for anything that globs *.tar.
+            # Its index goes first: until this build finishes, no index.json may list tars it does not describe.
+            (out / _meta_name(INDEX_NAME, self.suffix)).unlink(missing_ok=True)
             stale = re.compile(re.escape(builder.NAME + self.suffix) + r"-\d{6}\.tar")
             for old in out.glob(f"{builder.NAME}{self.suffix}-*.tar"):
                 if stale.fullmatch(old.name):
