@@ -9,9 +9,18 @@ what queueing and batching give.
 
 Target (issue 13), with the tiny preset: 0 errors, and p95 <= 3x p50 at concurrency 8.
 
+``--soak`` (issue 24) instead sends ``--n`` (default 5000) requests over ``--concurrency`` (default 16)
+connections to a server started with an API key and ``--max-request-mb 1``: 85% good chat requests,
+10% bad ones (in turn: a body over the limit, malformed JSON, a wrong type, no key, a wrong key) and 5%
+streamed requests whose client disconnects after the first chunk. It prints the count of 5xx answers,
+p50/p95 of the good requests, the server's resident memory (RSS) at start, after a warm-up of the
+first ``--warmup`` requests and at the end, and the server's own counts (cancelled, refused).
+Targets: 0 responses 5xx, RSS growth after warm-up < 10%, p95/p50 <= 3 on the good requests.
+
     .venv/bin/python benchmarks/serve_load.py                          # 64 requests, 8 connections
     .venv/bin/python benchmarks/serve_load.py --n 128 --concurrency 16 --max-tokens 32
     .venv/bin/python benchmarks/serve_load.py --url http://127.0.0.1:8000 --model healthgpt-tiny
+    .venv/bin/python benchmarks/serve_load.py --soak                   # 5000 requests, 16 connections
 """
 
 from __future__ import annotations
@@ -19,7 +28,9 @@ from __future__ import annotations
 import argparse
 import base64
 import io
+import json
 import os
+import secrets
 import socket
 import statistics
 import subprocess
@@ -87,14 +98,17 @@ def run_load(url: str, bodies: list[dict], concurrency: int) -> LoadResult:
     return LoadResult(concurrency, [t for t, ok in results if ok], sum(not ok for _, ok in results), seconds)
 
 
-def _start_server(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen, str]:
+def _start_server(args: argparse.Namespace, log: Path, extra: tuple[str, ...] = (), key: str | None = None
+                  ) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     cmd = [sys.executable, "-m", "healthgpt.cli", "serve", "--preset", args.preset, "--port", str(port), "--no-ui",
-           "--threads", str(args.threads), "--max-batch", str(args.max_batch)]
+           "--threads", str(args.threads), "--max-batch", str(args.max_batch), *extra]
     if args.checkpoint:
         cmd += ["--checkpoint", args.checkpoint]
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if key is not None:
+        env["HEALTHGPT_API_KEY"] = key  # not on the command line
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -109,6 +123,138 @@ def _start_server(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen
     raise SystemExit("the server did not come up within 300 s")
 
 
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+@dataclass
+class SoakResult:
+    kinds: dict[str, dict[int | str, int]]  # request kind -> status (or "disconnected" / exception) -> count
+    good_latencies: list[float]
+    seconds: float
+
+
+def _soak_kind(i: int) -> str:
+    """85% good, 10% bad (five kinds in turn), 5% disconnecting; spread evenly over the run."""
+    r = i % 20
+    if r == 7:
+        return "disconnect"
+    if r in (3, 13):
+        return ("oversized", "malformed", "wrong_type", "no_key", "wrong_key")[(i // 10) % 5]
+    return "good"
+
+
+def run_soak(url: str, model: str, key: str, n: int, concurrency: int, max_tokens: int, start: int = 0,
+             oversized: int = 2**20 + 2**19) -> SoakResult:
+    images = [_image_url(i) for i in range(8)]
+    clients = [httpx.Client(base_url=url, timeout=120, headers={"authorization": f"Bearer {key}"})
+               for _ in range(concurrency)]
+    kinds: dict[str, dict[int | str, int]] = {}
+    good: list[float] = []
+
+    def body(i: int, **extra: object) -> dict:
+        return {"model": model, "max_tokens": max_tokens, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": images[i % len(images)]}},
+            {"type": "text", "text": f"Question {i}: is there a lesion?"}]}], **extra}
+
+    def one(j: int) -> None:
+        i = start + j
+        kind = _soak_kind(i)
+        http = clients[j % concurrency]
+        t0 = time.perf_counter()
+        outcome: int | str
+        try:
+            if kind == "good":
+                r = http.post("/v1/chat/completions", json=body(i))
+                outcome = r.status_code
+                if r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None:
+                    good.append(time.perf_counter() - t0)
+            elif kind == "disconnect":
+                with http.stream("POST", "/v1/chat/completions", json=body(i, stream=True, max_tokens=200)) as r:
+                    for _ in r.iter_lines():
+                        break  # the first chunk came: hang up in the middle of the answer
+                outcome = "disconnected"
+            elif kind == "oversized":
+                payload = json.dumps(body(i, padding="x" * oversized)).encode()
+                outcome = http.post("/v1/chat/completions", content=payload,
+                                    headers={"content-type": "application/json"}).status_code
+            elif kind == "malformed":
+                outcome = http.post("/v1/chat/completions", content=b'{"model": "' + model.encode() + b'", "messages": [',
+                                    headers={"content-type": "application/json"}).status_code
+            elif kind == "wrong_type":
+                outcome = http.post("/v1/chat/completions", json={"model": model, "messages": "hello",
+                                                                  "max_tokens": "many"}).status_code
+            elif kind == "no_key":
+                outcome = httpx.post(url + "/v1/chat/completions", json=body(i), timeout=60).status_code
+            else:
+                outcome = http.post("/v1/chat/completions", json=body(i),
+                                    headers={"authorization": "Bearer not-the-key-0000"}).status_code
+        except httpx.HTTPError as err:
+            outcome = type(err).__name__
+        counts = kinds.setdefault(kind, {})
+        counts[outcome] = counts.get(outcome, 0) + 1
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, range(n)))
+    seconds = time.perf_counter() - t0
+    for c in clients:
+        c.close()
+    return SoakResult(kinds, good, seconds)
+
+
+def soak(args: argparse.Namespace) -> None:
+    n = args.n if args.n != 64 else 5000
+    concurrency = args.concurrency if args.concurrency != 8 else 16
+    tmp = Path(tempfile.mkdtemp(prefix="serve-soak-"))
+    key = args.api_key or secrets.token_urlsafe(24)
+    proc = None
+    if args.url:
+        url = args.url.rstrip("/")
+    else:
+        proc, url = _start_server(args, tmp / "server.log", ("--max-request-mb", "1"), key=key)
+    try:
+        headers = {"authorization": f"Bearer {key}"}
+        model = args.model or httpx.get(url + "/v1/models", headers=headers).json()["data"][0]["id"]
+        rss = {"start": _rss_mb(proc.pid) if proc else float("nan")}
+        warm = run_soak(url, model, key, args.warmup, concurrency, args.max_tokens)
+        rss["after warm-up"] = _rss_mb(proc.pid) if proc else float("nan")
+        main_run = run_soak(url, model, key, n - args.warmup, concurrency, args.max_tokens, start=args.warmup)
+        time.sleep(1.0)  # let the last cancelled jobs leave the worker
+        rss["end"] = _rss_mb(proc.pid) if proc else float("nan")
+        health = httpx.get(url + "/healthz").json()
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
+    kinds: dict[str, dict[int | str, int]] = {}
+    for res in (warm, main_run):
+        for kind, counts in res.kinds.items():
+            for k, v in counts.items():
+                kinds.setdefault(kind, {})[k] = kinds.setdefault(kind, {}).get(k, 0) + v
+    total = sum(sum(c.values()) for c in kinds.values())
+    n5xx = sum(v for c in kinds.values() for k, v in c.items() if isinstance(k, int) and k >= 500)
+    lat = LoadResult(concurrency, warm.good_latencies + main_run.good_latencies, 0, warm.seconds + main_run.seconds)
+    p50, p95 = lat.pct(50), lat.pct(95)
+    print(f"soak: {total} requests over {concurrency} connections to {model} in {lat.seconds:.0f} s "
+          f"(good: chat with 1 image, max_tokens {args.max_tokens})")
+    for kind in ("good", "oversized", "malformed", "wrong_type", "no_key", "wrong_key", "disconnect"):
+        if kind in kinds:
+            print(f"  {kind:>11}: " + ", ".join(f"{k} x{v}" for k, v in sorted(kinds[kind].items(), key=str)))
+    print(f"  5xx responses: {n5xx}")
+    print(f"  good requests: p50 {p50:.3f} s, p95 {p95:.3f} s, p95/p50 {p95 / p50:.2f}")
+    print("  server RSS: " + ", ".join(f"{k} {v:.0f} MB" for k, v in rss.items())
+          + f"; growth after warm-up {100 * (rss['end'] / rss['after warm-up'] - 1):+.1f}%")
+    print(f"  server counts: cancelled {health['cancelled']}, refused {health['refused']}, "
+          f"timed out {health['timed_out']}, batches {health['batches_run']}")
+    growth = rss["end"] / rss["after warm-up"] - 1
+    ok = n5xx == 0 and p95 <= 3 * p50 and (growth < 0.10 or growth != growth)
+    print(f"targets (0 x 5xx, RSS growth after warm-up < 10%, p95/p50 <= 3): {'met' if ok else 'MISSED'}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--url", help="a running server (default: start `healthgpt serve` here)")
@@ -121,7 +267,13 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=8, help="the started server's --max-batch")
     ap.add_argument("--threads", type=int, default=1, help="the started server's torch threads")
     ap.add_argument("--no-sequential", action="store_true", help="skip the concurrency-1 comparison")
+    ap.add_argument("--soak", action="store_true", help="the soak run (see above): 5000 requests, 16 connections")
+    ap.add_argument("--warmup", type=int, default=500, help="soak: requests before the 'after warm-up' RSS")
+    ap.add_argument("--api-key", help="soak with --url: the server's key (default: a new one for the started server)")
     args = ap.parse_args()
+    if args.soak:
+        soak(args)
+        return
 
     proc = None
     tmp = Path(tempfile.mkdtemp(prefix="serve-load-"))
