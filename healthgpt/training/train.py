@@ -26,8 +26,12 @@ on CPU. Data: local shard folders are read by random access with an exact data p
 URLs stream through ``webdataset`` (:mod:`healthgpt.training.data`), where ``--resume`` restores weights,
 optimizer and step but restarts the stream.
 
+``--init`` takes earlier runs, weights files or ``healthgpt export`` folders, local or by Hub id
+(``hf://ORG/NAME[@REVISION]``, :mod:`healthgpt.sharing.hub`); their lineage is carried into this run's.
+
 Outputs under ``--out``: ``metrics.jsonl`` (one line per optimizer step), ``checkpoints/step-N/``,
-``final/trainable.safetensors`` + ``final/train_summary.json``, optional ``tensorboard/``.
+``final/trainable.safetensors`` + ``final/train_summary.json``; with ``--report-to``
+(:mod:`healthgpt.training.trackers`) ``csv/``, ``tensorboard/``, W&B and MLflow runs get the same scalars.
 
 Public API::
 
@@ -66,6 +70,8 @@ from healthgpt.model.conversation import IGNORE_INDEX
 from healthgpt.model.hlora import set_dropout
 from healthgpt.model.vision import VisionPreprocessor
 from healthgpt.model.weights import TRAINABLE_FILE, save_trainable
+from healthgpt.sharing.export import export_lineage, is_export_folder, load_export, read_export_info
+from healthgpt.sharing.hub import display_name, resolve_model
 from healthgpt.training.checkpoints import (
     CHECKPOINTS_DIR,
     latest_checkpoint,
@@ -111,7 +117,7 @@ class TrainConfig:
     task: str
     shards: Sequence[str]
     out: Path
-    init: Sequence[Path] = ()  # previous stage(s): --out folders or trainable .safetensors files
+    init: Sequence[str | Path] = ()  # previous stage(s): --out folders, .safetensors, export folders, hf:// ids
     resume: bool = False
     overrides: dict[str, Any] = field(default_factory=dict)
     config: Path | None = None
@@ -297,7 +303,7 @@ def setup(cfg: TrainConfig, dd: Dist, device_kind: str, model: Any) -> _Run:
                guard=LossGuard(hp), streaming=data_cfg.streaming)
     resume_rng = _resume(run, console) if cfg.resume else None
     if not cfg.resume:
-        run.lineage = run_lineage(cfg.init)
+        run.lineage = _init_lineage(cfg.init)
     if not cfg.resume and dd.main:
         (Path(cfg.out) / "metrics.jsonl").write_text("", "utf-8")
     run.saved_groups = sorted(set(run.trained_before) | set(groups))
@@ -550,9 +556,9 @@ def _prepare_model(cfg: TrainConfig, hp: HParams, groups: Sequence[str], model: 
     trained_before: list[str] = []
     if not cfg.resume:
         for init in cfg.init:  # e.g. stage 2 starts from both stage-1 runs (comprehension + generation)
-            loaded = load_run_weights(model, Path(init))
+            loaded = _load_init(model, init)
             trained_before = sorted(set(trained_before) | set(loaded))
-            console.print(f"init: loaded {', '.join(loaded) or 'weights'} from {Path(init).name}")
+            console.print(f"init: loaded {', '.join(loaded) or 'weights'} from {display_name(init)}")
     params = model.set_trainable(*groups)
     if not params:
         raise ValueError(f"stage {cfg.stage} {cfg.task}: the model has no parameters in {groups}")
@@ -562,6 +568,28 @@ def _prepare_model(cfg: TrainConfig, hp: HParams, groups: Sequence[str], model: 
     for task in ("comprehension", "generation"):
         set_dropout(model.llm, hp.dropout_for(task), tasks=[task])
     return model, params, trained_before
+
+
+def _load_init(model: Any, init: str | os.PathLike[str]) -> list[str]:
+    """Load one ``--init``: a training run, checkpoint or weights file, or a ``healthgpt export`` folder, each
+    local or by Hub id (``hf://ORG/NAME[@REVISION]``); returns the parameter groups it trained."""
+    source = resolve_model(init)
+    if is_export_folder(source):
+        info = read_export_info(source)
+        load_export(model, source)  # checks the manifest's sha256 first
+        return list(info.get("groups") or [])
+    return load_run_weights(model, source)
+
+
+def _init_lineage(inits: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:
+    """The earlier stages behind ``--init``, oldest first: a run's recorded lineage (``run_lineage``), or the
+    stages an export folder lists (``export_lineage``)."""
+    out: list[dict[str, Any]] = []
+    for init in inits:
+        source = resolve_model(init)
+        entries = export_lineage(source) if is_export_folder(source) else run_lineage([source])
+        out += [e for e in entries if e not in out]
+    return out
 
 
 def _wrap(model: Any, cfg: TrainConfig, dd: Dist, device: torch.device, device_kind: str) -> nn.Module:
@@ -763,7 +791,7 @@ def train_command(
     task: Annotated[str, typer.Option(help="comprehension, generation or mixed.")],
     out: Annotated[Path, typer.Option(help="Output folder (metrics.jsonl, checkpoints/, final/).")],
     preset: Annotated[str, typer.Option(help="Model preset: tiny, smollm2-135m, m3, l14, xl32.")] = "tiny",
-    init: Annotated[list[Path] | None, typer.Option(help="Previous stage's --out folder (or a trainable .safetensors); repeat to merge runs.")] = None,
+    init: Annotated[list[str] | None, typer.Option(help="Previous stage's --out folder (or a trainable .safetensors), or a `healthgpt export` folder, local or by Hub id hf://ORG/NAME[@REVISION]; its lineage is carried over. Repeat to merge runs.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in --out.")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Any hyper-parameter as key=value (same as its own option).")] = None,
     model_set: Annotated[list[str] | None, typer.Option("--model-set", help="Model preset override key=value (variant=lora|moelora|hlora, experts=8, comp_r=32, comprehension_features=concrete, shared_plugin=true, ...); give healthgpt eval the same.")] = None,
