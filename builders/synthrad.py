@@ -106,8 +106,23 @@ class Options:
                 "can check it scores against the very volumes the slices came from."})
 
 
+SOURCE_SUFFIXES = (".nii.gz", ".nii", ".mha")
+
+
 def _task_root(root: Path) -> Path:
     return root / "Task1" if (root / "Task1").is_dir() else root
+
+
+def source_volume(patient: Path, name: str) -> Path | None:
+    """``<patient>/<name>.nii.gz`` (or ``.nii``, ``.mha``), whichever the release holds; None when absent."""
+    return next((patient / f"{name}{suf}" for suf in SOURCE_SUFFIXES if (patient / f"{name}{suf}").is_file()), None)
+
+
+def find_patient(root: Path, patient: str) -> tuple[str, Path] | None:
+    """(anatomy, folder) of a patient id in a release (``Task1/{brain,pelvis}/<ID>``), or None. Also what
+    ``healthgpt eval-volumes --from-files`` without shards scores against."""
+    task = _task_root(Path(root))
+    return next(((a, task / a / patient) for a in ANATOMIES if (task / a / patient).is_dir()), None)
 
 
 def discover(ctx: BuildContext) -> Iterator[Item | Reject]:
@@ -132,10 +147,9 @@ def discover(ctx: BuildContext) -> Iterator[Item | Reject]:
             paths = {}
             missing = []
             for name in FILES:
-                found = [patient / f"{name}{suf}" for suf in (".nii.gz", ".nii", ".mha")
-                         if (patient / f"{name}{suf}").is_file()]
-                if found:
-                    paths[name] = found[0]
+                found = source_volume(patient, name)
+                if found is not None:
+                    paths[name] = found
                 else:
                     missing.append(name)
             item_id = f"{anatomy}-{patient.name}"

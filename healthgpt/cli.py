@@ -63,7 +63,9 @@ def _infer_overrides(preset: str, seed: int, llm_path: Path | None, clip_path: P
         "    healthgpt infer --preset tiny --task generation --image ct.png "
         "--instruction 'Convert this CT to MRI' --output mri.png\n\n"
         "    healthgpt infer --preset tiny --checkpoint demo/runs/stage3 --model-set vision_path=demo/vision "
-        "--image scan.png --question 'Is there a lesion?'"
+        "--image scan.png --question 'Is there a lesion?'\n\n"
+        "    healthgpt infer --preset tiny --checkpoint hf://my-org/healthgpt-tiny@v1 --image scan.png "
+        "--question 'What modality is this?'"
     ),
 )
 def infer(
@@ -72,9 +74,11 @@ def infer(
     instruction: Annotated[str | None, typer.Option(help="Instruction (generation).")] = None,
     task: Annotated[str, typer.Option(help="comprehension or generation.")] = "comprehension",
     preset: Annotated[str, typer.Option(help="tiny, smollm2-135m, m3, l14, xl32.")] = "tiny",
-    checkpoint: Annotated[Path | None, typer.Option(
-        help="Training run, checkpoint, trainable .safetensors, or a `healthgpt export` folder.")] = None,
-    released: Annotated[Path | None, typer.Option(help="Folder with the released HealthGPT-M3 files.")] = None,
+    checkpoint: Annotated[str | None, typer.Option(
+        help="Training run, checkpoint, trainable .safetensors, or a `healthgpt export` folder; or a Hub id "
+             "hf://ORG/NAME[@REVISION].")] = None,
+    released: Annotated[str | None, typer.Option(
+        help="Folder with the released HealthGPT-M3 files, or their Hub id (hf://lintw/HealthGPT-M3).")] = None,
     llm_path: Annotated[Path | None, typer.Option(help="Local LLM folder (real presets).")] = None,
     clip_path: Annotated[Path | None, typer.Option(help="Local CLIP ViT-L/14-336 folder.")] = None,
     output: Annotated[Path, typer.Option(help="PNG written by --task generation.")] = Path("generated.png"),

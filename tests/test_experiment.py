@@ -309,6 +309,26 @@ def test_runner_skips_finished_steps_resumes_checkpointed_ones_and_refuses_chang
         runner_mod.run_experiments([parse_experiment(changed, "toy.yaml")], "small", "out", progress=False)
 
 
+def test_report_to_reaches_every_training_step_and_not_the_configuration(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    exp = parse_experiment(SPEC, "toy.yaml")
+    fake = FakeProcesses()
+    monkeypatch.setattr(runner_mod, "_run_process", fake)
+    runner_mod.run_experiments([exp], "small", "out", share=(0, 15), progress=False, report_to=("csv", "wandb"))
+    trains = [a for k, a in fake.calls if k == "train"]
+    evals = [a for k, a in fake.calls if k == "eval"]
+    assert len(trains) == 2 and len(evals) == 1
+    for argv, step in zip(trains, ("a", "b"), strict=True):
+        assert _opt(argv, "--report-to") == ["csv,wandb"]
+        assert _opt(argv, "--run-name")[0].startswith("toy/") and _opt(argv, "--run-name")[0].endswith(f"/{step}")
+    assert "--report-to" not in evals[0]
+    # logging elsewhere trains the same runs: a rerun without trackers finds them finished
+    fake.calls.clear()
+    runner_mod.run_experiments([exp], "small", "out", share=(0, 15), progress=False)
+    assert fake.calls == []
+
+
 def test_a_failed_run_is_reported_and_the_others_go_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     exp = parse_experiment(SPEC, "toy.yaml")

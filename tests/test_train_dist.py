@@ -36,7 +36,7 @@ def test_torchrun_two_ranks_train_on_disjoint_data(tmp_path, shards) -> None:
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            *_train_args(shards["bright"], out, "--steps", "4", "--micro-batch", "2", "--global-batch", "4",
-                        "--save-every", "2", "--debug-log-keys")]
+                        "--save-every", "2", "--debug-log-keys", "--report-to", "csv")]
     res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     keys = [(out / f"keys-rank{r}.txt").read_text().split() for r in range(2)]
@@ -44,14 +44,26 @@ def test_torchrun_two_ranks_train_on_disjoint_data(tmp_path, shards) -> None:
     assert not set(keys[0]) & set(keys[1])
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    # only the main rank logs to trackers: one train/loss row per step, equal to metrics.jsonl's
+    assert _csv_series(out, "train/loss") == {r["step"]: r["loss"] for r in rows}
     state = json.loads((out / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and len(state["data"]) == 2
     assert (out / "checkpoints" / "step-00000004" / "rng-rank1.pt").is_file()
     assert (out / "final" / "trainable.safetensors").is_file()
 
 
+def _csv_series(out: Path, metric: str) -> dict[int, float]:
+    """One metric of ``--report-to csv`` (OUT/csv/metrics.csv, long form); a step logged twice is an error."""
+    lines = (out / "csv" / "metrics.csv").read_text().splitlines()
+    assert lines[0] == "step,metric,value"
+    rows = [(int(s), float(v)) for s, m, v in (ln.split(",") for ln in lines[1:]) if m == metric]
+    assert len({s for s, _ in rows}) == len(rows), rows
+    return dict(rows)
+
+
 def test_cli_hard_kill_then_resume_matches(tmp_path, shards) -> None:
-    base = ["--steps", "5", "--micro-batch", "2", "--global-batch", "2", "--save-every", "2", "--dropout", "0.1"]
+    base = ["--steps", "5", "--micro-batch", "2", "--global-batch", "2", "--save-every", "2", "--dropout", "0.1",
+            "--report-to", "csv"]
     full = tmp_path / "full"
     r = subprocess.run([sys.executable, *_train_args(shards["bright"], full, *base)], cwd=ROOT, env=_env(),
                        capture_output=True, text=True, timeout=300)
@@ -69,6 +81,8 @@ def test_cli_hard_kill_then_resume_matches(tmp_path, shards) -> None:
         return [json.loads(x)["loss"] for x in (p / "metrics.jsonl").read_text().splitlines()]
 
     assert losses(cut) == losses(full) and len(losses(full)) == 5
+    # the CSV tracker drops what the killed run logged after its checkpoint, as metrics.jsonl does
+    assert _csv_series(cut, "train/loss") == _csv_series(full, "train/loss") == dict(enumerate(losses(full), 1))
 
 
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path, shards) -> None:

@@ -53,8 +53,8 @@ class FakeVQ:
         return {"name": "fake", "random_weights": True}
 
 
-def _write_patient(root: Path, pid: str, seed: int) -> None:
-    anatomy, shape, spacing, flipped = PATIENTS[pid]
+def _write_patient(root: Path, pid: str, seed: int, spec: tuple | None = None) -> None:
+    anatomy, shape, spacing, flipped = spec or PATIENTS[pid]
     rng = np.random.default_rng(seed)
     region = phantom.head if anatomy == "brain" else phantom.pelvis
     labels = region(shape, spacing).labels
@@ -194,17 +194,18 @@ def test_builder_records_sources_and_grid(built) -> None:
 # ------------------------------------------------------------------------------ from files
 
 
-def _write_method_volumes(root: Path, folder: Path, noise: float) -> dict[str, np.ndarray]:
-    """Another method's sCTs, stored the way the source files are (RAS-stored patient included)."""
+def _write_method_volumes(root: Path, folder: Path, noise: float, patients: dict | None = None,
+                          source: str = "ct", stem: str = "sct") -> dict[str, np.ndarray]:
+    """Another method's sCTs (or sMRs), stored the way the source files are (RAS-stored patient included)."""
     preds = {}
-    for pid, (anatomy, *_rest) in PATIENTS.items():
-        img = sitk.ReadImage(str(root / "Task1" / anatomy / pid / "ct.nii.gz"))
+    for pid, (anatomy, *_rest) in (patients or PATIENTS).items():
+        img = sitk.ReadImage(str(root / "Task1" / anatomy / pid / f"{source}.nii.gz"))
         arr = sitk.GetArrayFromImage(img).astype(np.float32)
         arr += np.random.default_rng(len(pid)).normal(0, noise, arr.shape).astype(np.float32)
         out = sitk.GetImageFromArray(arr)
         out.CopyInformation(img)
         (folder / pid).mkdir(parents=True, exist_ok=True)
-        sitk.WriteImage(out, str(folder / pid / "sct.mha"))
+        sitk.WriteImage(out, str(folder / pid / f"{stem}.mha"))
         preds[pid] = arr
     return preds
 
@@ -233,6 +234,103 @@ def test_from_files_scores_mha_volumes_without_a_model(tmp_path, built, monkeypa
         assert 25 < ref["mae"] < 40  # |N(0, 40)| averages 32 HU
     assert not (out / "pred").exists()
     assert "| MR→CT | pelvis | 1 |" in result.output
+
+
+# a patient the shards were never built from: in no split at all
+OUTSIDER = {"1BC003": ("brain", (11, 34, 38), (2.5, 2.0, 1.5), True)}
+
+
+@pytest.fixture(scope="module")
+def release_plus_one(built, tmp_path_factory) -> Path:
+    """The release the shards were built from, plus a patient the shards do not know."""
+    import shutil
+
+    root, _ = built
+    copy = tmp_path_factory.mktemp("release") / "SynthRAD2023"
+    shutil.copytree(root, copy)
+    _write_patient(copy, "1BC003", 7, OUTSIDER["1BC003"])
+    return copy
+
+
+def test_from_files_without_shards_scores_any_patient_as_with_shards(tmp_path, built, release_plus_one) -> None:
+    root, shards = built
+    assert "1BC003" not in {s.record.group for s in iter_samples(shards)}  # in no split of the build
+    files = tmp_path / "diffusion"
+    every = {**PATIENTS, **OUTSIDER}
+    sct = _write_method_volumes(release_plus_one, files, noise=30.0, patients=every)
+    _write_method_volumes(release_plus_one, files, noise=20.0, patients=every, source="mr", stem="smr")
+    tasks = ("mri2ct", "ct2mri")
+    out = tmp_path / "scored"
+    result = runner.invoke(app, ["eval-volumes", "--from-files", str(files), "--source-root", str(release_plus_one),
+                                 "--task", "mri2ct", "--task", "ct2mri", "--out", str(out), "--no-figures"])
+    assert result.exit_code == 0, result.output
+    alone = {(r["task"], r["patient"]): r for r in json.loads((out / "volumes.json").read_text())["patients"]}
+    assert set(alone) == {(t, p) for t in tasks for p in every}
+    # the outsider, checked against the challenge's definitions written with scikit-image
+    folder = release_plus_one / "Task1" / "brain" / "1BC003"
+    gt, _ = _sitk_array(folder / "ct.nii.gz")
+    mask, _ = _sitk_array(folder / "mask.nii.gz")
+    ref = reference_metrics(gt, sct["1BC003"], mask, -1024.0, 3000.0)
+    for name in ("mae", "psnr", "ssim"):
+        assert alone[("mri2ct", "1BC003")][name] == pytest.approx(ref[name], rel=1e-5), name
+    assert alone[("mri2ct", "1BC003")]["slices_written"] == alone[("mri2ct", "1BC003")]["slices_total"] == 11
+    # where both apply, the numbers equal those scored through the shards (CT→MR's window included)
+    with_shards = run_volume_evaluation(_config(root, shards, tmp_path / "via-shards", from_files=files,
+                                                subtasks=tasks, figures=False))
+    assert len(with_shards["patients"]) == 4
+    for row in with_shards["patients"]:
+        mine = alone[(row["task"], row["patient"])]
+        for name in ("mae", "psnr", "ssim", "mask_voxels"):
+            assert mine[name] == row[name], (row["task"], row["patient"], name)
+    assert "every patient folder of --from-files" in (out / "volumes.md").read_text()
+    # --patients picks some
+    picked = run_volume_evaluation(VolumeEvalConfig(shards=[], source_root=release_plus_one, out=tmp_path / "one",
+                                                    from_files=files, patients=["1BC003"], figures=False))
+    assert [(r["task"], r["patient"]) for r in picked["patients"]] == [("mri2ct", "1BC003")]
+
+
+def test_without_shards_refusals_name_the_patient(tmp_path, release_plus_one) -> None:
+    files = tmp_path / "method"
+    _write_method_volumes(release_plus_one, files, noise=10.0)
+
+    def score(**kw):
+        return run_volume_evaluation(VolumeEvalConfig(shards=[], source_root=release_plus_one, out=tmp_path / "o",
+                                                      from_files=files, figures=False, **kw))
+
+    with pytest.raises(VolumeEvalError, match=r"patient 1BC003 \(brain, mri2ct\): no prediction 1BC003/sct.mha"):
+        score(patients=["1BA001", "1BC003"])  # listed but not predicted
+    (files / "9ZZ999").mkdir()
+    (files / "9ZZ999" / "sct.mha").write_bytes((files / "1BA001" / "sct.mha").read_bytes())
+    with pytest.raises(VolumeEvalError, match=r"patient 9ZZ999 \(mri2ct\): not in --source-root 'SynthRAD2023'"):
+        score()
+    import shutil
+
+    shutil.rmtree(files / "9ZZ999")
+    bad = sitk.ReadImage(str(files / "1PB002" / "sct.mha"))
+    bad.SetSpacing((1.0, 1.0, 1.0))
+    sitk.WriteImage(bad, str(files / "1PB002" / "sct.mha"))
+    with pytest.raises(VolumeEvalError, match=r"patient 1PB002 \(pelvis, mri2ct\): prediction 1PB002/sct.mha is on "
+                                              r"the wrong grid: spacing"):
+        score()
+    cropped = sitk.GetImageFromArray(sitk.GetArrayFromImage(bad)[1:])
+    sitk.WriteImage(cropped, str(files / "1PB002" / "sct.mha"))
+    with pytest.raises(VolumeEvalError, match=r"patient 1PB002 .*wrong grid: shape"):
+        score()
+    mask_path = release_plus_one / "Task1" / "brain" / "1BC003" / "mask.nii.gz"
+    img = sitk.ReadImage(str(mask_path))
+    empty = sitk.GetImageFromArray(np.zeros_like(sitk.GetArrayFromImage(img)))
+    empty.CopyInformation(img)
+    saved = mask_path.read_bytes()
+    sitk.WriteImage(empty, str(mask_path))
+    try:
+        _write_method_volumes(release_plus_one, files, noise=10.0, patients=OUTSIDER)
+        with pytest.raises(VolumeEvalError, match=r"patient 1BC003 \(brain, mri2ct\): empty body mask"):
+            score(patients=["1BC003"])
+    finally:
+        mask_path.write_bytes(saved)
+    result = runner.invoke(app, ["eval-volumes", "--source-root", str(release_plus_one), "--oracle",
+                                 "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "--shards is needed" in result.output
 
 
 # ------------------------------------------------------------------------------ refusals

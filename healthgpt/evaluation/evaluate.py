@@ -565,6 +565,9 @@ def resolve_checkpoint(path: os.PathLike | str | None) -> Path | None:
         return None
     from healthgpt.model.weights import CheckpointError, resolve_trainable
     from healthgpt.sharing.export import is_export_folder
+    from healthgpt.sharing.hub import resolve_model
+
+    path = resolve_model(path)  # a Hub id: its folder in the local Hugging Face cache
 
     if is_export_folder(path):  # a `healthgpt export` folder: loaded as a whole by load_model
         return Path(path)
@@ -572,6 +575,12 @@ def resolve_checkpoint(path: os.PathLike | str | None) -> Path | None:
         return resolve_trainable(path)
     except CheckpointError as exc:
         raise EvalError(str(exc)) from exc
+
+
+def _resolve_released(path: os.PathLike | str | None) -> Path | None:
+    from healthgpt.sharing.hub import resolve_model
+
+    return resolve_model(path, kind="released")
 
 
 def _load_components(config: EvalConfig, device: str, model: Any, vq: Any, lpips: Any) -> tuple[Any, Any, Any]:
@@ -598,7 +607,7 @@ def _config_record(config: EvalConfig, model: Any, vq: Any, lpips: Any) -> dict[
         "shards": [Path(s).name for s in config.shards],
         "preset": config.preset,
         "checkpoint": _fingerprint(resolve_checkpoint(config.checkpoint)),
-        "released": _fingerprint(config.released),
+        "released": _fingerprint(_resolve_released(config.released)),
         "template": getattr(model, "template", None),
         "vq": vq.describe() if hasattr(vq, "describe") else str(config.vq),
         "split": config.split,
@@ -863,9 +872,11 @@ EVAL_HELP = (
 def eval_command(
     shards: Annotated[list[Path], typer.Option("--shards", help="Shard folder or .tar (repeatable).")],
     out: Annotated[Path, typer.Option("--out", help="Report folder (reused to resume).")],
-    checkpoint: Annotated[Path | None, typer.Option(
-        help="Training run, checkpoint, trainable .safetensors, or a `healthgpt export` folder.")] = None,
-    released: Annotated[Path | None, typer.Option(help="Folder with the released HealthGPT-M3 weights.")] = None,
+    checkpoint: Annotated[str | None, typer.Option(
+        help="Training run, checkpoint, trainable .safetensors, or a `healthgpt export` folder; or a Hub id "
+             "hf://ORG/NAME[@REVISION].")] = None,
+    released: Annotated[str | None, typer.Option(
+        help="Folder with the released HealthGPT-M3 weights, or their Hub id (hf://lintw/HealthGPT-M3).")] = None,
     preset: Annotated[str, typer.Option(help="tiny, smollm2-135m, m3, l14, xl32.")] = "tiny",
     vq: Annotated[str, typer.Option(help="VQGAN decoder: 'tiny' or a weights file.")] = "tiny",
     split: Annotated[str, typer.Option(help="Split to evaluate (train, val, test, or 'all').")] = "test",

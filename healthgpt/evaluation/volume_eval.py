@@ -24,8 +24,15 @@ conversion asked for (``mri2ct``, the challenge's task; ``ct2mri``, our extensio
    ``OUT/report.md`` when ``healthgpt eval`` wrote one there), with one figure per patient
    (``OUT/volumes/<task>-<patient>.png``: target, prediction, absolute error on the central slice).
 
-Every refusal names the patient: a missing source file or prediction, a checksum mismatch, a volume
-on another grid, an empty body mask.
+**Without shards** (``--from-files DIR --source-root SYNTHRAD``, no ``--shards``), as the challenge scores
+anyone's predictions: every ``DIR/<patient>/`` holding a prediction (or the ``--patients`` listed) is
+found in the release by its id (``Task1/{brain,pelvis}/<ID>/``), in whatever split a build would put it,
+and scored against the release's CT (or MR) and mask on the whole volume. The numbers equal those of
+the shards' route for the same files (the MR window is computed and rounded as the builder records it);
+there is no SHA-256 to check against, since no build recorded one.
+
+Every refusal names the patient: a missing source file or prediction, a patient not in the release, a
+checksum mismatch, a volume on another grid (shape, spacing, origin or direction), an empty body mask.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ import numpy as np
 import typer
 
 from healthgpt.evaluation.volume_metrics import HU_RANGE, VolumeMetricError, volume_metrics
+from healthgpt.sharing.hub import display_name
 from vlhealth.reassemble import (
     GridError,
     SliceGrid,
@@ -76,7 +84,7 @@ class VolumeEvalError(RuntimeError):
 
 @dataclass
 class VolumeEvalConfig:
-    shards: Sequence[os.PathLike | str]
+    shards: Sequence[os.PathLike | str]  # empty: score --from-files against the release alone (no shards)
     source_root: os.PathLike | str
     out: os.PathLike | str
     subtasks: Sequence[str] = ("mri2ct",)
@@ -96,6 +104,7 @@ class VolumeEvalConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     figures: bool = True
     progress: bool = False
+    patients: Sequence[str] | None = None  # without shards: score these patient folders of from_files only
 
 
 @dataclass
@@ -204,7 +213,83 @@ def collect_cases(config: VolumeEvalConfig) -> list[PatientCase]:
     return ordered
 
 
+def release_cases(config: VolumeEvalConfig) -> list[PatientCase]:
+    """Without shards: the patients of ``--from-files`` (every ``DIR/<patient>/`` holding a prediction, or the
+    ``--patients`` listed), each found in the release under ``--source-root`` by its id, whatever split (if any)
+    a build would have put it in. Sorted by task, anatomy, patient."""
+    import vlhealth.builders.synthrad as synthrad
+
+    folder, root = Path(config.from_files), Path(config.source_root)  # type: ignore[arg-type]
+    if not folder.is_dir():
+        raise VolumeEvalError(f"--from-files {folder.name!r} is not a folder")
+    listed = list(dict.fromkeys(config.patients or []))
+    found = listed or sorted(p.name for p in folder.iterdir() if p.is_dir())
+    cases = []
+    for subtask in config.subtasks:
+        modality, role, stem, _, _ = TASKS[subtask]
+        for patient in found:
+            has_prediction = any((folder / patient / f"{stem}{suf}").is_file() for suf in VOLUME_SUFFIXES)
+            if not listed and not has_prediction:
+                continue  # a folder without this task's prediction: not a patient of this task
+            where = synthrad.find_patient(root, patient)
+            if where is None:
+                raise VolumeEvalError(f"patient {patient} ({subtask}): not in --source-root {root.name!r} (looked for "
+                                      f"Task1/{{{','.join(synthrad.ANATOMIES)}}}/{patient}/)")
+            anatomy, patient_dir = where
+            files = {}
+            for name in (role, "mask"):
+                path = synthrad.source_volume(patient_dir, name)
+                if path is None:
+                    raise VolumeEvalError(f"patient {patient} ({anatomy}, {subtask}): no {name}.nii.gz (or .nii, .mha) "
+                                          f"in the release folder {anatomy}/{patient}/")
+                files[name] = path.relative_to(root).as_posix()
+            cases.append(PatientCase(subtask=subtask, patient=patient, anatomy=anatomy, grid=None,  # type: ignore[arg-type]
+                                     window=(0.0, 0.0), files=files, checksums=None, registered=False,
+                                     mask_background=True, instruction=""))
+    if not cases:
+        stems = " or ".join(f"<patient>/{TASKS[t][2]}.mha" for t in config.subtasks)
+        raise VolumeEvalError(f"no predictions ({stems}, or .nii.gz, .nii, .nrrd) in --from-files {folder.name!r}")
+    ordered = sorted(cases, key=lambda c: (list(TASKS).index(c.subtask), c.anatomy, c.patient))
+    if config.max_patients is not None:
+        taken: dict[tuple[str, str], int] = {}
+        kept = []
+        for case in ordered:
+            if taken.get((case.subtask, case.anatomy), 0) < config.max_patients:
+                kept.append(case)
+                taken[(case.subtask, case.anatomy)] = taken.get((case.subtask, case.anatomy), 0) + 1
+        ordered = kept
+    return ordered
+
+
 # ------------------------------------------------------------------------------- ground truth
+
+
+def load_release_truth(case: PatientCase, root: Path) -> tuple[Volume, np.ndarray, Path]:
+    """Without shards: the target and mask volumes of the release, checked to share one grid; fills in the
+    case's grid (every slice of the volume is scored) and, for MR, the window the builder would record."""
+    from vlhealth.reassemble import slice_grid
+    from vlhealth.volumes import mr_window
+
+    modality, role = TASKS[case.subtask][:2]
+    try:
+        target = read_volume(root / case.files[role], root=root)
+        mask_vol = read_volume(root / case.files["mask"], root=root, allow_empty=True)
+    except VolumeError as exc:
+        raise VolumeEvalError(f"{case.name}: {exc}") from exc
+    case.grid = SliceGrid.from_provenance({"grid": slice_grid(target, "axial", 256)}, case.name)
+    problem = case.grid.matches(mask_vol)
+    if problem:
+        raise VolumeEvalError(f"{case.name}: the mask {case.files['mask']} is not on the grid of {case.files[role]}: "
+                              f"{problem}")
+    mask = mask_vol.array > 0
+    if not mask.any():
+        raise VolumeEvalError(f"{case.name}: empty body mask {case.files['mask']} (no voxel > 0)")
+    if modality == "MR":  # the builder's window, as it records it (rounded the same way)
+        window = mr_window(target.array, mask).as_dict()
+        case.window = (float(window["lo"]), float(window["hi"]))
+    case.slices = [SliceEntry(i, "", {}) for i in range(case.grid.n_slices)]  # the whole volume is the prediction
+    return target, mask, root / case.files[role]
+
 
 
 def _source_file(case: PatientCase, role: str, root: Path) -> Path:
@@ -369,7 +454,14 @@ def run_volume_evaluation(config: VolumeEvalConfig) -> dict[str, Any]:
     if not root.is_dir():
         raise VolumeEvalError(f"--source-root {root.name!r} is not a folder")
     out = Path(config.out)
-    cases = collect_cases(config)
+    release_only = not config.shards
+    if release_only and config.from_files is None:
+        raise VolumeEvalError("--shards is needed to generate the volumes or for --oracle; without shards only "
+                              "--from-files DIR can be scored")
+    if config.patients and not release_only:
+        raise VolumeEvalError("--patients selects --from-files patients without --shards; with --shards the "
+                              "shards' split decides (--split)")
+    cases = release_cases(config) if release_only else collect_cases(config)
     mode = "files" if config.from_files is not None else "oracle" if config.oracle else "model"
     generator = _Generator(config) if mode == "model" else None
     n_slices = sum(len(c.slices) for c in cases)
@@ -378,7 +470,7 @@ def run_volume_evaluation(config: VolumeEvalConfig) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     try:
         for case in cases:
-            truth, mask, target_path = load_truth(case, root)
+            truth, mask, target_path = load_release_truth(case, root) if release_only else load_truth(case, root)
             if mode == "files":
                 pred = read_prediction(case, Path(config.from_files))  # type: ignore[arg-type]
                 advance(1)
@@ -445,14 +537,17 @@ def _report(config: VolumeEvalConfig, mode: str, rows: list[dict[str, Any]], gen
             seconds: float) -> dict[str, Any]:
     source = {"files": f"volumes read from {Path(config.from_files).name}/" if config.from_files else None,
               "oracle": f"oracle: the shards' own {config.oracle_bits}-bit targets put back on the source grid",
-              "model": f"model {config.preset}" + (f", checkpoint {Path(config.checkpoint).name}"
+              "model": f"model {config.preset}" + (f", checkpoint {display_name(config.checkpoint)}"
                                                    if config.checkpoint else "")}[mode]
     return {
         "format": "healthgpt-eval-volumes/1",
         "predictions": source,
         "mode": mode,
         "shards": [Path(s).name for s in config.shards],
-        "split": config.split,
+        "split": config.split if config.shards else None,
+        "selection": ("the shards' patients" if config.shards else
+                      "the --patients listed" if config.patients else "every patient folder of --from-files")
+                     + (f" of split {config.split!r}" if config.shards and config.split else ""),
         "max_patients_per_anatomy": config.max_patients,
         "patients": rows,
         "summary": summarise(rows),
@@ -478,7 +573,7 @@ def _unit(task: str) -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     lines = ["## SynthRAD2023 volumes (3D, the challenge's metrics)", "",
-             f"Predictions: {report['predictions']}. Split {report['split']!r}"
+             f"Predictions: {report['predictions']}. Patients: {report.get('selection') or 'split ' + repr(report['split'])}"
              + (f", at most {report['max_patients_per_anatomy']} patient(s) per anatomy"
                 if report["max_patients_per_anatomy"] else "") + ".", "",
              "| task | anatomy | patients | MAE ↓ | PSNR (dB) ↑ | SSIM ↑ |", "| --- | --- | --- | --- | --- | --- |"]
@@ -570,7 +665,8 @@ def _figure(path: Path, case: PatientCase, truth: Volume, pred: Volume, mask: np
 
 EVAL_VOLUMES_HELP = (
     "Score MR→CT (and CT→MR) as the SynthRAD2023 challenge does: whole 3D volumes on each held-out patient's "
-    "own grid, MAE / PSNR / SSIM inside the body mask, against the source volumes.\n\n"
+    "own grid, MAE / PSNR / SSIM inside the body mask, against the source volumes. Predictions made elsewhere "
+    "(--from-files) need no shards.\n\n"
     "Every slice the builder wrote for a patient is generated (or taken from the shards with --oracle, or a "
     "finished volume is read from --from-files DIR/<patient>/sct.mha), put back on the source grid (windows, "
     "padding and resizes undone from provenance.grid) and written to OUT/pred/<patient>/sct.mha (smr.mha for "
@@ -582,14 +678,23 @@ EVAL_VOLUMES_HELP = (
     "--checkpoint runs/stage3 --preset m3 --device cuda --out reports/m3\n\n"
     "    healthgpt eval-volumes --shards shards/synthrad --source-root /data/SynthRAD2023 --oracle --out reports/oracle\n\n"
     "    healthgpt eval-volumes --shards shards/synthrad --source-root /data/SynthRAD2023 "
-    "--from-files runs/pix2pix/pred --out reports/pix2pix"
+    "--from-files runs/pix2pix/pred --out reports/pix2pix\n\n"
+    "Anyone's predictions, as the challenge scores them (no shards: every DIR/<patient>/ against the release's "
+    "CT and mask, whatever its split):\n\n"
+    "    healthgpt eval-volumes --from-files runs/pix2pix/pred --source-root /data/SynthRAD2023 --out reports/pix2pix"
 )
 
 
 def eval_volumes_command(
-    shards: Annotated[list[Path], typer.Option("--shards", help="SynthRAD2023 shard folder (repeatable).")],
-    source_root: Annotated[Path, typer.Option(help="The SynthRAD2023 release the shards were built from.")],
+    source_root: Annotated[Path, typer.Option(help="The SynthRAD2023 release (the one the shards were built from).")],
     out: Annotated[Path, typer.Option("--out", help="Output folder (pred/, volumes.csv, volumes.md, ...).")],
+    shards: Annotated[list[Path] | None, typer.Option("--shards", help=(
+        "SynthRAD2023 shard folder (repeatable). Needed to generate or for --oracle; with --from-files it picks the "
+        "patients (--split) and checks the release against the build's SHA-256. Without it, --from-files is scored "
+        "against the release alone."))] = None,
+    patients: Annotated[list[str] | None, typer.Option(
+        "--patients", help="Without --shards: score only these patients of --from-files (comma-separated or "
+                           "repeated; default every patient folder there).")] = None,
     task: Annotated[list[str] | None, typer.Option(
         "--task", help="mri2ct (the challenge's task) and/or ct2mri (our extension); repeatable.")] = None,
     oracle: Annotated[bool, typer.Option(help="Use the shards' own targets as predictions (round-trip check).")] = False,
@@ -600,8 +705,10 @@ def eval_volumes_command(
     split: Annotated[str, typer.Option(help="Split to score (test, val, train or 'all').")] = "test",
     max_patients: Annotated[int | None, typer.Option(
         help="Score only the first N patients per task and anatomy (each is still generated whole).")] = None,
-    checkpoint: Annotated[Path | None, typer.Option(help="Our trainable-parts .safetensors (or training folder).")] = None,
-    released: Annotated[Path | None, typer.Option(help="Folder with the released HealthGPT-M3 weights.")] = None,
+    checkpoint: Annotated[str | None, typer.Option(
+        help="Training run, checkpoint, .safetensors or `healthgpt export` folder; or a Hub id hf://ORG/NAME[@REVISION].")] = None,
+    released: Annotated[str | None, typer.Option(
+        help="Folder with the released HealthGPT-M3 weights, or their Hub id (hf://lintw/HealthGPT-M3).")] = None,
     preset: Annotated[str, typer.Option(help="tiny, smollm2-135m, m3, l14, xl32.")] = "tiny",
     vq: Annotated[str, typer.Option(help="VQGAN decoder: 'tiny' or a weights file.")] = "tiny",
     batch_size: Annotated[int, typer.Option(help="Slices generated together.")] = 8,
@@ -635,7 +742,8 @@ def eval_volumes_command(
             overrides[name] = value
     overrides.update(_parse_sets(model_set or [], "--model-set"))
     config = VolumeEvalConfig(
-        shards=shards, source_root=source_root, out=out, subtasks=tuple(task or ("mri2ct",)),
+        shards=shards or [], source_root=source_root, out=out, subtasks=tuple(task or ("mri2ct",)),
+        patients=[p.strip() for item in patients or [] for p in item.split(",") if p.strip()] or None,
         split=None if split == "all" else split, max_patients=max_patients, oracle=oracle, oracle_bits=oracle_bits,
         from_files=from_files, pred_format=fmt, preset=preset, checkpoint=checkpoint, released=released, vq=vq,
         batch_size=batch_size, constrained_images=constrained_images, device=device, overrides=overrides,

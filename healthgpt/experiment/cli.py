@@ -51,7 +51,7 @@ def _parse_vars(items: list[str] | None) -> dict[str, object]:
         "    healthgpt experiment run experts peft-variants --out runs/exp\n\n"
         "    healthgpt experiment run peft-variants --out runs/exp --var shards=demo/shards\n\n"
         "    healthgpt experiment run peft-variants --form full --out runs/exp-m3 "
-        "--run $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT"
+        "--run $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT --report-to wandb"
     ),
 )
 def run(
@@ -68,16 +68,25 @@ def run(
     dry_run: Annotated[bool, typer.Option(help="Print the runs and their commands; run nothing.")] = False,
     collect_after: Annotated[bool, typer.Option("--collect/--no-collect", help="Collect results afterwards.")] = True,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    report_to: Annotated[list[str] | None, typer.Option(help="Trackers every training step logs to, as `healthgpt "
+                                                        "train --report-to` (csv, tensorboard, wandb, mlflow); each "
+                                                        "step's tracker run is named <experiment>/<run>/<step>.")] = None,
 ) -> None:
     from healthgpt.experiment.collect import collect
-    from healthgpt.experiment.runner import missing_parts, plan, program, run_experiments
+    from healthgpt.experiment.runner import missing_parts, plan, program, run_experiments, tracker_argv
     from healthgpt.experiment.spec import ExperimentError, load_experiment, partition_runs
+    from healthgpt.training.trackers import check_available, parse_report_to
     from vlhealth.build import parse_partition
 
     try:
         share = parse_partition(run_share)
     except ValueError as err:
         raise typer.BadParameter(f"--run: {err}") from None
+    try:
+        trackers = parse_report_to(report_to)
+        check_available(trackers)  # before the first run, not in each run's log
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
     try:
         exps = [load_experiment(e) for e in experiments]
         names = [e.name for e in exps]
@@ -93,7 +102,7 @@ def run(
                 if id(r) in mine:
                     typer.echo(f"# {exp.name} #{r.index}: {r.cell}, seed {r.seed} -> {r.dir}")
                     for s in r.steps:
-                        typer.echo(shlex.join([*program(r, "train"), *s.argv]))
+                        typer.echo(shlex.join([*program(r, "train"), *s.argv, *tracker_argv(r, s, trackers)]))
                     typer.echo(shlex.join([*program(r, "eval"), *r.eval_argv]))
             console.print(f"{len(mine)} of {len(everything)} runs (dry run: nothing was run)")
             problem = missing_parts([r for _, r in everything])
@@ -101,7 +110,7 @@ def run(
                 console.print(f"[yellow]note:[/yellow] {problem}")
             return
         outcomes = run_experiments(exps, form, out, share=share, variables=variables, console=console,
-                                   progress=progress, pretrained=pretrained)
+                                   progress=progress, pretrained=pretrained, report_to=trackers)
         if collect_after:
             results = collect(out)
             console.print(f"wrote {out.name}/results.md, results.json and "

@@ -217,7 +217,16 @@ def _tail(path: Path, n: int = 12) -> str:
         return ""
 
 
-def _train_step(run: RunSpec, step: StepSpec, record: dict[str, Any], session: Session) -> tuple[bool, bool]:
+def tracker_argv(run: RunSpec, step: StepSpec, report_to: Sequence[str]) -> list[str]:
+    """``--report-to`` for one training step, its tracker run named ``<experiment>/<run>/<step>``. Not part of
+    the run's configuration: logging somewhere else trains the same run."""
+    if not report_to:
+        return []
+    return ["--report-to", ",".join(report_to), "--run-name", f"{run.experiment}/{run.run_id}/{step.name}"]
+
+
+def _train_step(run: RunSpec, step: StepSpec, record: dict[str, Any], session: Session,
+                report_to: Sequence[str] = ()) -> tuple[bool, bool]:
     """(trained now, ok)."""
     from healthgpt.training.checkpoints import latest_checkpoint
 
@@ -226,7 +235,7 @@ def _train_step(run: RunSpec, step: StepSpec, record: dict[str, Any], session: S
         entry["status"] = "finished"
         return False, True
     resume = latest_checkpoint(Path(step.out)) is not None
-    argv = step.argv + (["--resume"] if resume else [])
+    argv = step.argv + tracker_argv(run, step, report_to) + (["--resume"] if resume else [])
     started = _now()
     rc, seconds = _run_process(run, "train", argv, Path(run.dir) / "logs" / f"{step.name}.log")
     entry["attempts"].append({"session": session.id, "host": session.host, "resumed": resume, "started": started,
@@ -237,7 +246,7 @@ def _train_step(run: RunSpec, step: StepSpec, record: dict[str, Any], session: S
 
 
 def execute_run(run: RunSpec, exp: Experiment, form: str, session: Session,
-                on_phase: Callable[[str], None] | None = None) -> RunOutcome:
+                on_phase: Callable[[str], None] | None = None, report_to: Sequence[str] = ()) -> RunOutcome:
     """Train (or continue) every step of ``run``, then evaluate; skips what is finished."""
     run_dir = Path(run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -259,7 +268,7 @@ def execute_run(run: RunSpec, exp: Experiment, form: str, session: Session,
         for step in run.steps:
             if on_phase:
                 on_phase(step.name)
-            trained, ok = _train_step(run, step, record, session)
+            trained, ok = _train_step(run, step, record, session, report_to)
             _write_json(run_dir / RUN_FILE, record)
             if trained:
                 outcome.trained.append(step.name)
@@ -331,8 +340,10 @@ def _check_experiment_dir(exp_dir: Path, record: dict[str, Any]) -> None:
 
 def run_experiments(experiments: Sequence[Experiment], form: str, out: str | os.PathLike[str], *,
                     share: tuple[int, int] | None = None, variables: dict[str, Any] | None = None,
-                    console: Any = None, progress: bool = True, pretrained: bool = True) -> list[RunOutcome]:
-    """Run this share of the grid (all of it by default) and return one outcome per run."""
+                    console: Any = None, progress: bool = True, pretrained: bool = True,
+                    report_to: Sequence[str] = ()) -> list[RunOutcome]:
+    """Run this share of the grid (all of it by default) and return one outcome per run; ``report_to``:
+    the trackers every training step logs to (``healthgpt train --report-to``)."""
     from rich.console import Console
 
     from vlhealth.progress import progress_bar
@@ -367,7 +378,7 @@ def run_experiments(experiments: Sequence[Experiment], form: str, out: str | os.
                 bar.update(task, current=f"{exp.name}: {run.cell} seed {run.seed} ({name})")
 
             t0 = time.perf_counter()
-            outcome = execute_run(run, exp, form, session, on_phase=phase)
+            outcome = execute_run(run, exp, form, session, on_phase=phase, report_to=report_to)
             outcomes.append(outcome)
             bar.advance(task)
             did = ", ".join([f"trained {', '.join(outcome.trained)}"] * bool(outcome.trained)

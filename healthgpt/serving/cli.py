@@ -14,7 +14,8 @@ __all__ = ["SERVE_HELP", "serve_command"]
 SERVE_HELP = (
     "Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/images/edits, "
     "/v1/models, /healthz) with a web UI at / (chat and image generation tabs).\n\n"
-    "--checkpoint takes a training run, a checkpoint, or a folder written by `healthgpt export`. "
+    "--checkpoint takes a training run, a checkpoint, or a folder written by `healthgpt export`, or such a "
+    "folder on the Hub by id (hf://ORG/NAME[@REVISION]; HF_HUB_OFFLINE=1 uses the local cache only). "
     "One process loads the model once; requests queue and run one batch at a time (waiting chat "
     "requests are decoded together). Research use only, not for clinical use.\n\n"
     "Beyond this machine (--host 0.0.0.0) the server needs an API key (--api-key, --api-key-file or "
@@ -31,9 +32,11 @@ SERVE_HELP = (
 
 def serve_command(
     preset: Annotated[str, typer.Option(help="tiny, smollm2-135m, m3, l14, xl32.")] = "tiny",
-    checkpoint: Annotated[Path | None, typer.Option(
-        help="Training run / checkpoint / .safetensors, or a `healthgpt export` folder.")] = None,
-    released: Annotated[Path | None, typer.Option(help="Folder with the released HealthGPT-M3 files.")] = None,
+    checkpoint: Annotated[str | None, typer.Option(
+        help="Training run / checkpoint / .safetensors, or a `healthgpt export` folder; or a Hub id "
+             "hf://ORG/NAME[@REVISION].")] = None,
+    released: Annotated[str | None, typer.Option(
+        help="Folder with the released HealthGPT-M3 files, or their Hub id (hf://lintw/HealthGPT-M3).")] = None,
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     model_name: Annotated[str | None, typer.Option(
@@ -105,6 +108,7 @@ def serve_command(
     from healthgpt.serving.infer import VQUnavailableError, load_model, load_vq_decoder
     from healthgpt.serving.service import ServeSettings, Service
     from healthgpt.sharing.export import is_export_folder
+    from healthgpt.sharing.hub import parse_hub_id, resolve_model
 
     if threads > 0:
         import torch
@@ -123,7 +127,10 @@ def serve_command(
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from err
     if model_name is None:
-        model_name = checkpoint.name if checkpoint is not None and is_export_folder(checkpoint) else f"healthgpt-{preset}"
+        hub = parse_hub_id(checkpoint)
+        source = resolve_model(checkpoint)  # the folder load_model used (resolved once per process)
+        model_name = ((hub.repo_id if hub else source.name) if source is not None and is_export_folder(source)
+                      else f"healthgpt-{preset}")
     if max_tokens > max_tokens_limit:
         console.print(f"[red]error:[/red] --max-tokens {max_tokens} is over --max-tokens-limit {max_tokens_limit}")
         raise typer.Exit(2)
@@ -136,7 +143,7 @@ def serve_command(
         from healthgpt.serving.ui import UiContent
 
         try:
-            service.ui_content = UiContent.load(checkpoint, list(examples or ()))
+            service.ui_content = UiContent.load(resolve_model(checkpoint), list(examples or ()))
         except ValueError as err:
             console.print(f"[red]error:[/red] {err}")
             raise typer.Exit(2) from err

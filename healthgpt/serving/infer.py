@@ -10,6 +10,7 @@ to a 256×256 RGB image.
 Public API::
 
     load_model(preset, *, checkpoint=None, released=None, device="cpu", **overrides) -> HealthGPT
+        (checkpoint / released: a local path or a Hub id hf://ORG/NAME[@REVISION])
     answer(model, image, question, *, max_new_tokens=256, on_text=None) -> str
     generate_image(model, image, instruction, *, vq=None, constrained=False)
         -> ImageResult(image uint8 [256,256,3] | None, codes int64 [1024], report)
@@ -54,11 +55,15 @@ def load_model(
     **overrides: Any,
 ) -> HealthGPT:
     """Build a preset, then load our checkpoint (a file, a training folder or a ``healthgpt export`` folder)
-    and/or a released HealthGPT-M3 folder."""
+    and/or a released HealthGPT-M3 folder; either may be a Hub id ``hf://ORG/NAME[@REVISION]``
+    (:mod:`healthgpt.sharing.hub`: only the files needed come down, an export's SHA-256 are checked)."""
     from healthgpt.model.presets import build_model
     from healthgpt.model.released import load_released_m3
     from healthgpt.model.weights import load_trainable, resolve_trainable
+    from healthgpt.sharing.hub import resolve_model
 
+    checkpoint = resolve_model(checkpoint)
+    released = resolve_model(released, kind="released")
     model, _ = build_model(preset, **overrides)
     if released is not None:
         load_released_m3(model, released)

@@ -15,15 +15,18 @@ Layout of an export folder::
     eval/report.md, report.json   the run's evaluation report, when --eval is given
 
 ``load_export(model, folder)`` loads it back onto a freshly built preset; the result has exactly
-the tensors of the run (tests check it). ``serve``, ``infer`` and ``eval`` accept such a folder
-wherever they accept a run (``--checkpoint``): ``is_export_folder`` tells them apart.
+the tensors of the run (tests check it), after checking every file against the manifest's SHA-256
+(``verify_export``). ``serve``, ``infer``, ``eval`` and ``train --init`` accept such a folder wherever they
+accept a run (``--checkpoint``, ``--init``), locally or by Hub id (``hf://ORG/NAME[@REVISION]``,
+:mod:`healthgpt.sharing.hub`): ``is_export_folder`` tells them apart; ``export_lineage`` gives a run
+started from it the stages it grew from.
 
 Public API::
 
     export_run(run, out, *, data=(), earlier=(), eval_dir=None, vq="tiny", seed=0, **overrides) -> ExportSummary
     load_export(model, folder) -> list[str]
     is_export_folder(path) -> bool
-    read_export_info(folder) -> dict
+    read_export_info(folder) -> dict;  verify_export(folder) -> dict;  export_lineage(folder) -> list[dict]
 """
 
 from __future__ import annotations
@@ -40,8 +43,8 @@ from typing import Annotated, Any
 import typer
 from safetensors.torch import save_file
 
-__all__ = ["EXPORT_HELP", "EXPORT_INFO", "ExportError", "ExportSummary", "export_run", "is_export_folder", "load_export",
-           "export_command", "read_export_info"]
+__all__ = ["EXPORT_HELP", "EXPORT_INFO", "ExportError", "ExportSummary", "export_lineage", "export_run",
+           "is_export_folder", "load_export", "export_command", "read_export_info", "verify_export"]
 
 EXPORT_INFO = "healthgpt_export.json"
 EXPORT_FORMAT = "healthgpt-export/1"
@@ -82,6 +85,36 @@ def read_export_info(folder: str | os.PathLike[str]) -> dict[str, Any]:
     if info.get("format") != EXPORT_FORMAT:
         raise ExportError(f"{Path(folder).name}/{EXPORT_INFO}: format {info.get('format')!r}, expected {EXPORT_FORMAT}")
     return info
+
+
+def verify_export(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """The export's info after checking every file its manifest lists: present, with the recorded SHA-256.
+    A missing, truncated or altered file is refused by name (``load_export`` runs this first)."""
+    folder = Path(folder)
+    info = read_export_info(folder)
+    listed = info.get("files") or {}
+    if not listed:
+        raise ExportError(f"{folder.name}/{EXPORT_INFO}: no file checksums (export it again)")
+    missing = sorted(f for f in listed if not (folder / f).is_file())
+    if missing:
+        raise ExportError(f"{folder.name}: {len(missing)} file(s) of the export missing: {missing[:5]}")
+    changed = sorted(f for f, digest in listed.items() if _sha256(folder / f) != digest)
+    if changed:
+        raise ExportError(f"{folder.name}: {changed[:5]} changed since the export (sha256 differs from "
+                          f"{EXPORT_INFO}); export or download it again")
+    return info
+
+
+def export_lineage(folder: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The training stages recorded in an export, oldest first, as a trainer's lineage entries (``run``, ``stage``,
+    ``task``, ``shards``): a run started from the export with ``train --init`` carries them on."""
+    out = []
+    for st in read_export_info(folder).get("stages") or []:
+        shards = st.get("shards")
+        unrecorded = shards is None or any(str(s).startswith("unrecorded data of") for s in shards)
+        out.append({"run": st.get("run"), "stage": st.get("stage"), "task": st.get("task"),
+                    "shards": None if unrecorded else list(shards)})
+    return out
 
 
 def _sha256(path: Path) -> str:
@@ -315,7 +348,7 @@ def load_export(model: Any, folder: str | os.PathLike[str]) -> list[str]:
     from healthgpt.sharing.peft import import_peft_adapter
 
     folder = Path(folder)
-    info = read_export_info(folder)
+    info = verify_export(folder)
     if info["preset"] != model.preset:
         raise CheckpointError(f"{folder.name}: exported from preset {info['preset']!r}, the model is "
                               f"{model.preset!r} (pass --preset {info['preset']})")

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from healthgpt.sharing.export import EXPORT_INFO, ExportError, _sha256, read_export_info
+from healthgpt.sharing.export import EXPORT_INFO, ExportError, read_export_info, verify_export
 from vlhealth.publish import PUBLISHABLE_ACCESS
 
 __all__ = ["ModelPublishPlan", "PUBLISH_HELP", "plan_model_publish", "publish_command", "publish_model"]
@@ -41,9 +41,7 @@ def plan_model_publish(folder: str | os.PathLike[str], *, i_have_the_rights: boo
     if extra or missing:
         raise ExportError(f"{folder.name}: the folder differs from what `healthgpt export` wrote (extra: {extra[:5]}, "
                           f"missing: {missing[:5]}); export again")
-    changed = [f for f, digest in listed.items() if _sha256(folder / f) != digest]
-    if changed:
-        raise ExportError(f"{folder.name}: {changed[:5]} changed since the export (sha256 differs); export again")
+    verify_export(folder)  # every listed file with its recorded sha256
     data = info.get("training_data") or [{"name": "(training data not recorded)", "source": None, "access": "unknown"}]
     restricted = [d for d in data if d.get("access") not in PUBLISHABLE_ACCESS]
     if restricted and not i_have_the_rights:

@@ -6,7 +6,9 @@ per stage and task), ``data`` (task batches, packing, exact resume) with ``sourc
 read by seeking, or streamed URLs), ``dist`` (torch.distributed set-up, shared with the evaluator),
 ``checkpoints`` (training checkpoints: weights, optimizer, RNG and data position; resume),
 ``loss_trend`` (start/end loss per task, divergence warnings), ``pretrain_text`` (``healthgpt
-pretrain-text``). ``python -m healthgpt.training`` is ``healthgpt train`` (for torchrun).
+pretrain-text``), ``trackers`` (``--report-to``: csv, TensorBoard, W&B, MLflow). ``python -m healthgpt.training``
+is ``healthgpt train`` (for torchrun).
 
-Imports only ``healthgpt.model`` and ``vlhealth``.
+Imports only ``healthgpt.model``, ``healthgpt.sharing`` (``--init`` from an export folder or a Hub id) and
+``vlhealth``.
 """

@@ -26,8 +26,12 @@ on CPU. Data: local shard folders are read by random access with an exact data p
 URLs stream through ``webdataset`` (:mod:`healthgpt.training.data`), where ``--resume`` restores weights,
 optimizer and step but restarts the stream.
 
+``--init`` takes earlier runs, weights files or ``healthgpt export`` folders, local or by Hub id
+(``hf://ORG/NAME[@REVISION]``, :mod:`healthgpt.sharing.hub`); their lineage is carried into this run's.
+
 Outputs under ``--out``: ``metrics.jsonl`` (one line per optimizer step), ``checkpoints/step-N/``,
-``final/trainable.safetensors`` + ``final/train_summary.json``, optional ``tensorboard/``.
+``final/trainable.safetensors`` + ``final/train_summary.json``; with ``--report-to``
+(:mod:`healthgpt.training.trackers`) ``csv/``, ``tensorboard/``, W&B and MLflow runs get the same scalars.
 
 Public API::
 
@@ -66,6 +70,8 @@ from healthgpt.model.conversation import IGNORE_INDEX
 from healthgpt.model.hlora import set_dropout
 from healthgpt.model.vision import VisionPreprocessor
 from healthgpt.model.weights import TRAINABLE_FILE, save_trainable
+from healthgpt.sharing.export import export_lineage, is_export_folder, load_export, read_export_info
+from healthgpt.sharing.hub import display_name, resolve_model
 from healthgpt.training.checkpoints import (
     CHECKPOINTS_DIR,
     CheckpointWriteError,
@@ -83,6 +89,7 @@ from healthgpt.training.dist import Dist
 from healthgpt.training.hparams import HPARAM_HELP, HParams, load_hparams, lr_lambda
 from healthgpt.training.loss_trend import divergence_warnings
 from healthgpt.training.stages import STAGE_GROUPS, optimizer_groups, stage_groups
+from healthgpt.training.trackers import Trackers, check_available, open_trackers, parse_report_to, step_scalars
 from healthgpt.training.validation import ValidationSet
 
 __all__ = [
@@ -117,7 +124,7 @@ class TrainConfig:
     task: str
     shards: Sequence[str]
     out: Path
-    init: Sequence[Path] = ()  # previous stage(s): --out folders or trainable .safetensors files
+    init: Sequence[str | Path] = ()  # previous stage(s): --out folders, .safetensors, export folders, hf:// ids
     resume: bool = False
     overrides: dict[str, Any] = field(default_factory=dict)
     config: Path | None = None
@@ -134,7 +141,9 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     gradient_checkpointing: bool | None = None  # None: on for CUDA
     fsdp: bool = False
-    tensorboard: bool = False
+    tensorboard: bool = False  # the same as "tensorboard" in report_to
+    report_to: tuple[str, ...] = ()  # trackers (healthgpt.training.trackers.TRACKERS): csv, tensorboard, wandb, mlflow
+    run_name: str | None = None  # the trackers' run name (default: the --out folder's name)
     progress: bool = True
     preset_overrides: dict[str, Any] = field(default_factory=dict)  # build_model(...) overrides (--model-set)
     groups: tuple[str, ...] = ()  # parameter groups to train instead of the stage's (--groups; ablations)
@@ -277,6 +286,7 @@ def setup(cfg: TrainConfig, dd: Dist, device_kind: str, model: Any) -> _Run:
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device_kind == "cuda" else "fp32")
     use_gc = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else device_kind == "cuda"
     hp = load_hparams(cfg.preset, cfg.stage, cfg.overrides, cfg.config, task=cfg.task)
+    check_available(_tracker_names(cfg))  # a missing tracker package is an error before any work
     groups = tuple(cfg.groups) or stage_groups(cfg.stage, cfg.task)
     num_workers = cfg.num_workers if cfg.num_workers is not None else (4 if device_kind == "cuda" else 0)
 
@@ -301,7 +311,7 @@ def setup(cfg: TrainConfig, dd: Dist, device_kind: str, model: Any) -> _Run:
                guard=LossGuard(hp), streaming=data_cfg.streaming)
     resume_rng = _resume(run, console) if cfg.resume else None
     if not cfg.resume:
-        run.lineage = run_lineage(cfg.init)
+        run.lineage = _init_lineage(cfg.init)
     if not cfg.resume and dd.main:
         (Path(cfg.out) / "metrics.jsonl").write_text("", "utf-8")
     run.saved_groups = sorted(set(run.trained_before) | set(groups))
@@ -338,17 +348,37 @@ def fit(run: _Run, batch_hook: Callable[[int, dict[str, Any]], dict[str, Any]] |
     cfg, dd = run.cfg, run.dd
     console = Console(stderr=True, quiet=not dd.main)
     out = Path(cfg.out)
-    writer = _tensorboard(out) if cfg.tensorboard and dd.main else None
+    trackers = (open_trackers(_tracker_names(cfg), out, cfg.run_name or out.name, run_config(run), run.step)
+                if dd.main else Trackers())
     stop = {"signal": False}
     old_handler = None
     if threading.current_thread() is threading.main_thread():
         old_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=True))
     keys_fh = open(out / f"keys-rank{dd.rank}.txt", "a", encoding="utf-8") if cfg.debug_log_keys else None  # noqa: SIM115
     status = "finished"
+    try:
+        status = _loop(run, batch_hook, keys_fh, trackers, stop, console)
+    except BaseException:
+        trackers.close("failed")
+        raise
+    finally:
+        if keys_fh is not None:
+            keys_fh.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+    trackers.close(status)
+    return _finish(run, status, console)
+
+
+def _loop(run: _Run, batch_hook: Callable[[int, dict[str, Any]], dict[str, Any]] | None, keys_fh: Any,
+          trackers: Trackers, stop: dict[str, bool], console: Any) -> str:
+    """Optimizer steps until the stage's step count or SIGTERM; returns finished or preempted."""
+    cfg, dd, out = run.cfg, run.dd, Path(run.cfg.out)
+    status = "finished"
     with _progress_bar(console, cfg.progress and dd.main) as progress:
         bar = progress.add_task("train", total=run.total_steps, completed=run.step, loss=float("nan"), tps=0.0)
         if run.step == 0:
-            _validate(run, writer, console)
+            _validate(run, trackers, console)
         while run.step < run.total_steps:
             t0 = time.perf_counter()
             record = _optimizer_step(run, batch_hook, keys_fh)
@@ -357,7 +387,7 @@ def fit(run: _Run, batch_hook: Callable[[int, dict[str, Any]], dict[str, Any]] |
             record["step_time_s"] = time.perf_counter() - t0
             record["tokens_per_s"] = record["tokens"] / record["step_time_s"]
             if dd.main:
-                _log_step(out, record, writer)
+                _log_step(out, record, trackers, len(run.skipped))
                 progress.update(bar, completed=run.step, loss=record["loss"], tps=record["tokens_per_s"])
                 if not progress.live.is_started and cfg.log_every and run.step % cfg.log_every == 0:
                     console.print(f"step {run.step}/{run.total_steps} loss {record['loss']:.4f} "
@@ -372,7 +402,7 @@ def fit(run: _Run, batch_hook: Callable[[int, dict[str, Any]], dict[str, Any]] |
                     f"--lr/--adapter-lr, or inspect the data around step {run.step} (metrics.jsonl lists the "
                     "skipped steps)")
             if cfg.val_every and (run.step % cfg.val_every == 0 or run.step == run.total_steps):
-                _validate(run, writer, console)
+                _validate(run, trackers, console)
             if cfg.debug_exit_after is not None and run.step >= cfg.debug_exit_after:
                 if cfg.save_every and run.step % cfg.save_every == 0:
                     _checkpoint(run)
@@ -384,12 +414,7 @@ def fit(run: _Run, batch_hook: Callable[[int, dict[str, Any]], dict[str, Any]] |
                 status = "preempted"
                 console.print(f"SIGTERM: checkpoint written at step {run.step}; exiting")
                 break
-    for closable in (keys_fh, writer):
-        if closable is not None:
-            closable.close()
-    if old_handler is not None:
-        signal.signal(signal.SIGTERM, old_handler)
-    return _finish(run, status, console)
+    return status
 
 
 def _optimizer_step(run: _Run, batch_hook: Callable[[int, dict[str, Any]], dict[str, Any]] | None,
@@ -458,7 +483,7 @@ def _optimizer_step(run: _Run, batch_hook: Callable[[int, dict[str, Any]], dict[
     return record
 
 
-def _validate(run: _Run, writer: Any, console: Any) -> None:
+def _validate(run: _Run, trackers: Trackers, console: Any) -> None:
     """Score the fixed validation batches (every rank scores the same ones; the main rank logs)."""
     if run.validation is None:
         return
@@ -469,9 +494,7 @@ def _validate(run: _Run, writer: Any, console: Any) -> None:
         return
     with open(Path(run.cfg.out) / "metrics.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps(record) + "\n")
-    if writer is not None:
-        for task, loss in losses.items():
-            writer.add_scalar(f"val/loss_{task}", loss, run.step)
+    trackers.log({f"val/loss_{task}": loss for task, loss in losses.items()}, run.step)
     console.print(f"step {run.step}: validation loss " + ", ".join(f"{t} {v:.4f}" for t, v in losses.items()))
 
 
@@ -498,7 +521,7 @@ def _lr(lrs: Mapping[str, float], kind: str) -> float | None:
     return next((v for k, v in lrs.items() if k == kind or k.startswith(f"{kind}:")), None)
 
 
-def _log_step(out: Path, record: dict[str, Any], writer: Any) -> None:
+def _log_step(out: Path, record: dict[str, Any], trackers: Trackers, skipped_so_far: int) -> None:
     lrs = record.pop("lrs")
     row = {k: record[k] for k in ("step", "loss", "grad_norm", "lr", "adapter_lr", "tokens", "tokens_per_s",
                                   "step_time_s", "tasks", "skipped")}
@@ -506,12 +529,26 @@ def _log_step(out: Path, record: dict[str, Any], writer: Any) -> None:
         row["skip_reason"] = record["skip_reason"]
     with open(out / "metrics.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps(row) + "\n")
-    if writer is not None:
-        step, loss = record["step"], record["loss"]
-        writer.add_scalar("train/loss", loss if math.isfinite(loss) else 0.0, step)
-        writer.add_scalar("train/tokens_per_s", record["tokens_per_s"], step)
-        for name, lr in lrs.items():
-            writer.add_scalar(f"train/lr_{name}", lr, step)
+    trackers.log(step_scalars(record, lrs, skipped_so_far), record["step"])
+
+
+def _tracker_names(cfg: TrainConfig) -> tuple[str, ...]:
+    names = parse_report_to(cfg.report_to)
+    return names + ("tensorboard",) if cfg.tensorboard and "tensorboard" not in names else names
+
+
+def run_config(run: _Run) -> dict[str, Any]:
+    """What the trackers record about a run: resolved hyper-parameters, stage, data names and lineage
+    (names only, never the machine's paths)."""
+    cfg = run.cfg
+    return {
+        "run": Path(cfg.out).name, "preset": cfg.preset, "stage": cfg.stage, "task": cfg.task, "seed": cfg.seed,
+        "split": cfg.split, "pack": cfg.pack, "world_size": run.dd.world, "total_steps": run.total_steps,
+        "grad_accum": run.accum, "shards": [Path(str(s)).name for s in cfg.shards], "groups": list(run.groups),
+        "trainable": trainable_summary(run.model), "model_overrides": _shareable(cfg.preset_overrides),
+        "image_codes": cfg.image_codes, "val_every": cfg.val_every,
+        "hparams": json.loads(json.dumps(run.hp.to_dict(), default=str)), "lineage": run.lineage,
+    }
 
 
 # ------------------------------------------------------------------------------------ set-up helpers
@@ -530,9 +567,9 @@ def _prepare_model(cfg: TrainConfig, hp: HParams, groups: Sequence[str], model: 
     trained_before: list[str] = []
     if not cfg.resume:
         for init in cfg.init:  # e.g. stage 2 starts from both stage-1 runs (comprehension + generation)
-            loaded = load_run_weights(model, Path(init))
+            loaded = _load_init(model, init)
             trained_before = sorted(set(trained_before) | set(loaded))
-            console.print(f"init: loaded {', '.join(loaded) or 'weights'} from {Path(init).name}")
+            console.print(f"init: loaded {', '.join(loaded) or 'weights'} from {display_name(init)}")
     params = model.set_trainable(*groups)
     if not params:
         raise ValueError(f"stage {cfg.stage} {cfg.task}: the model has no parameters in {groups}")
@@ -542,6 +579,28 @@ def _prepare_model(cfg: TrainConfig, hp: HParams, groups: Sequence[str], model: 
     for task in ("comprehension", "generation"):
         set_dropout(model.llm, hp.dropout_for(task), tasks=[task])
     return model, params, trained_before
+
+
+def _load_init(model: Any, init: str | os.PathLike[str]) -> list[str]:
+    """Load one ``--init``: a training run, checkpoint or weights file, or a ``healthgpt export`` folder, each
+    local or by Hub id (``hf://ORG/NAME[@REVISION]``); returns the parameter groups it trained."""
+    source = resolve_model(init)
+    if is_export_folder(source):
+        info = read_export_info(source)
+        load_export(model, source)  # checks the manifest's sha256 first
+        return list(info.get("groups") or [])
+    return load_run_weights(model, source)
+
+
+def _init_lineage(inits: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:
+    """The earlier stages behind ``--init``, oldest first: a run's recorded lineage (``run_lineage``), or the
+    stages an export folder lists (``export_lineage``)."""
+    out: list[dict[str, Any]] = []
+    for init in inits:
+        source = resolve_model(init)
+        entries = export_lineage(source) if is_export_folder(source) else run_lineage([source])
+        out += [e for e in entries if e not in out]
+    return out
 
 
 def _wrap(model: Any, cfg: TrainConfig, dd: Dist, device: torch.device, device_kind: str) -> nn.Module:
@@ -678,14 +737,6 @@ def _bad_samples_message(bad: Sequence[Mapping[str, str]], limit: int, step: int
             f"{listed}{more}")
 
 
-def _tensorboard(out: Path) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as err:
-        raise RuntimeError("--tensorboard needs the tensorboard package (pip install tensorboard)") from err
-    return SummaryWriter(str(out / "tensorboard"))
-
-
 def _progress_bar(console: Any, enabled: bool) -> Any:
     from vlhealth.progress import progress_bar
 
@@ -765,7 +816,7 @@ def train_command(
     task: Annotated[str, typer.Option(help="comprehension, generation or mixed.")],
     out: Annotated[Path, typer.Option(help="Output folder (metrics.jsonl, checkpoints/, final/).")],
     preset: Annotated[str, typer.Option(help="Model preset: tiny, smollm2-135m, m3, l14, xl32.")] = "tiny",
-    init: Annotated[list[Path] | None, typer.Option(help="Previous stage's --out folder (or a trainable .safetensors); repeat to merge runs.")] = None,
+    init: Annotated[list[str] | None, typer.Option(help="Previous stage's --out folder (or a trainable .safetensors), or a `healthgpt export` folder, local or by Hub id hf://ORG/NAME[@REVISION]; its lineage is carried over. Repeat to merge runs.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in --out.")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Any hyper-parameter as key=value (same as its own option).")] = None,
     model_set: Annotated[list[str] | None, typer.Option("--model-set", help="Model preset override key=value (variant=lora|moelora|hlora, experts=8, comp_r=32, comprehension_features=concrete, shared_plugin=true, ...); give healthgpt eval the same.")] = None,
@@ -785,7 +836,9 @@ def train_command(
     precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA), bf16 or fp32.")] = "auto",
     gradient_checkpointing: Annotated[bool | None, typer.Option(help="Default: on with CUDA.")] = None,
     fsdp: Annotated[bool, typer.Option(help="Shard with FSDP instead of DDP (torchrun).")] = False,
-    tensorboard: Annotated[bool, typer.Option(help="Also log to OUT/tensorboard.")] = False,
+    tensorboard: Annotated[bool, typer.Option(help="Also log to OUT/tensorboard (the same as --report-to tensorboard).")] = False,
+    report_to: Annotated[list[str] | None, typer.Option(help="Experiment trackers, comma-separated or repeated: csv (OUT/csv/metrics.csv), tensorboard (OUT/tensorboard/), wandb (Weights & Biases: WANDB_PROJECT, WANDB_MODE=offline), mlflow (MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME). They get the metrics.jsonl scalars, the resolved hyper-parameters and the run's lineage; only the main rank logs. wandb and mlflow are optional extras: pip install -e '.[wandb,mlflow]'.")] = None,
+    run_name: Annotated[str | None, typer.Option(help="Run name in the trackers (default: the --out folder's name).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     val_every: Annotated[int, typer.Option(help="Validation loss per task on fixed held-out batches (the val split, or 1 in 20 train groups of a source without one, never trained on) at step 0, every N steps and at the end; written to metrics.jsonl, train_summary.json and TensorBoard. 0: off.")] = 0,
     val_batches: Annotated[int, typer.Option(help="Validation micro-batches per task.")] = 4,
@@ -805,16 +858,23 @@ def train_command(
         healthgpt train --preset tiny --stage 1 --task generation --shards demo/shards/synthrad --out runs/s1g
 
         healthgpt train --preset tiny --stage 2 --task mixed --shards demo/shards/vqa_rad --shards demo/shards/synthrad:0.5 --init runs/s1g --out runs/s2
+
+        healthgpt train --preset tiny --stage 1 --task generation --shards demo/shards/synthrad --out runs/s1g --report-to tensorboard,wandb
     """
     overrides = {k: v for k, v in hparams.items() if v is not None}
     overrides.update(_parse_sets(set_ or []))
     if task not in ("comprehension", "generation", "mixed"):
         raise typer.BadParameter(f"--task must be comprehension, generation or mixed, not {task!r}")
+    try:
+        trackers = parse_report_to(report_to)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
     cfg = TrainConfig(
         preset=preset, stage=stage, task=task, shards=shards, out=out, init=tuple(init or ()), resume=resume,
         overrides=overrides, config=config, seed=seed, split=split, pack=pack, stream=stream, verify=verify,
         num_workers=num_workers, save_every=save_every, keep=keep, device=device, precision=precision,
         gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, tensorboard=tensorboard, progress=progress,
+        report_to=trackers, run_name=run_name,
         debug_nan_at=tuple(debug_nan_at or ()), debug_exit_after=debug_exit_after, debug_log_keys=debug_log_keys,
         preset_overrides=_parse_sets(model_set or [], "--model-set"),
         groups=tuple(g.strip() for g in (groups or "").split(",") if g.strip()), image_codes=image_codes,
