@@ -35,7 +35,7 @@ section "2. build shards"
 # training and, once its shards exist, the text pre-training. Each keeps one thread, so its numbers do not
 # depend on what runs beside it; their logs are printed when they are waited for.
 # a failure or Ctrl-C of the foreground stops the background jobs too (they would keep writing into $DEMO_DIR)
-trap 'kill ${pid_vq-} ${pid_text-} ${pid_vision-} ${pid_stage1_generation-} 2> /dev/null || true' EXIT
+trap 'kill ${pid_vq-} ${pid_text-} ${pid_vision-} ${pid_stage1_generation-} ${pid_stage3_generation-} 2> /dev/null || true' EXIT
 background() {  # background NAME LOG COMMAND...: start, remember the pid
   local name=$1 log=$2; shift 2
   echo "   (in the background: $name; log: ${log#"$DEMO_DIR"/})"
@@ -77,10 +77,11 @@ background text "$DEMO_DIR/text-lm.log" \
   healthgpt pretrain-text --shards "$SHARDS/llava_instruct_text" --shards "$SHARDS/vqa_rad" --shards "$SHARDS/slake" \
   --out "$DEMO_DIR/text-lm" --steps 400
 # a vision tower that keeps what both paths need (the random one's layer-normalised tokens lose grey levels):
-# pixels at the concrete level, image-text contrast at the abstract level; frozen afterwards, as CLIP is
+# pixels at the concrete level, image-text contrast at the abstract level; frozen afterwards, as CLIP is.
+# 64 px in 8-px patches (64 image tokens): at 32 px a lesion is 2-4 pixels across
 background vision "$DEMO_DIR/vision.log" \
   healthgpt pretrain-vision --shards "$SHARDS/vqa_rad" --shards "$SHARDS/slake" --shards "$VQ_DIR/source" \
-  --out "$DEMO_DIR/vision" --steps 300
+  --out "$DEMO_DIR/vision" --steps 300 --model-set image_size=64 --model-set patch_size=8
 finish vq "$DEMO_DIR/vq_train.log"
 echo "-- 2c. generation sources, tokenized with that VQGAN"
 vlhealth build synthrad       "$RAW/synthrad2023"   --out "$SHARDS/synthrad" "${synthrad_opts[@]}" --vqgan "$VQ"
@@ -132,9 +133,19 @@ $train --stage 1 --task comprehension --shards "$SHARDS/vqa_rad" --shards "$SHAR
   --out "$RUNS/stage1-comprehension" --steps 200 --val-every 50
 finish stage1_generation "$RUNS/stage1-generation.log"
 $train --stage 2 --task mixed --shards "$DEMO_DIR/mix" \
-  --init "$RUNS/stage1-comprehension" --init "$RUNS/stage1-generation" --out "$RUNS/stage2" --steps 300 --val-every 75
-$train --stage 3 --task mixed --shards "$SHARDS/vqa_rad" --shards "$SHARDS/slake" --shards "$SHARDS/synthrad:0.8" \
-  --init "$RUNS/stage2" --out "$RUNS/stage3" --steps 1500 --val-every 375
+  --init "$RUNS/stage1-comprehension" --init "$RUNS/stage1-generation" --out "$RUNS/stage2" --steps 200 --val-every 50
+# stage 3 trains disjoint groups per task (the comprehension plugin and abstract adapter on comprehension batches,
+# the generation plugin and concrete adapter on generation batches): its two tasks run side by side, one per
+# core, and a run of 0 steps merges them (with several --init, each group comes from the run that trained it).
+# Comprehension takes batches of 16: its samples are short, and it needs a few passes over VQA-RAD and SLAKE.
+background stage3_generation "$RUNS/stage3-generation.log" \
+  $train --stage 3 --task generation --shards "$SHARDS/synthrad" --init "$RUNS/stage2" --out "$RUNS/stage3-generation" \
+  --steps 300 --val-every 75 --no-progress
+$train --stage 3 --task comprehension --shards "$SHARDS/vqa_rad" --shards "$SHARDS/slake" --init "$RUNS/stage2" \
+  --out "$RUNS/stage3-comprehension" --steps 700 --micro-batch 16 --global-batch 16 --val-every 175
+finish stage3_generation "$RUNS/stage3-generation.log"
+$train --stage 3 --task mixed --shards "$SHARDS/vqa_rad" --shards "$SHARDS/slake" --shards "$SHARDS/synthrad" \
+  --init "$RUNS/stage3-comprehension" --init "$RUNS/stage3-generation" --out "$RUNS/stage3" --steps 0 --no-progress
 
 section "6. evaluate on the held-out splits (baselines in every table)"
 healthgpt eval --shards "$SHARDS/vqa_rad" --shards "$SHARDS/slake" --shards "$SHARDS/omnimedvqa" \
@@ -170,10 +181,11 @@ healthgpt verdict --eval "$DEMO_DIR/eval" --runs "$RUNS" --vq-report "$VQ_DIR/vq
 echo "  what limits a missed target here (the tiny preset on 2 CPU cores, in minutes):"
 echo "  - conversion: the model does not read its input image yet: its held-out generation loss is the same"
 echo "    with each test image swapped for another's (the 'image reliance' line), and its greedy images are"
-echo "    mostly one tone. A 2-layer, 64-wide LLM writes 1024 codes from 16 image patches in a few hundred"
+echo "    mostly one tone. A 2-layer, 64-wide LLM writes 1024 codes from 64 image patches in a few hundred"
 echo "    steps; the tokenizer is not the limit (its ceiling is above identity)."
-echo "  - closed questions: the tower, pre-trained for 300 steps at 32x32 px, barely encodes lesions; the"
-echo "    probe below says which answers its features carry at all (organ, modality, lesion count)."
+echo "  - closed questions: modality and organ questions are answered from the image (compare the shuffled-image"
+echo "    row); lesion questions stay at chance: the 64 px tower, pre-trained for 300 steps, barely encodes"
+echo "    lesions (the probe below: which answers its features carry at all)."
 echo "  The same commands with a real preset, GPUs and real data are the experiment that counts."
 
 section "9. is the answer in the frozen vision features? (a linear probe, train images -> test images)"

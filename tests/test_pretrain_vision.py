@@ -55,3 +55,35 @@ def test_vision_path_refuses_a_different_size(tmp_path, shards, one_thread) -> N
         build_model("tiny", vision_path=str(out), image_size=64)
     with pytest.raises(FileNotFoundError, match="pretrain-vision"):
         build_model("tiny", vision_path=str(tmp_path / "nothing"))
+
+
+def test_each_image_is_paired_with_all_of_its_texts(tmp_path) -> None:
+    """One entry per distinct image, its text every distinct question and answer that shows it, in shard order
+    (a CLIP caption), so "yes" to a lesion question is never an image's whole description."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from healthgpt.training.data import held_out
+    from healthgpt.training.pretrain_vision import training_images
+
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 255, (32, 32), dtype=np.uint8) for _ in range(3)]
+    samples, want = [], {}
+    for i in range(12):  # image i % 3, question i % 6: every image has a repeated and a distinct question
+        s = replace(vqa_sample(i % 6, image=images[i % 3]), key=f"toy-{i:05d}")
+        samples.append(s)
+        if not held_out({"group": s.record.group, "key": s.key}):
+            parts = want.setdefault(i % 3, [])
+            if f"Question {i % 6}? yes" not in parts:
+                parts.append(f"Question {i % 6}? yes")
+    root = write_shards(tmp_path / "s", samples, "s", 4)
+    got_images, texts = training_images([root])
+    assert len(got_images) == len(texts) == len(want)
+    for img, text in zip(got_images, texts, strict=True):
+        grey = np.asarray(img.convert("L") if isinstance(img, Image.Image) else img)
+        grey = grey[..., 0] if grey.ndim == 3 else grey
+        idx = next(k for k, im in enumerate(images) if np.array_equal(grey, im))
+        assert text == " ".join(want[idx])
+    assert any(len(p) > 1 for p in want.values())
+    assert len(training_images([root], limit=1)[0]) == 1

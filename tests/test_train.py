@@ -263,3 +263,33 @@ def test_gradient_accumulation_equals_the_full_batch(tmp_path) -> None:
     for a, b in zip(runs[1], runs[2], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def _tensors_of(model: torch.nn.Module, group: str) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameter_groups()[group]]
+
+
+def test_merging_side_by_side_runs_takes_each_group_from_the_run_that_trained_it(tmp_path, shards) -> None:
+    """Stage 3's tasks trained side by side from one stage-2 run, then merged by a 0-step run: each run's file
+    also carries a stale copy of the other's groups, in either --init order the trained copies must win."""
+    fast = {"lr": 1e-2, "adapter_lr": 1e-2, "micro_batch": 2, "global_batch": 2, "warmup_steps": 0}
+    train(_cfg(tmp_path / "s2", 2, "mixed", [shards["comp"], shards["gen"]], 2, overrides=fast))
+    comp_model, _ = build_model("tiny")
+    train(_cfg(tmp_path / "s3c", 3, "comprehension", [shards["comp"]], 2, init=(tmp_path / "s2",), overrides=fast),
+          model=comp_model)
+    gen_model, _ = build_model("tiny")
+    train(_cfg(tmp_path / "s3g", 3, "generation", [shards["gen"]], 2, init=(tmp_path / "s2",), overrides=fast),
+          model=gen_model)
+    for order in (("s3c", "s3g"), ("s3g", "s3c")):
+        merged, _ = build_model("tiny")
+        res = train(_cfg(tmp_path / f"m-{order[0]}", 3, "mixed", [shards["comp"], shards["gen"]], 0,
+                         init=tuple(tmp_path / o for o in order), overrides=fast), model=merged)
+        assert res.status == "finished" and res.losses == []
+        for group, source in (("comprehension_plugin", comp_model), ("abstract_adapter", comp_model),
+                              ("generation_plugin", gen_model), ("concrete_adapter", gen_model)):
+            for got, want in zip(_tensors_of(merged, group), _tensors_of(source, group), strict=True):
+                assert torch.equal(got, want), (order, group)
+    # two runs that trained the same group: which to keep is the user's choice, not a silent last-wins
+    with pytest.raises(ValueError, match="both trained"):
+        train(_cfg(tmp_path / "bad", 3, "mixed", [shards["comp"]], 0, init=(tmp_path / "s3c", tmp_path / "s3c"),
+                   overrides=fast))

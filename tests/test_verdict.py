@@ -153,6 +153,24 @@ def test_untrained_loss_comes_from_the_earliest_stage_that_trained_the_task(tmp_
     assert check.passed is False and "a_stage2 (the earliest run that trained generation) has no validation" in check.line
 
 
+def test_a_zero_step_merge_run_is_neither_judged_nor_the_untrained_reference(tmp_path: Path) -> None:
+    """Stage 3's two tasks trained side by side and merged by a run of 0 steps: the merge trained nothing, so it
+    has no validation targets of its own, and the task runs are judged."""
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "report.json").write_text(json.dumps(_report()))
+    merge = {**_summary(3, "mixed", None), "steps": 0}
+    runs = _runs(tmp_path / "runs", {"stage3": merge,
+                                     "stage3-generation": _summary(3, "generation", [(0, 4.1), (100, 4.0)])})
+    checks = {c.name: c for c in collect_checks(tmp_path / "eval", runs)}
+    assert not [n for n in checks if n.startswith(("loss:stage3:", "loss_vs_untrained:stage3:"))]
+    assert checks["loss:stage3-generation:generation"].passed
+    assert "(stage1 step 0: the untrained model's" in checks["loss_vs_untrained:stage3-generation:generation"].line
+    # the same run with steps > 0 and no validation is judged, and misses
+    (runs / "stage3" / "final" / "train_summary.json").write_text(json.dumps({**merge, "steps": 5}))
+    checks = {c.name: c for c in collect_checks(tmp_path / "eval", runs)}
+    assert checks["loss:stage3:generation"].passed is False
+
+
 def test_an_eval_without_the_shuffled_pass_misses_the_reliance_targets(tmp_path: Path) -> None:
     report = _report()
     report["image_reliance"] = {"status": "not computed (--no-shuffled-images)"}

@@ -201,7 +201,7 @@ def _untrained(found: list[tuple[str, dict[str, Any]]], task: str) -> tuple[floa
     """(the untrained model's validation loss of ``task``, where it was read, that run's validation sources):
     step 0 of the earliest stage that trained the task (see the module docstring)."""
     for name, s in found:
-        if task not in _tasks_of(s):
+        if task not in _tasks_of(s) or s.get("steps") == 0:
             continue
         step0 = next((float(h["val_loss"][task]) for h in s.get("val_loss") or []
                       if int(h.get("step", -1)) == 0 and task in (h.get("val_loss") or {})), None)
@@ -221,6 +221,8 @@ def _losses(runs: Path) -> list[Check]:
     out = []
     found = _read_runs(runs)
     for name, summary in found:
+        if summary.get("steps") == 0:
+            continue  # a run of 0 steps only merges its --init runs (stage 3's two tasks): it trained nothing
         for task in _tasks_of(summary):
             v = (summary.get("val_by_task") or {}).get(task)
             if v is None:

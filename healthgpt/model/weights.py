@@ -133,15 +133,28 @@ def _assign(target: torch.Tensor, value: torch.Tensor, key: str, source: str) ->
         target.copy_(value.to(dtype=target.dtype, device=target.device))
 
 
-def load_trainable(model: HealthGPT, path: str | os.PathLike[str], strict: bool = True) -> list[str]:
+def load_trainable(model: HealthGPT, path: str | os.PathLike[str], strict: bool = True,
+                   groups: Sequence[str] | None = None) -> list[str]:
     """Load a ``save_trainable`` file; unknown keys (and, with ``strict``, a different adapter
-    configuration) raise ``CheckpointError``. Returns the loaded keys."""
+    configuration) raise ``CheckpointError``. ``groups``: load only the tensors of these parameter
+    groups (``parameter_groups()`` names; a group the file lacks is an error). Returns the loaded keys."""
     source = _name(path)
     try:
         tensors = load_file(str(path))
         meta = read_metadata(path)
     except Exception as err:  # safetensors raises several types for bad files
         raise CheckpointError(f"{source}: not a readable safetensors checkpoint ({err})") from err
+    if groups is not None:
+        names = _param_names(model)
+        all_groups = model.parameter_groups()
+        unknown = [g for g in groups if g not in all_groups]
+        if unknown:
+            raise KeyError(f"unknown parameter group(s) {unknown}; have {sorted(all_groups)}")
+        wanted = {names[id(p)] for g in groups for p in all_groups[g]}
+        missing = [g for g in groups if not any(names[id(p)] in tensors for p in all_groups[g])]
+        if missing:
+            raise CheckpointError(f"{source}: holds no tensors of parameter group(s) {missing}")
+        tensors = {k: v for k, v in tensors.items() if k in wanted}
     # the configurations matter only for what the file holds: a text pre-training (LLM weights only) loads
     # into a model with any plugins or feature levels
     has_plugins = any(".plugins." in k for k in tensors)

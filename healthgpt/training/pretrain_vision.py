@@ -17,10 +17,11 @@ Two objectives, one per feature level, trained together on the images of ``--sha
    return that patch's grey levels (mean squared error, on the tower's normalised input). What the
    generation path needs: where each patch is, and how bright.
 2. **image-text at the abstract level**: CLIP's contrastive loss (symmetric InfoNCE, learned
-   temperature) between the mean abstract-level patch token and the sample's text (question and
-   answer, caption or report), read by a small bag-of-words encoder (hashed word uni- and bigrams):
-   what the comprehension path needs. A batch holds distinct texts only, so "yes" is never its own
-   negative.
+   temperature) between the mean abstract-level patch token and the image's text, read by a small
+   bag-of-words encoder (hashed word uni- and bigrams): what the comprehension path needs. An image's
+   text joins every question and answer (caption, report, instruction) of the samples that show it,
+   as a CLIP caption describes an image (one question and answer would leave, say, a lesion's presence
+   to a lone "yes" that many images share); a batch holds distinct texts only.
 
 The output folder holds ``vision_tower.safetensors`` (the ``CLIPVisionModel``), ``vision_config.json``
 (its ``CLIPVisionConfig``), ``metrics.jsonl`` and ``pretrain_summary.json``; ``--model-set
@@ -179,12 +180,17 @@ def _sample_text(rec: Any) -> str:
 
 def training_images(shards: Sequence[os.PathLike | str], split: str = "train", limit: int = 4000,
                     ) -> tuple[list[Any], list[str]]:
-    """Input images and their texts of ``split`` from ``shards``, one per image (its first sample's text)."""
+    """Input images of ``split`` from ``shards`` and one text per image: every distinct text of the samples
+    that show it (its questions and answers, or its instruction), joined in shard order, as a CLIP caption
+    describes an image. One QA pair per image would leave a lesion's presence to a lone "yes"/"no" that
+    many other images share; the joined text names the organ, modality, lesion count and side together."""
     from healthgpt.model.vision import decode_input_image
     from healthgpt.training.data import held_out
     from vlhealth.shards import iter_samples
 
-    images, texts, seen = [], [], set()
+    images: list[Any] = []
+    parts: list[list[str]] = []
+    index: dict[tuple[int, int], int] = {}
     for folder in shards:
         for sample in iter_samples(folder):
             rec = sample.record
@@ -193,17 +199,20 @@ def training_images(shards: Sequence[os.PathLike | str], split: str = "train", l
             if split == "train" and held_out({"group": rec.group, "key": sample.key}):
                 continue  # the held-out groups validate every stage: no training reads them
             data = sample.input_image
-            digest = zlib.crc32(data if isinstance(data, bytes) else np.ascontiguousarray(data).tobytes())
+            raw = data if isinstance(data, bytes) else np.ascontiguousarray(data).tobytes()
+            digest = (zlib.crc32(raw), len(raw))
             text = _sample_text(rec)
-            if (digest, text) in seen:
-                continue
-            seen.add((digest, text))
-            images.append(decode_input_image(data, f"{Path(folder).name}:{sample.key}") if isinstance(data, bytes)
-                          else data)
-            texts.append(text)
-            if len(images) >= limit:
-                return images, texts
-    return images, texts
+            i = index.get(digest)
+            if i is None:
+                if len(images) >= limit:
+                    continue
+                index[digest] = i = len(images)
+                images.append(decode_input_image(data, f"{Path(folder).name}:{sample.key}")
+                              if isinstance(data, bytes) else data)
+                parts.append([])
+            if text and text not in parts[i]:
+                parts[i].append(text)
+    return images, [" ".join(p) for p in parts]
 
 
 def pretrain_vision_command(

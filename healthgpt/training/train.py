@@ -69,7 +69,7 @@ from torch import nn
 from healthgpt.model.conversation import IGNORE_INDEX
 from healthgpt.model.hlora import set_dropout
 from healthgpt.model.vision import VisionPreprocessor
-from healthgpt.model.weights import TRAINABLE_FILE, save_trainable
+from healthgpt.model.weights import TRAINABLE_FILE, load_trainable, resolve_trainable, save_trainable
 from healthgpt.sharing.export import export_lineage, is_export_folder, load_export, read_export_info
 from healthgpt.sharing.hub import display_name, resolve_model
 from healthgpt.training.checkpoints import (
@@ -570,6 +570,7 @@ def _prepare_model(cfg: TrainConfig, hp: HParams, groups: Sequence[str], model: 
             loaded = _load_init(model, init)
             trained_before = sorted(set(trained_before) | set(loaded))
             console.print(f"init: loaded {', '.join(loaded) or 'weights'} from {display_name(init)}")
+        _own_groups_win(model, cfg.init, console)
     params = model.set_trainable(*groups)
     if not params:
         raise ValueError(f"stage {cfg.stage} {cfg.task}: the model has no parameters in {groups}")
@@ -590,6 +591,40 @@ def _load_init(model: Any, init: str | os.PathLike[str]) -> list[str]:
         load_export(model, source)  # checks the manifest's sha256 first
         return list(info.get("groups") or [])
     return load_run_weights(model, source)
+
+
+def _trained_groups(init: str | os.PathLike[str]) -> list[str]:
+    """The parameter groups a training run trained itself (its ``train_summary.json``), not those it carried
+    from earlier stages; empty for an export, a checkpoint or a bare weights file (unknown)."""
+    source = resolve_model(init)
+    if is_export_folder(source):
+        return []
+    summary = resolve_trainable(source).parent / "train_summary.json"
+    if not summary.is_file():
+        return []
+    return [str(g) for g in json.loads(summary.read_text("utf-8")).get("groups") or []]
+
+
+def _own_groups_win(model: Any, inits: Sequence[str | os.PathLike[str]], console: Any) -> None:
+    """Several ``--init``: each group comes from the run that trained it. A run's weights file also carries
+    the groups of the stages before it, so two runs from one parent (stage 3's comprehension and generation
+    runs, trained side by side) each hold a stale copy of the other's groups, and no loading order is right;
+    the groups each run trained itself are loaded again, last. Two runs that trained the same group are an
+    error: which one to keep is the user's choice."""
+    if len(inits) < 2:
+        return
+    owner: dict[str, str | os.PathLike[str]] = {}
+    for init in inits:
+        for group in _trained_groups(init):
+            if group in owner:
+                raise ValueError(f"--init {display_name(owner[group])} and --init {display_name(init)} both trained "
+                                 f"{group}: merge runs that trained different groups, or give one of them")
+            owner[group] = init
+    for init in inits:
+        own = [g for g, o in owner.items() if o is init]
+        if own:
+            load_trainable(model, resolve_trainable(resolve_model(init)), groups=own)
+            console.print(f"init: {', '.join(own)} from {display_name(init)}, which trained them")
 
 
 def _init_lineage(inits: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:
