@@ -60,7 +60,7 @@ import numpy as np
 import torch
 import typer
 
-from healthgpt.evaluation.baselines import collect_train_reference, generation_baselines, generation_group
+from healthgpt.evaluation.baselines import baseline_predictions, collect_train_reference, generation_group
 from healthgpt.evaluation.reliance import (
     ShuffleEntry,
     load_members_image,
@@ -493,21 +493,26 @@ class _Runner:
                 targets[i] = recon_of[i]
         return targets, recon_of
 
+    def _hu(self, sample: Sample, pred: np.ndarray) -> dict[str, float]:
+        """SynthRAD2023's HU metrics of a prediction of a CT target (empty for other targets)."""
+        if target_modality(sample.record) != "CT":
+            return {}
+        ref = hu_reference(sample)
+        if ref is None:
+            return {}
+        gt_hu, body, window = ref
+        pred_hu = to_hu(pred, window)
+        if pred_hu.shape != gt_hu.shape:
+            raise EvalError(f"sample {sample.key!r}: HU reference {gt_hu.shape} does not match "
+                            f"the {pred_hu.shape} prediction")
+        return synthrad_metrics(gt_hu, pred_hu, body)
+
     def _scores(self, sample: Sample, pred: np.ndarray, target: np.ndarray) -> dict[str, Any]:
         """Image metrics (+ LPIPS, + HU metrics of CT targets) and the true target's teacher-forced loss."""
         metrics = image_metrics(pred, target)
         if self.lpips is not None:
             metrics["lpips"] = self.lpips.distance_uint8(pred, target)
-        hu: dict[str, float] = {}
-        if target_modality(sample.record) == "CT":
-            ref = hu_reference(sample)
-            if ref is not None:
-                gt_hu, body, window = ref
-                pred_hu = to_hu(pred, window)
-                if pred_hu.shape != gt_hu.shape:
-                    raise EvalError(f"sample {sample.key!r}: HU reference {gt_hu.shape} does not match "
-                                    f"the {pred_hu.shape} prediction")
-                hu = synthrad_metrics(gt_hu, pred_hu, body)
+        hu = self._hu(sample, pred)
         out: dict[str, Any] = {"metrics": _metrics_json(metrics), "hu_metrics": _metrics_json(hu) if hu else None,
                                "pred_std": float(np.std(grey_levels(pred)))}
         try:
@@ -530,6 +535,8 @@ class _Runner:
             rep = reports[i]
             group = generation_group(rec.subtask, rec.body_part, target_modality(rec))
             inp = _image_array(sample.input_image) if sample.input_image is not None else None
+            baselines = baseline_predictions(inp, target, group, self.train_ref)
+            baselines_hu = {k: _metrics_json(h) for k, p in baselines.items() if (h := self._hu(sample, p))}
             records.append({
                 "key": sample.key, "task": rec.task, "subtask": rec.subtask, "source": rec.source,
                 "split": rec.split, "modality": rec.modality, "body_part": rec.body_part,
@@ -539,8 +546,8 @@ class _Runner:
                 "tokens_ok": bool(rep.ok), "token_notes": list(rep.notes),
                 **self._scores(sample, preds[i], target),
                 "vq_ceiling": ceiling,
-                "baselines": {k: _metrics_json(v) for k, v in
-                              generation_baselines(inp, target, group, self.train_ref).items()},
+                "baselines": {k: _metrics_json(image_metrics(p, target)) for k, p in baselines.items()},
+                "baselines_hu": baselines_hu or None,
             })
         return records
 
