@@ -27,7 +27,7 @@ app = typer.Typer(
     help=(
         "Curate VL-Health: read upstream medical datasets in their real layouts and write sharded "
         "WebDataset tars.\n\nExample:\n\n    vlhealth demo-data demo/raw && "
-        "vlhealth build synthrad demo/raw/SynthRAD2023 --out demo/shards/synthrad && vlhealth stats demo/shards/*"
+        "vlhealth build synthrad demo/raw/synthrad2023 --out demo/shards/synthrad && vlhealth stats demo/shards/*"
     ),
     no_args_is_help=True,
     rich_markup_mode="rich",
