@@ -513,7 +513,7 @@ EXPORT_HELP = (
     "stages, data) and a model card README.md (Hub YAML front matter, the eval report with --eval, the "
     "research-use-only notice). `serve`, `infer` and `eval` take the folder as --checkpoint.\n\n"
     "Example:\n\n"
-    "    healthgpt export demo/runs/stage3 --out exports/tiny-stage3 --data demo/shards "
+    "    healthgpt export demo/runs/stage3 --out exports/tiny-stage3 --data demo/shards --data demo/mix "
     "--earlier demo/runs/stage1-comprehension --earlier demo/runs/stage2 --eval demo/eval"
 )
 
