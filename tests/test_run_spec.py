@@ -81,7 +81,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_runs_record_their_vqgan_and_model_set(demo: Path, monkeypatch) -> None:
-    from healthgpt.training.run_spec import path_fingerprint
+    from healthgpt.sharing.run_spec import path_fingerprint
 
     monkeypatch.chdir(demo)
     vq_sha = path_fingerprint("vq/vqgan.safetensors")
@@ -152,7 +152,7 @@ def test_every_demo_run_exports_serves_and_publishes(demo: Path, monkeypatch) ->
     from healthgpt.serving.api import create_app
     from healthgpt.serving.infer import load_model, load_vq_decoder
     from healthgpt.serving.service import ServeSettings, Service
-    from healthgpt.training.run_spec import command_inputs
+    from healthgpt.sharing.run_spec import command_inputs
 
     monkeypatch.chdir(demo)
     for name in STAGES:
