@@ -18,6 +18,7 @@ Public API::
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tarfile
 from pathlib import Path
@@ -78,6 +79,7 @@ def error_line(err: BaseException | str) -> str:
             text = f"missing key {text}"
         if type(err).__module__.split(".")[0] not in _PROJECT_MODULES and not isinstance(err, OSError):
             text = f"{text} ({type(err).__name__}; --debug shows where)"
+    text = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "<object>", text)  # never a memory address
     text = " ".join(part.strip() for part in _as_typed(text).splitlines() if part.strip())
     return text if text.startswith("error: ") else f"error: {text}"
 
