@@ -27,7 +27,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-__all__ = ["DEBUG_ENV", "ErrorGroup", "error_line", "is_user_error", "print_error"]
+__all__ = ["DEBUG_ENV", "ErrorGroup", "error_line", "is_user_error", "print_error", "shown_path"]
 
 DEBUG_ENV = "HEALTHGPT_DEBUG"
 _PROJECT_MODULES = ("vlhealth", "healthgpt", "builders")
@@ -40,6 +40,18 @@ _OS_HINTS = {
     IsADirectoryError: "is a folder; give a file",
     PermissionError: "permission denied; check the file's permissions",
 }
+
+
+def shown_path(path: str | os.PathLike[str]) -> str:
+    """A path for a message: as typed when relative; an absolute one relative to the working folder when it
+    lies below it, else its name only (no machine's absolute paths in messages or records)."""
+    raw = os.fspath(path)
+    if not os.path.isabs(raw):
+        return raw
+    try:
+        return Path(raw).relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return Path(raw).name or raw
 
 
 def debug_enabled() -> bool:
@@ -70,9 +82,9 @@ def error_line(err: BaseException | str) -> str:
     if isinstance(err, str):
         text = err
     elif isinstance(err, OSError) and getattr(err, "filename", None) and type(err) in _OS_HINTS:
-        text = f"{os.fspath(err.filename)}: {_OS_HINTS[type(err)]}"
+        text = f"{shown_path(err.filename)}: {_OS_HINTS[type(err)]}"
     elif isinstance(err, OSError) and getattr(err, "filename", None) and err.strerror:
-        text = f"{os.fspath(err.filename)}: {err.strerror}"
+        text = f"{shown_path(err.filename)}: {err.strerror}"
     else:
         text = str(err) or type(err).__name__
         if isinstance(err, KeyError):
@@ -81,6 +93,8 @@ def error_line(err: BaseException | str) -> str:
             text = f"{text} ({type(err).__name__}; --debug shows where)"
     text = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "<object>", text)  # never a memory address
     text = " ".join(part.strip() for part in _as_typed(text).splitlines() if part.strip())
+    # an absolute path outside the working folder keeps its name only (no machine's paths on screen or in logs)
+    text = re.sub(r"(?<![\w.:/~])/(?:[^\s/:;,'\"()<>]+/)+([^\s/:;,'\"()<>]+)", r"\1", text)
     return text if text.startswith("error: ") else f"error: {text}"
 
 

@@ -355,9 +355,11 @@ def list_shards(source: os.PathLike | str | Iterable[os.PathLike | str]) -> list
 def require_shards(paths: Iterable[os.PathLike | str], option: str) -> None:
     """Refuse, before any work, a path that is not a shard folder (with index.json or .tar files) or a .tar:
     a ``ShardPathError`` naming the option and the path as typed."""
+    from vlhealth.cli_errors import shown_path
+
     for p in paths:
-        raw = os.fspath(p)
-        path = Path(raw)
+        raw = shown_path(p)
+        path = Path(p)
         what = "give a shard folder written by `vlhealth build` (or a .tar of one)"
         if not path.exists():
             raise ShardPathError(f"{option} {raw}: no such folder or file; {what}")

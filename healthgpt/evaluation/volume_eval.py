@@ -737,7 +737,7 @@ def eval_volumes_command(
     console = Console(stderr=True)
     from vlhealth.shards import require_shards
 
-    require_shards(shards, "--shards")
+    require_shards(shards or [], "--shards")
     if not source_root.is_dir():
         raise FileNotFoundError(f"--source-root {source_root}: no such folder; give the SynthRAD2023 release the "
                                 "shards were built from")

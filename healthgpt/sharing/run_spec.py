@@ -73,15 +73,10 @@ def path_fingerprint(path: str | os.PathLike[str]) -> str:
 
 
 def _shown(path: str | os.PathLike[str]) -> str:
-    """A path as a record may keep it: as typed when relative; an absolute one relative to the working folder
-    when it lies below it, else its name only (no machine's absolute paths in run records)."""
-    raw = os.fspath(path)
-    if not os.path.isabs(raw):
-        return raw
-    try:
-        return Path(raw).relative_to(Path.cwd()).as_posix()
-    except ValueError:
-        return Path(raw).name
+    """A path as a record or message may keep it (:func:`vlhealth.cli_errors.shown_path`)."""
+    from vlhealth.cli_errors import shown_path
+
+    return shown_path(path)
 
 
 def _relative_to(path: Path, root: Path) -> str | None:
@@ -229,7 +224,7 @@ def _resolve_model_set(spec: Mapping[str, Any], root: Path | None, given: dict[s
             if key in given and given[key] is not None:
                 have = Path(os.fspath(given[key]))
                 if not have.exists():
-                    raise RunSpecError(f"--model-set {key}={given[key]}: no such file or folder")
+                    raise RunSpecError(f"--model-set {key}={_shown(have)}: no such file or folder")
                 if path_fingerprint(have) != rec["sha256"]:
                     raise RunSpecError(
                         f"--model-set {key}={given[key]} differs from the {key} {run} was trained with "
@@ -283,7 +278,7 @@ def _resolve_vq(spec: Mapping[str, Any] | None, root: Path | None, vq: str | Non
     else:
         p = Path(vq)
         if not p.is_file():
-            raise RunSpecError(f"--vq {vq}: no such file; pass the VQGAN weights file (or 'tiny')")
+            raise RunSpecError(f"--vq {_shown(vq)}: no such file; pass the VQGAN weights file (or 'tiny')")
         same = not tiny and _sha256_file(p) == rec.get("sha256")
         have = f"{vq}"
     if not same:
@@ -339,16 +334,16 @@ def check_checkpoint(checkpoint: str | os.PathLike[str] | None, option: str = "-
     p = Path(checkpoint)
     what = "give a training --out folder, a checkpoint folder, a trainable .safetensors or an export folder"
     if not p.exists():
-        raise RunSpecError(f"{option} {os.fspath(checkpoint)}: no such file or folder; {what}")
+        raise RunSpecError(f"{option} {_shown(checkpoint)}: no such file or folder; {what}")
     if p.is_file() and p.suffix != ".safetensors":
-        raise RunSpecError(f"{option} {os.fspath(checkpoint)}: not a .safetensors file; {what}")
+        raise RunSpecError(f"{option} {_shown(checkpoint)}: not a .safetensors file; {what}")
     if p.is_dir() and not (p / EXPORT_INFO).is_file():
         from healthgpt.model.weights import CheckpointError, resolve_trainable
 
         try:
             resolve_trainable(p)
         except CheckpointError as err:
-            raise RunSpecError(f"{option} {os.fspath(checkpoint)}: {str(err).split(': ', 1)[-1]}") from None
+            raise RunSpecError(f"{option} {_shown(checkpoint)}: {str(err).split(': ', 1)[-1]}") from None
 
 
 def command_inputs(preset: str, seed: int | None, llm_path: Any, clip_path: Any, dtype: str | None,
