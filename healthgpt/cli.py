@@ -8,6 +8,7 @@ imported below the ``app`` definition); every command's help ends with an ``Exam
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -15,6 +16,9 @@ from typing import Annotated
 import numpy as np
 import typer
 from rich.console import Console
+
+from healthgpt.sharing.run_spec import MODEL_SET_HELP, SEED_HELP, VQ_HELP, VQ_MISMATCH_HELP, command_inputs
+from vlhealth.cli_errors import ErrorGroup, print_error
 
 console = Console(stderr=True)
 
@@ -27,25 +31,14 @@ app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_show_locals=False,
+    cls=ErrorGroup,
 )
 
 
 @app.callback()
-def _main() -> None:
-    """Keeps ``healthgpt`` a command group even while ``infer`` is its only command."""
-
-
-def _infer_overrides(preset: str, seed: int, llm_path: Path | None, clip_path: Path | None, dtype: str | None,
-                     model_set: list[str] | None) -> dict[str, object]:
-    """``build_model`` overrides of ``healthgpt infer`` (the seed only for the presets with random parts)."""
-    from healthgpt.training.train import _parse_sets
-
-    overrides: dict[str, object] = {} if preset in ("m3", "l14", "xl32") else {"seed": seed}
-    for name, value in (("llm_path", llm_path), ("clip_path", clip_path), ("dtype", dtype)):
-        if value is not None:
-            overrides[name] = value
-    overrides.update(_parse_sets(model_set or [], "--model-set"))
-    return overrides
+def _main(debug: Annotated[bool, typer.Option(
+        "--debug", help="Show the full traceback of an error (also: HEALTHGPT_DEBUG=1).")] = False) -> None:
+    """A wrong input prints one line `error: ...` and exits 2; --debug shows the traceback instead."""
 
 
 @app.command(
@@ -62,7 +55,7 @@ def _infer_overrides(preset: str, seed: int, llm_path: Path | None, clip_path: P
         "    healthgpt infer --preset tiny --image scan.png --question 'What organ is shown?'\n\n"
         "    healthgpt infer --preset tiny --task generation --image ct.png "
         "--instruction 'Convert this CT to MRI' --output mri.png\n\n"
-        "    healthgpt infer --preset tiny --checkpoint demo/runs/stage3 --model-set vision_path=demo/vision "
+        "    healthgpt infer --preset tiny --checkpoint demo/runs/stage3 "
         "--image scan.png --question 'Is there a lesion?'\n\n"
         "    healthgpt infer --preset tiny --checkpoint hf://my-org/healthgpt-tiny@v1 --image scan.png "
         "--question 'What modality is this?'"
@@ -82,16 +75,15 @@ def infer(
     llm_path: Annotated[Path | None, typer.Option(help="Local LLM folder (real presets).")] = None,
     clip_path: Annotated[Path | None, typer.Option(help="Local CLIP ViT-L/14-336 folder.")] = None,
     output: Annotated[Path, typer.Option(help="PNG written by --task generation.")] = Path("generated.png"),
-    vq: Annotated[str, typer.Option(help="VQGAN for decoding: 'tiny' or a weights file.")] = "tiny",
+    vq: Annotated[str | None, typer.Option(help=VQ_HELP)] = None,
+    vq_mismatch_ok: Annotated[bool, typer.Option(help=VQ_MISMATCH_HELP)] = False,
     constrained: Annotated[bool, typer.Option(help="Force exactly 1024 index tokens + <end_index>.")] = False,
     max_new_tokens: Annotated[int, typer.Option(help="Answer length limit (comprehension).")] = 256,
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for random (tiny) weights.")] = 0,
+    seed: Annotated[int | None, typer.Option(help=SEED_HELP)] = None,
     threads: Annotated[int, typer.Option(help="CPU threads for torch (0: torch's default).")] = 0,
-    model_set: Annotated[list[str] | None, typer.Option(
-        "--model-set", help="Model preset override key=value, the same as the run was trained with "
-                            "(e.g. vision_path=demo/vision, image_tokens=256).")] = None,
+    model_set: Annotated[list[str] | None, typer.Option("--model-set", help=MODEL_SET_HELP)] = None,
 ) -> None:
     from healthgpt.model.presets import MissingWeightsError
     from healthgpt.model.weights import CheckpointError
@@ -104,16 +96,17 @@ def infer(
     if task not in ("comprehension", "generation"):
         raise typer.BadParameter(f"--task must be comprehension or generation, got {task!r}")
     if image is not None and not image.is_file():
-        console.print(f"[red]error:[/red] {image.name}: image not found")
+        print_error(f"{image}: image not found; check the path")
         raise typer.Exit(2)
     text = question if task == "comprehension" else (instruction or question)
     if not text:
         raise typer.BadParameter("--question (comprehension) or --instruction (generation) is required")
-    overrides = _infer_overrides(preset, seed, llm_path, clip_path, dtype, model_set)
+    overrides, vq_spec, notes = command_inputs(preset, seed, llm_path, clip_path, dtype, model_set, checkpoint, vq,
+                                                 vq_mismatch_ok)
     try:
         model = load_model(preset, checkpoint=checkpoint, released=released, device=device, **overrides)
     except (MissingWeightsError, CheckpointError, ValueError) as err:
-        console.print(f"[red]error:[/red] {err}")
+        print_error(err)
         raise typer.Exit(2) from err
 
     if task == "comprehension":
@@ -122,8 +115,10 @@ def infer(
         sys.stdout.write("\n")
         return
 
+    for note in notes:
+        console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     try:
-        decoder = load_vq_decoder(vq, device=device)
+        decoder = load_vq_decoder(vq_spec, device=device)
     except VQUnavailableError as err:
         console.print(f"[yellow]warning:[/yellow] {err}; writing the codes only")
         decoder = None
@@ -176,7 +171,17 @@ app.command(name="pretrain-text")(pretrain_text_command)
 # `healthgpt pretrain-vision`: pre-train a small preset's vision tower (frozen afterwards, as CLIP is).
 from healthgpt.training.pretrain_vision import pretrain_vision_command  # noqa: E402
 
-app.command(name="pretrain-vision")(pretrain_vision_command)
+
+@functools.wraps(pretrain_vision_command)
+def _pretrain_vision(*args: object, **kwargs: object) -> None:
+    """`healthgpt pretrain-vision`, its --shards checked first (one error line for a wrong one)."""
+    from vlhealth.shards import require_shards
+
+    require_shards(kwargs["shards"], "--shards")  # type: ignore[arg-type]
+    pretrain_vision_command(*args, **kwargs)
+
+
+app.command(name="pretrain-vision")(_pretrain_vision)
 
 # `healthgpt plan`: size a run without a GPU (healthgpt/training/plan/).
 from healthgpt.training.plan.cli import PLAN_HELP, plan_command  # noqa: E402
@@ -186,7 +191,20 @@ app.command(name="plan", help=PLAN_HELP)(plan_command)
 # `healthgpt verdict`: one line per task, model vs best baseline, targets met or missed.
 from healthgpt.evaluation.verdict import verdict_command  # noqa: E402
 
-app.command(name="verdict")(verdict_command)
+
+@functools.wraps(verdict_command)
+def _verdict(*args: object, **kwargs: object) -> None:
+    """`healthgpt verdict`, its folders checked first (one error line for a wrong one)."""
+    eval_dir, runs = Path(str(kwargs["eval_dir"])), kwargs.get("runs")
+    if not (eval_dir / "report.json").is_file():
+        why = "no such folder" if not eval_dir.exists() else "no report.json in it"
+        raise FileNotFoundError(f"--eval {kwargs['eval_dir']}: {why}; give the --out folder of `healthgpt eval`")
+    if runs is not None and not Path(str(runs)).is_dir():
+        raise FileNotFoundError(f"--runs {runs}: no such folder; give the folder holding the training runs")
+    verdict_command(*args, **kwargs)
+
+
+app.command(name="verdict")(_verdict)
 
 # `healthgpt experiment run|collect|list` lives in healthgpt/experiment/.
 from healthgpt.experiment.cli import experiment_app  # noqa: E402

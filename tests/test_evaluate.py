@@ -119,6 +119,10 @@ def test_eval_writes_all_report_files(shards: list[Path], components: tuple, tmp
     # SynthRAD HU metrics only for CT targets that carry their 16-bit reference
     assert gen["mri2ct/brain"]["hu"]["n"] == 1 and gen["recon_ct/pelvis"]["hu"]["n"] == 1
     assert gen["ct2mri/brain"]["hu"] is None  # an MR target: no HU metrics
+    # the baselines sit in the HU table too, scored by the same code
+    assert gen["mri2ct/brain"]["baselines_hu"]["identity"]["n"] == 1 and not gen["ct2mri/brain"]["baselines_hu"]
+    hu_table = (out / "report.md").read_text().split("SynthRAD2023 challenge metrics")[1].split("###")[0]
+    assert "identity (input)" in hu_table and "| model |" in hu_table
     assert report["lpips"].startswith("not computed")
     # grids: input | prediction | target, 256 px each with 4 px gaps
     assert len(report["grids"]) == 4

@@ -38,7 +38,9 @@ def digests(folder: Path) -> list[str]:
 def test_quotas() -> None:
     assert quotas(10, 0.5, {"comprehension": 100, "generation": 100}, False)[0] == {"comprehension": 5, "generation": 5}
     take, short = quotas(10, 0.5, {"comprehension": 100, "generation": 2}, False)
-    assert take == {"comprehension": 5, "generation": 2} and short["generation"] == 3
+    assert take == {"comprehension": 2, "generation": 2} and short == {"comprehension": 3, "generation": 3}
+    take, _ = quotas(100, 0.25, {"comprehension": 100, "generation": 30}, False)  # balanced at the asked ratio
+    assert take == {"comprehension": 10, "generation": 30}
     assert quotas(10, 0.5, {"comprehension": 100, "generation": 2}, True)[0] == {"comprehension": 8, "generation": 2}
 
 
@@ -61,7 +63,7 @@ def test_mix_is_balanced_train_only_and_reproducible(stage1: list[Path], tmp_pat
 
 def test_mix_shortfall_stays_balanced_unless_fill(stage1: list[Path], tmp_path: Path) -> None:
     short = write_mix(stage1, tmp_path / "s", 100)
-    assert short.by_task == {"comprehension": 36, "generation": 25} and short.shortfall == {"comprehension": 14, "generation": 25}
+    assert short.by_task == {"comprehension": 25, "generation": 25} and short.shortfall == {"comprehension": 25, "generation": 25}
     filled = write_mix(stage1, tmp_path / "f", 60, fill=True)
     assert filled.samples == 60 and filled.by_task == {"comprehension": 35, "generation": 25}
 

@@ -67,6 +67,10 @@ def test_verify_reports_unusable_folders_without_a_traceback(tmp_path):
     shards = make_shards(tmp_path)
     (tmp_path / "empty").mkdir()
     result = runner.invoke(app, ["verify", str(shards[1]), str(tmp_path / "empty")])
-    assert result.exit_code == 1
-    assert "ok gen: 3 samples" in result.output and "empty" in result.output and "index.json" in result.output
+    # a folder that is not a shard folder at all is a wrong input: one error line, exit 2, before any check
+    assert result.exit_code == 2
+    errors = [ln for ln in result.output.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and "empty" in errors[0] and "index.json" in errors[0]
     assert result.exception is None or isinstance(result.exception, SystemExit)
+    result = runner.invoke(app, ["verify", str(shards[1])])
+    assert result.exit_code == 0 and "ok gen: 3 samples" in result.output

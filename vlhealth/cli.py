@@ -17,6 +17,7 @@ from rich.console import Console
 
 import vlhealth.builders as builders
 from vlhealth.build import builder_hook
+from vlhealth.cli_errors import ErrorGroup, print_error
 from vlhealth.limits import Limits
 
 console = Console(stderr=True)
@@ -26,12 +27,21 @@ app = typer.Typer(
     help=(
         "Curate VL-Health: read upstream medical datasets in their real layouts and write sharded "
         "WebDataset tars.\n\nExample:\n\n    vlhealth demo-data demo/raw && "
-        "vlhealth build synthrad demo/raw/SynthRAD2023 --out demo/shards/synthrad && vlhealth stats demo/shards/*"
+        "vlhealth build synthrad demo/raw/synthrad2023 --out demo/shards/synthrad && vlhealth stats demo/shards/*"
     ),
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_show_locals=False,
+    cls=ErrorGroup,
 )
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option(
+        "--debug", help="Show the full traceback of an error (also: HEALTHGPT_DEBUG=1).")] = False) -> None:
+    """A wrong input prints one line `error: ...` and exits 2; --debug shows the traceback instead."""
+
+
 build_app = typer.Typer(
     help="Build shards from one upstream source.\n\nExample:\n\n    vlhealth build synthrad /data/SynthRAD2023 --out shards/synthrad",
     no_args_is_help=True,
@@ -89,8 +99,10 @@ def stats(
 
         vlhealth stats shards/synthrad shards/vqa_rad --plot stats.png
     """
+    from vlhealth.shards import require_shards
     from vlhealth.stats import compute_stats, plot_stats, render_table
 
+    require_shards(shards, "SHARDS")
     result = compute_stats(shards)
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2, sort_keys=True) + "\n")
@@ -110,8 +122,9 @@ def verify(shards: Annotated[list[Path], typer.Argument(help="Shard folders.")])
         vlhealth verify shards/synthrad
     """
     from vlhealth.schema import SchemaError
-    from vlhealth.shards import ShardError, iter_samples, verify_shards
+    from vlhealth.shards import ShardError, iter_samples, require_shards, verify_shards
 
+    require_shards(shards, "SHARDS")
     bad = 0
     for folder in shards:
         try:
@@ -141,11 +154,13 @@ def publish_cmd(
         vlhealth publish shards/synthrad shards/vqa_rad --repo-id my-org/vl-health --dry-run
     """
     from vlhealth.publish import PublishError, publish
+    from vlhealth.shards import require_shards
 
+    require_shards(shards, "SHARDS")
     try:
         plan = publish(shards, repo_id, private=not public, dry_run=dry_run)
     except PublishError as exc:
-        console.print(f"[red]refused[/]: {exc}")
+        print_error(f"refused: {exc}")
         raise typer.Exit(2) from exc
     size = sum(src.stat().st_size for src, _ in plan.files)
     verb = "would upload" if dry_run else "uploaded"
@@ -169,10 +184,12 @@ def merge_index_cmd(
     """
     from vlhealth.build import merge_partitions
 
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder; give the --out folder the partitions were built into")
     try:
         index = merge_partitions(folder, expect, allow_partial=allow_partial)
     except (ValueError, FileNotFoundError) as exc:
-        console.print(f"[red]error[/]: {exc}")
+        print_error(exc)
         raise typer.Exit(2) from exc
     console.print(f"[green]merged[/] {len(index['partitions'])}/{index['of']} partitions: "
                   f"{len(index['shards'])} shards, {index['total_samples']} samples -> {folder / 'index.json'}")
@@ -200,7 +217,10 @@ def check_leaks_cmd(
     from rich.table import Table
 
     from vlhealth.leaks import find_leaks
+    from vlhealth.shards import require_shards
 
+    require_shards(shards, "SHARDS")
+    require_shards(test or [], "--test")
     leaks, counts = find_leaks(shards, test_sources=test or None, max_distance=max_distance,
                                min_similarity=min_similarity)
     if report is not None:
@@ -236,12 +256,16 @@ def mix_cmd(
         vlhealth mix --from shards/synthrad --from shards/ixi --from shards/vqa_rad --n 47000 --out shards/mix47k
     """
     from vlhealth.mix import write_mix
+    from vlhealth.shards import require_shards
 
+    require_shards(sources, "--from")
     summary = write_mix(sources, out, n, seed=seed, ratio=ratio, split=split, fill=fill, max_count=shard_size)
     console.print(f"[bold]mix[/]: {summary.samples} samples {summary.by_task} in {summary.shards} shard(s) "
                   f"-> {summary.out}")
     for task, short in summary.shortfall.items():
-        console.print(f"  [yellow]short[/] {task}: {short} fewer than asked (only {summary.available[task]} available)")
+        why = (f"only {summary.available[task]} available" if summary.available[task] < summary.by_task.get(task, 0) + short
+               else "kept balanced with the other task; --fill gives it this task's share")
+        console.print(f"  [yellow]short[/] {task}: {short} fewer than asked ({why})")
 
 
 # -- builders -------------------------------------------------------------------------------------
@@ -326,7 +350,13 @@ def make_build_command(name: str, module: Any):
     def command(**kwargs: Any) -> None:
         from vlhealth.build import run_build
         from vlhealth.progress import progress_bar
+        from vlhealth.shards import require_shards
 
+        root = kwargs["root"]
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root}: no such folder; give the root folder of {module.NAME} in its "
+                                    "upstream layout (see `vlhealth build --help`)")
+        require_shards(kwargs.get("drop_leaks") or [], "--drop-leaks")
         opts = module.Options(**{p.name: kwargs.pop(p.name) for p in own})
         vq = None
         if generates:
@@ -348,7 +378,7 @@ def make_build_command(name: str, module: Any):
                     limits=limits,
                 )
         except (ResumeError, ValueError) as exc:
-            console.print(f"[red]error[/]: {exc}")
+            print_error(exc)
             raise typer.Exit(2) from exc
         except OSError as exc:  # e.g. a full disk: the finished tars and the journal are kept
             console.print(f"[red]error[/]: {exc.strerror or exc}; the finished tars are kept (no index.json until "
@@ -460,8 +490,11 @@ def vq_train(
         vlhealth vq train shards/synthrad shards/ixi --out runs/vq-ctmr --init weights/vqgan_f8_8192.safetensors \
             --steps 20000 --batch-size 16 --lr 1e-5 --disc-start 5000 --device cuda
     """
+    from vlhealth.shards import require_shards
     from vlhealth.vq import VQConfig
     from vlhealth.vq.train import VQTrainConfig, train_vq
+
+    require_shards(shards, "SHARDS")
 
     arch = None
     if config is not None:

@@ -77,6 +77,18 @@ def quotas(n: int, ratio: float, available: dict[str, int], fill: bool) -> tuple
             extra = min(short[t], available.get(other, 0) - take[other])
             if extra > 0:
                 take[other] += extra
+    elif any(short.values()):
+        # balanced: the largest mix of the asked ratio that the scarcer task allows (the other task is cut too)
+        shares = {"comprehension": ratio, "generation": 1.0 - ratio}
+        m = min([n] + [int(available.get(t, 0) / shares[t] + 1e-9) for t in TASKS if shares[t] > 0])
+        while m > 0:
+            c = round(m * ratio)
+            if c <= available.get("comprehension", 0) and m - c <= available.get("generation", 0):
+                break
+            m -= 1
+        c = round(m * ratio)
+        take = {"comprehension": c, "generation": m - c}
+        short = {t: want[t] - take[t] for t in TASKS}
     return take, short
 
 
@@ -111,6 +123,23 @@ def select(tars: Sequence[Path], n: int, *, seed: int = 0, ratio: float = 0.5, s
     return chosen, plan
 
 
+def _sources_vq(tars: Sequence[Path]) -> dict[str, Any] | None:
+    """The VQGAN the --from folders' generation samples were tokenized with (their build.json); several
+    different ones are an error: their codes mean different images."""
+    found: dict[str, tuple[str, dict[str, Any]]] = {}
+    for folder in sorted({t.parent for t in tars}):
+        try:
+            vq = json.loads((folder / BUILD_NAME).read_text("utf-8")).get("vq")
+        except (OSError, ValueError):
+            continue
+        if isinstance(vq, dict) and vq.get("sha256"):
+            found.setdefault(vq["sha256"], (folder.name, vq))
+    if len(found) > 1:
+        names = ", ".join(f"{name} ({vq.get('name')})" for name, vq in found.values())
+        raise ValueError(f"--from folders were tokenized with different VQGANs: {names}; rebuild them with one --vqgan")
+    return next(iter(found.values()))[1] if found else None
+
+
 def write_mix(
     sources: Iterable[os.PathLike | str],
     out: os.PathLike | str,
@@ -132,6 +161,7 @@ def write_mix(
     if any(out.resolve() == t.parent.resolve() for t in tars):
         raise ValueError("--out must not be one of the --from folders")
     chosen, plan = select(tars, n, seed=seed, ratio=ratio, split=split, fill=fill)
+    vq = _sources_vq(tars)
     by_task: Counter[str] = Counter()
     by_source: Counter[str] = Counter()
     written: set[str] = set()
@@ -157,6 +187,7 @@ def write_mix(
         "source": "mix",
         "mix": {"n": n, "ratio": ratio, "seed": seed, "split": split, "fill": fill,
                 "from": sorted({t.parent.name for t in tars}), **plan},
+        "vq": vq,  # the VQGAN of the generation sources (one for all), so that runs trained on the mix record it
         "counts": {"samples": len(written), "by_task": dict(sorted(by_task.items())),
                    "by_source": dict(sorted(by_source.items()))},
     })

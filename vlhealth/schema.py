@@ -1,6 +1,6 @@
 """The VL-Health sample: one WebDataset sample = one training/eval example.
 
-See the README ("The sample") and shared DESIGN.md. A :class:`Sample` holds a validated
+See the README ("The sample") and ARCHITECTURE.md ("Contracts"). A :class:`Sample` holds a validated
 :class:`Record` (the ``json`` member) plus its image members. Everything that writes shards goes
 through :meth:`Sample.to_members`, everything that reads them through :meth:`Sample.from_members`,
 so the on-disk format is defined here once.

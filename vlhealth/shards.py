@@ -352,6 +352,27 @@ def list_shards(source: os.PathLike | str | Iterable[os.PathLike | str]) -> list
     return out
 
 
+def require_shards(paths: Iterable[os.PathLike | str], option: str) -> None:
+    """Refuse, before any work, a path that is not a shard folder (with index.json or .tar files) or a .tar:
+    a ``ShardPathError`` naming the option and the path as typed."""
+    from vlhealth.cli_errors import shown_path
+
+    for p in paths:
+        raw = shown_path(p)
+        path = Path(p)
+        what = "give a shard folder written by `vlhealth build` (or a .tar of one)"
+        if not path.exists():
+            raise ShardPathError(f"{option} {raw}: no such folder or file; {what}")
+        if path.is_dir() and not (path / INDEX_NAME).is_file() and not any(path.glob("*.tar")):
+            raise ShardPathError(f"{option} {raw}: no shards here (no {INDEX_NAME}, no .tar files); {what}")
+        if path.is_file() and path.suffix != ".tar":
+            raise ShardPathError(f"{option} {raw}: not a .tar file; {what}")
+
+
+class ShardPathError(ValueError):
+    """A command-line path that is not a shard folder or tar."""
+
+
 def verify_shards(shard_dir: os.PathLike | str) -> list[str]:
     """Problems found comparing the tars with index.json (empty list = all good)."""
     problems = []

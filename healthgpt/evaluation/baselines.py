@@ -44,6 +44,7 @@ __all__ = [
     "TrainReference",
     "collect_train_reference",
     "comprehension_baselines",
+    "baseline_predictions",
     "generation_baselines",
     "generation_group",
     "identity_prediction",
@@ -181,19 +182,25 @@ def identity_prediction(input_image: np.ndarray, shape: tuple[int, ...]) -> np.n
     return np.asarray(resized, dtype=np.uint8)
 
 
+def baseline_predictions(input_image: np.ndarray | None, target: np.ndarray, group: str,
+                         ref: TrainReference | None) -> dict[str, np.ndarray]:
+    """The identity, train-mean and blank predictions for one sample (those that exist), as images."""
+    out: dict[str, np.ndarray] = {}
+    if input_image is not None:
+        out["identity"] = identity_prediction(input_image, target.shape)
+    mean = ref.mean_targets.get(group) if ref is not None else None
+    if mean is not None and mean.shape == target.shape[:2]:
+        out["train_mean"] = mean
+    level = ref.blank_levels.get(group) if ref is not None else None
+    if level is not None:
+        out["blank"] = np.full(target.shape[:2], level, dtype=np.uint8)
+    return out
+
+
 def generation_baselines(input_image: np.ndarray | None, target: np.ndarray, group: str,
                          ref: TrainReference | None) -> dict[str, dict[str, float]]:
     """Image metrics of the identity, train-mean and blank predictions for one sample (those that exist)."""
-    out: dict[str, dict[str, float]] = {}
-    if input_image is not None:
-        out["identity"] = image_metrics(identity_prediction(input_image, target.shape), target)
-    mean = ref.mean_targets.get(group) if ref is not None else None
-    if mean is not None and mean.shape == target.shape[:2]:
-        out["train_mean"] = image_metrics(mean, target)
-    level = ref.blank_levels.get(group) if ref is not None else None
-    if level is not None:
-        out["blank"] = image_metrics(np.full(target.shape[:2], level, dtype=np.uint8), target)
-    return out
+    return {k: image_metrics(p, target) for k, p in baseline_predictions(input_image, target, group, ref).items()}
 
 
 def comprehension_baselines(records: Sequence[Mapping[str, Any]], ref: TrainReference | None

@@ -60,7 +60,7 @@ import numpy as np
 import torch
 import typer
 
-from healthgpt.evaluation.baselines import collect_train_reference, generation_baselines, generation_group
+from healthgpt.evaluation.baselines import baseline_predictions, collect_train_reference, generation_group
 from healthgpt.evaluation.reliance import (
     ShuffleEntry,
     load_members_image,
@@ -70,7 +70,9 @@ from healthgpt.evaluation.reliance import (
     with_image,
 )
 from healthgpt.evaluation.samples import target_modality
+from healthgpt.sharing.run_spec import MODEL_SET_HELP, SEED_HELP, VQ_HELP, VQ_MISMATCH_HELP, command_inputs
 from healthgpt.training.dist import Dist, device_for, world_info
+from vlhealth.cli_errors import print_error
 from vlhealth.image_metrics import image_metrics, synthrad_metrics, to_hu
 from vlhealth.schema import IMAGE_TOKEN, Record, Sample, decode_image
 from vlhealth.shards import ShardError, iter_tar, list_shards, verify_tars, write_atomic
@@ -491,21 +493,26 @@ class _Runner:
                 targets[i] = recon_of[i]
         return targets, recon_of
 
+    def _hu(self, sample: Sample, pred: np.ndarray) -> dict[str, float]:
+        """SynthRAD2023's HU metrics of a prediction of a CT target (empty for other targets)."""
+        if target_modality(sample.record) != "CT":
+            return {}
+        ref = hu_reference(sample)
+        if ref is None:
+            return {}
+        gt_hu, body, window = ref
+        pred_hu = to_hu(pred, window)
+        if pred_hu.shape != gt_hu.shape:
+            raise EvalError(f"sample {sample.key!r}: HU reference {gt_hu.shape} does not match "
+                            f"the {pred_hu.shape} prediction")
+        return synthrad_metrics(gt_hu, pred_hu, body)
+
     def _scores(self, sample: Sample, pred: np.ndarray, target: np.ndarray) -> dict[str, Any]:
         """Image metrics (+ LPIPS, + HU metrics of CT targets) and the true target's teacher-forced loss."""
         metrics = image_metrics(pred, target)
         if self.lpips is not None:
             metrics["lpips"] = self.lpips.distance_uint8(pred, target)
-        hu: dict[str, float] = {}
-        if target_modality(sample.record) == "CT":
-            ref = hu_reference(sample)
-            if ref is not None:
-                gt_hu, body, window = ref
-                pred_hu = to_hu(pred, window)
-                if pred_hu.shape != gt_hu.shape:
-                    raise EvalError(f"sample {sample.key!r}: HU reference {gt_hu.shape} does not match "
-                                    f"the {pred_hu.shape} prediction")
-                hu = synthrad_metrics(gt_hu, pred_hu, body)
+        hu = self._hu(sample, pred)
         out: dict[str, Any] = {"metrics": _metrics_json(metrics), "hu_metrics": _metrics_json(hu) if hu else None,
                                "pred_std": float(np.std(grey_levels(pred)))}
         try:
@@ -528,6 +535,8 @@ class _Runner:
             rep = reports[i]
             group = generation_group(rec.subtask, rec.body_part, target_modality(rec))
             inp = _image_array(sample.input_image) if sample.input_image is not None else None
+            baselines = baseline_predictions(inp, target, group, self.train_ref)
+            baselines_hu = {k: _metrics_json(h) for k, p in baselines.items() if (h := self._hu(sample, p))}
             records.append({
                 "key": sample.key, "task": rec.task, "subtask": rec.subtask, "source": rec.source,
                 "split": rec.split, "modality": rec.modality, "body_part": rec.body_part,
@@ -537,8 +546,8 @@ class _Runner:
                 "tokens_ok": bool(rep.ok), "token_notes": list(rep.notes),
                 **self._scores(sample, preds[i], target),
                 "vq_ceiling": ceiling,
-                "baselines": {k: _metrics_json(v) for k, v in
-                              generation_baselines(inp, target, group, self.train_ref).items()},
+                "baselines": {k: _metrics_json(image_metrics(p, target)) for k, p in baselines.items()},
+                "baselines_hu": baselines_hu or None,
             })
         return records
 
@@ -861,7 +870,7 @@ EVAL_HELP = (
     "samples), reported as the row 'model, shuffled images' (OUT/predictions_shuffled.jsonl); generation rows also "
     "give the true target's teacher-forced loss.\n\n"
     "Example:\n\n"
-    "    healthgpt eval --shards shards/vqa_rad --shards shards/synthrad --checkpoint runs/stage3/final.safetensors "
+    "    healthgpt eval --shards demo/shards/vqa_rad --shards demo/shards/synthrad --checkpoint demo/runs/stage3 "
     "--preset tiny --out reports/tiny\n\n"
     "    torchrun --nproc-per-node 4 --no-python healthgpt eval --shards shards/slake --preset m3 "
     "--released weights/HealthGPT-M3 --llm-path weights/Phi-3-mini-4k-instruct --clip-path weights/clip-336 "
@@ -878,7 +887,8 @@ def eval_command(
     released: Annotated[str | None, typer.Option(
         help="Folder with the released HealthGPT-M3 weights, or their Hub id (hf://lintw/HealthGPT-M3).")] = None,
     preset: Annotated[str, typer.Option(help="tiny, smollm2-135m, m3, l14, xl32.")] = "tiny",
-    vq: Annotated[str, typer.Option(help="VQGAN decoder: 'tiny' or a weights file.")] = "tiny",
+    vq: Annotated[str | None, typer.Option(help=VQ_HELP)] = None,
+    vq_mismatch_ok: Annotated[bool, typer.Option(help=VQ_MISMATCH_HELP)] = False,
     split: Annotated[str, typer.Option(help="Split to evaluate (train, val, test, or 'all').")] = "test",
     limit: Annotated[int | None, typer.Option(help="Evaluate only the first N samples of each --shards folder.")] = None,
     generation_limit: Annotated[int | None, typer.Option(help="At most N generation samples per subtask and body "
@@ -894,11 +904,10 @@ def eval_command(
     llm_path: Annotated[Path | None, typer.Option(help="Local LLM folder (real presets).")] = None,
     clip_path: Annotated[Path | None, typer.Option(help="Local CLIP ViT-L/14-336 folder.")] = None,
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of random (tiny) weights.")] = 0,
+    seed: Annotated[int | None, typer.Option(help=SEED_HELP)] = None,
     verify: Annotated[bool, typer.Option(help=(
         "Compare each tar's sha256 with its folder's index.json before reading it (--no-verify skips it)."))] = True,
-    model_set: Annotated[list[str] | None, typer.Option(
-        "--model-set", help="Model preset override key=value, as given to healthgpt train (variant, experts, ...).")] = None,
+    model_set: Annotated[list[str] | None, typer.Option("--model-set", help=MODEL_SET_HELP)] = None,
     shuffled_images: Annotated[bool, typer.Option(
         "--shuffled-images/--no-shuffled-images", help=(
             "Image reliance: score the model again with each input image swapped for another test sample's image "
@@ -913,17 +922,15 @@ def eval_command(
     from vlhealth.image_metrics import LPIPSWeightsError
 
     console = Console(stderr=True)
-    overrides: dict[str, Any] = {}
-    if preset in ("tiny", "smollm2-135m"):
-        overrides["seed"] = seed
-    for name, value in (("llm_path", llm_path), ("clip_path", clip_path), ("dtype", dtype)):
-        if value is not None:
-            overrides[name] = value
-    from healthgpt.training.train import _parse_sets
+    from vlhealth.shards import require_shards
 
-    overrides.update(_parse_sets(model_set or []))
+    require_shards(shards, "--shards")
+    overrides, vq_spec, notes = command_inputs(preset, seed, llm_path, clip_path, dtype, model_set, checkpoint, vq,
+                                               vq_mismatch_ok)
+    for note in notes:
+        console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     config = EvalConfig(
-        shards=shards, out=out, preset=preset, checkpoint=checkpoint, released=released, vq=vq,
+        shards=shards, out=out, preset=preset, checkpoint=checkpoint, released=released, vq=vq_spec,
         split=None if split == "all" else split, limit=limit, generation_limit=generation_limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
         max_image_tokens=max_image_tokens, constrained_images=constrained_images,
         lpips_weights=lpips_weights or [], grids_per_task=grids, device=device, overrides=overrides, progress=True,
@@ -932,7 +939,7 @@ def eval_command(
     try:
         result = run_evaluation(config)
     except (EvalError, LPIPSWeightsError, FileNotFoundError, ValueError, TypeError) as err:
-        console.print(f"[red]error:[/red] {err}")
+        print_error(err)
         raise typer.Exit(2) from err
     if not result.complete:
         if world_info()[0] == 0:

@@ -176,6 +176,8 @@ def generation_summary(records: Sequence[dict[str, Any]],
             entry["vq_ceiling"] = _summary_of(ceil)
         entry["baselines"] = {b: _summary_of(v) for b in GENERATION_BASELINES
                               if (v := [r["baselines"][b] for r in rs if (r.get("baselines") or {}).get(b)])}
+        entry["baselines_hu"] = {b: _hu_summary(v) for b in GENERATION_BASELINES
+                                 if (v := [r["baselines_hu"][b] for r in rs if (r.get("baselines_hu") or {}).get(b)])}
         out[name] = entry
     return out
 
@@ -294,8 +296,10 @@ def _comprehension_section(report: dict[str, Any], model: dict[str, Any]) -> lis
     lines += ["Per benchmark:", ""]
     named = [(b, b, comp[b]) for b in order] + [(b, f"{b}, {SHUFFLED_NAME}", shuffled[b])
                                                   for b in order if shuffled and b in shuffled]
-    rows = [[label, str(s["n_closed"]), str(s["n_open"]), str(s["n_choice"]),
-             _f(s["close"]), _f(s["open"]), _f(s["all"]), _f(s["choice"])] for _, label, s in named]
+    named += [(b, f"{b}, {_PREDICTOR_NAMES.get(name, name)}", summary[b])  # the baselines, benchmark by benchmark
+              for name, summary in (report.get("comprehension_baselines") or {}).items() for b in order if b in summary]
+    rows = [[label, str(s.get("n_closed", "–")), str(s.get("n_open", "–")), str(s.get("n_choice", "–")),
+             _f(s.get("close")), _f(s.get("open")), _f(s.get("all")), _f(s.get("choice"))] for _, label, s in named]
     lines += _table(["Benchmark", "n closed", "n open", "n choice", "close", "open (recall)", "all", "choice"],
                     rows) + [""]
     choice_benches = [b for b in order if comp[b]["by_modality"]]
@@ -303,7 +307,7 @@ def _comprehension_section(report: dict[str, Any], model: dict[str, Any]) -> lis
         mods = sorted({m for b in choice_benches for m in comp[b]["by_modality"]})
         lines += ["Single-choice accuracy by modality (Table 9 layout, %):", ""]
         rows = [[label] + [_f(s["by_modality"].get(m, {}).get("choice")) for m in mods] + [_f(s["choice"])]
-                for b, label, s in named if b in choice_benches and s["by_modality"]]
+                for b, label, s in named if b in choice_benches and s.get("by_modality")]
         lines += _table(["Benchmark"] + mods + ["Overall"], rows) + [""]
     lines += [f"Definition of `all`: {ALL_DEFINITION}", ""]
     if report.get("unscorable"):
@@ -351,7 +355,8 @@ def _generation_section(report: dict[str, Any]) -> list[str]:
         if group:
             lines += [f"### {title}", ""] + _table(header, rows_of(group)) + [""]
     hu = [(name(v), label, h) for v in gen.values()
-          for label, h in (("model", v.get("hu")), (SHUFFLED_NAME, (v.get("shuffled_images") or {}).get("hu"))) if h]
+          for label, h in (("model", v.get("hu")), (SHUFFLED_NAME, (v.get("shuffled_images") or {}).get("hu")),
+                           *((_PREDICTOR_NAMES[b], bh) for b, bh in (v.get("baselines_hu") or {}).items())) if h]
     if hu:
         lines += ["### SynthRAD2023 challenge metrics (HU, body mask)", ""]
         lines += _table(["Task", "Predictor", "n", "MAE (HU)", "PSNR (dB)", "SSIM"],

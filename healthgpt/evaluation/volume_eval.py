@@ -53,6 +53,8 @@ import typer
 
 from healthgpt.evaluation.volume_metrics import HU_RANGE, VolumeMetricError, volume_metrics
 from healthgpt.sharing.hub import display_name
+from healthgpt.sharing.run_spec import MODEL_SET_HELP, SEED_HELP, VQ_HELP, VQ_MISMATCH_HELP, command_inputs
+from vlhealth.cli_errors import print_error
 from vlhealth.reassemble import (
     GridError,
     SliceGrid,
@@ -710,25 +712,22 @@ def eval_volumes_command(
     released: Annotated[str | None, typer.Option(
         help="Folder with the released HealthGPT-M3 weights, or their Hub id (hf://lintw/HealthGPT-M3).")] = None,
     preset: Annotated[str, typer.Option(help="tiny, smollm2-135m, m3, l14, xl32.")] = "tiny",
-    vq: Annotated[str, typer.Option(help="VQGAN decoder: 'tiny' or a weights file.")] = "tiny",
+    vq: Annotated[str | None, typer.Option(help=VQ_HELP)] = None,
+    vq_mismatch_ok: Annotated[bool, typer.Option(help=VQ_MISMATCH_HELP)] = False,
     batch_size: Annotated[int, typer.Option(help="Slices generated together.")] = 8,
     constrained_images: Annotated[bool, typer.Option(help="Force exactly 1024 index tokens + <end_index>.")] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
     llm_path: Annotated[Path | None, typer.Option(help="Local LLM folder (real presets).")] = None,
     clip_path: Annotated[Path | None, typer.Option(help="Local CLIP ViT-L/14-336 folder.")] = None,
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of random (tiny) weights.")] = 0,
+    seed: Annotated[int | None, typer.Option(help=SEED_HELP)] = None,
     figures: Annotated[bool, typer.Option(help="Write OUT/volumes/<task>-<patient>.png.")] = True,
     threads: Annotated[int, typer.Option(help="CPU threads for torch (0: torch's default).")] = 0,
-    model_set: Annotated[list[str] | None, typer.Option(
-        "--model-set", help="Model preset override key=value, the same as the run was trained with "
-                            "(e.g. vision_path=demo/vision).")] = None,
+    model_set: Annotated[list[str] | None, typer.Option("--model-set", help=MODEL_SET_HELP)] = None,
 ) -> None:
     import sys
 
     from rich.console import Console
-
-    from healthgpt.training.train import _parse_sets
 
     if threads > 0:
         import torch
@@ -736,23 +735,29 @@ def eval_volumes_command(
         torch.set_num_threads(threads)
 
     console = Console(stderr=True)
-    overrides: dict[str, Any] = {"seed": seed} if preset in ("tiny", "smollm2-135m") else {}
-    for name, value in (("llm_path", llm_path), ("clip_path", clip_path), ("dtype", dtype)):
-        if value is not None:
-            overrides[name] = value
-    overrides.update(_parse_sets(model_set or [], "--model-set"))
+    from vlhealth.shards import require_shards
+
+    require_shards(shards or [], "--shards")
+    if not source_root.is_dir():
+        raise FileNotFoundError(f"--source-root {source_root}: no such folder; give the SynthRAD2023 release the "
+                                "shards were built from")
+    model_run = checkpoint if not (oracle or from_files) else None
+    overrides, vq_spec, notes = command_inputs(preset, seed, llm_path, clip_path, dtype, model_set, model_run, vq,
+                                               vq_mismatch_ok)
+    for note in notes:
+        console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     config = VolumeEvalConfig(
         shards=shards or [], source_root=source_root, out=out, subtasks=tuple(task or ("mri2ct",)),
         patients=[p.strip() for item in patients or [] for p in item.split(",") if p.strip()] or None,
         split=None if split == "all" else split, max_patients=max_patients, oracle=oracle, oracle_bits=oracle_bits,
-        from_files=from_files, pred_format=fmt, preset=preset, checkpoint=checkpoint, released=released, vq=vq,
-        batch_size=batch_size, constrained_images=constrained_images, device=device, overrides=overrides,
+        from_files=from_files, pred_format=fmt, preset=preset, checkpoint=checkpoint, released=released,
+        vq=vq_spec, batch_size=batch_size, constrained_images=constrained_images, device=device, overrides=overrides,
         figures=figures, progress=True,
     )
     try:
         report = run_volume_evaluation(config)
     except (VolumeEvalError, GridError, VolumeError, FileNotFoundError, ValueError) as err:
-        console.print(f"[red]error:[/red] {err}")
+        print_error(err)
         raise typer.Exit(2) from err
     console.print(f"{len(report['patients'])} volumes scored in {report['seconds']:.1f} s; wrote {out.name}/volumes.csv, "
                   "volumes.md, volumes.json" + ("" if config.from_files else f" and {PRED_DIR}/<patient>/"))

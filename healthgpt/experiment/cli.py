@@ -9,6 +9,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from vlhealth.cli_errors import print_error
+
 __all__ = ["experiment_app"]
 
 console = Console(stderr=True)
@@ -116,7 +118,7 @@ def run(
             console.print(f"wrote {out.name}/results.md, results.json and "
                           f"{', '.join(f'{r.exp.name}/loss_curves.png' for r in results)}")
     except ExperimentError as err:
-        console.print(f"[red]error:[/red] {err}")
+        print_error(err)
         raise typer.Exit(2) from None
     failed = [o.run_id for o in outcomes if o.status != "finished"]
     if failed:
@@ -141,7 +143,7 @@ def collect(
     try:
         results = do_collect(out, plots=plots)
     except ExperimentError as err:
-        console.print(f"[red]error:[/red] {err}")
+        print_error(err)
         raise typer.Exit(2) from None
     for r in results:
         c = r.counts()

@@ -9,6 +9,7 @@ metrics per run, mean ± std per cell, time ratios, claim verdicts) and writes u
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from healthgpt.experiment.results import (
@@ -33,7 +34,8 @@ def collect(out: str | Path, *, plots: bool = True) -> list[ExperimentResults]:
     if not dirs:
         from healthgpt.experiment.spec import ExperimentError
 
-        raise ExperimentError(f"{out.name}/: no experiment folders (*/{EXPERIMENT_FILE}) to collect")
+        raise ExperimentError(f"{os.fspath(out)}: no experiment folders (*/{EXPERIMENT_FILE}) to collect; give the --out "
+                              "folder of `healthgpt experiment run`")
     results = [collect_experiment(d) for d in dirs]
     figures: dict[str, str] = {}
     if plots:

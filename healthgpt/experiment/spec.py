@@ -187,8 +187,8 @@ def load_experiment(ref: str | os.PathLike[str]) -> Experiment:
     if not path.is_file():
         shipped = shipped_experiments()
         if str(ref) not in shipped:
-            raise ExperimentError(f"{path.name}: no such file and no shipped experiment of that name "
-                                  f"(shipped: {', '.join(shipped)})")
+            raise ExperimentError(f"{os.fspath(ref)}: no such file and no shipped experiment of that name; give a YAML "
+                                  f"file or one of {', '.join(shipped)}")
         path = shipped[str(ref)]
     try:
         doc = yaml.safe_load(path.read_text("utf-8"))

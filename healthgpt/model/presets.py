@@ -86,8 +86,10 @@ _DOWNLOADS = {
 def _resolve(preset: str, arg: str | os.PathLike[str] | None, env: str, marker: str) -> Path:
     repo, what = _DOWNLOADS[env]
     raw = os.fspath(arg) if arg is not None else os.environ.get(env)
-    hint = (f"Download {what}, e.g. `huggingface-cli download {repo} --local-dir <dir>`, then pass "
-            f"its folder to build_model({preset!r}, ...) or set ${env}=<dir>.")
+    option = "--clip-path" if env == "HEALTHGPT_CLIP_DIR" else "--llm-path"
+    hint = (f"Download {what}, e.g. `huggingface-cli download {repo} --local-dir <dir>`, then give its folder "
+            f"with {option} <dir> (Python: build_model({preset!r}, {option[2:].replace('-', '_')}=...)) or set "
+            f"${env}=<dir>.")
     if not raw:
         raise MissingWeightsError(f"preset {preset!r} needs {what} ({repo}) and no path was given. {hint}")
     path = Path(raw).expanduser()

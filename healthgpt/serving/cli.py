@@ -9,6 +9,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from healthgpt.sharing.run_spec import MODEL_SET_HELP, SEED_HELP, VQ_HELP, VQ_MISMATCH_HELP, command_inputs
+from vlhealth.cli_errors import print_error
+
 __all__ = ["SERVE_HELP", "serve_command"]
 
 SERVE_HELP = (
@@ -41,7 +44,8 @@ def serve_command(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     model_name: Annotated[str | None, typer.Option(
         help="Model id in /v1/models (default: the export folder's name, else healthgpt-<preset>).")] = None,
-    vq: Annotated[str, typer.Option(help="VQGAN for decoding generated images: 'tiny' or a weights file.")] = "tiny",
+    vq: Annotated[str | None, typer.Option(help=VQ_HELP)] = None,
+    vq_mismatch_ok: Annotated[bool, typer.Option(help=VQ_MISMATCH_HELP)] = False,
     max_image_mb: Annotated[float, typer.Option(help="Largest accepted input image (MiB).")] = 10.0,
     allow_remote_images: Annotated[bool, typer.Option(help="Fetch http(s) image URLs (off: data: URLs only).")] = False,
     max_batch: Annotated[int, typer.Option(help="Chat requests decoded together at most.")] = 8,
@@ -53,7 +57,7 @@ def serve_command(
     clip_path: Annotated[Path | None, typer.Option(help="Local CLIP ViT-L/14-336 folder.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for random (tiny) weights.")] = 0,
+    seed: Annotated[int | None, typer.Option(help=SEED_HELP)] = None,
     threads: Annotated[int, typer.Option(help="CPU threads for torch (0: torch's default).")] = 0,
     api_key: Annotated[list[str] | None, typer.Option(
         "--api-key", help="A key clients must send as `Authorization: Bearer KEY` (repeatable; also "
@@ -74,6 +78,7 @@ def serve_command(
     examples: Annotated[list[Path] | None, typer.Option(
         "--examples", help="Shard folder(s) whose held-out (test, else val) samples become the web UI's "
                            "clickable examples (default: a few synthetic phantom slices made at start-up).")] = None,
+    model_set: Annotated[list[str] | None, typer.Option("--model-set", help=MODEL_SET_HELP)] = None,
 ) -> None:
     console = Console(stderr=True)
     import os
@@ -114,17 +119,15 @@ def serve_command(
         import torch
 
         torch.set_num_threads(threads)
-    overrides: dict[str, object] = {}
-    if preset in ("tiny", "smollm2-135m"):
-        overrides["seed"] = seed
-    for key, value in (("llm_path", llm_path), ("clip_path", clip_path), ("dtype", dtype)):
-        if value is not None:
-            overrides[key] = value
+    overrides, vq_spec, notes = command_inputs(preset, seed, llm_path, clip_path, dtype, model_set, checkpoint, vq,
+                                               vq_mismatch_ok)
+    for note in notes:
+        console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     try:
         model = load_model(preset, checkpoint=checkpoint, released=released, device=device, **overrides)
-        decoder = load_vq_decoder(vq, device=device)
+        decoder = load_vq_decoder(vq_spec, device=device)
     except (MissingWeightsError, CheckpointError, VQUnavailableError, ValueError) as err:
-        console.print(f"[red]error:[/red] {err}")
+        print_error(err)
         raise typer.Exit(2) from err
     if model_name is None:
         hub = parse_hub_id(checkpoint)

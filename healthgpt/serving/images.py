@@ -12,7 +12,7 @@ import io
 import re
 import warnings
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from healthgpt.serving.errors import ApiError
 
@@ -46,7 +46,9 @@ def decode_image_bytes(data: bytes, *, param: str, max_bytes: int) -> Image.Imag
     except ApiError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ApiError(400, f"{param}: the image cannot be decoded as PNG or JPEG ({err})",
+        # PIL names the stream it could not identify by its repr (a memory address): never part of a message
+        why = "not a recognisable image" if isinstance(err, UnidentifiedImageError) else str(err)
+        raise ApiError(400, f"{param}: the image cannot be decoded as PNG or JPEG ({why})",
                        code="invalid_image", param=param) from err
 
 

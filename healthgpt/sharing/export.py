@@ -10,8 +10,11 @@ Layout of an export folder::
                                   adapter_model.safetensors, healthgpt_plugin.json) plus the task's
                                   visual adapter (visual_adapter.safetensors)
     token_rows.safetensors        the 8195 new token rows of the embedding and the LM head
-    base_rows.safetensors         only when the run trained the LLM's own embedding / head rows
-                                  (stage 2): those rows
+    base_rows.safetensors         only when the run trained or carried the LLM's own weights (stage 2's
+                                  embedding / head rows; every LLM weight of a text pre-training): those
+    vqgan.safetensors             the VQGAN the run was trained with (not for the random tiny one)
+    vision_tower/                 a small preset's pre-trained tower (--model-set vision_path), when the
+                                  run used one
     eval/report.md, report.json   the run's evaluation report, when --eval is given
 
 ``load_export(model, folder)`` loads it back onto a freshly built preset; the result has exactly
@@ -23,7 +26,8 @@ started from it the stages it grew from.
 
 Public API::
 
-    export_run(run, out, *, data=(), earlier=(), eval_dir=None, vq="tiny", seed=0, **overrides) -> ExportSummary
+    export_run(run, out, *, data=(), earlier=(), eval_dir=None, vq=None, seed=None, overrides=None, model_set=(),
+               vq_mismatch_ok=False) -> ExportSummary
     load_export(model, folder) -> list[str]
     is_export_folder(path) -> bool
     read_export_info(folder) -> dict;  verify_export(folder) -> dict;  export_lineage(folder) -> list[dict]
@@ -43,13 +47,20 @@ from typing import Annotated, Any
 import typer
 from safetensors.torch import save_file
 
+from healthgpt.sharing.run_spec import MODEL_SET_HELP, SEED_HELP, VQ_HELP, VQ_MISMATCH_HELP
+from vlhealth.cli_errors import print_error
+
 __all__ = ["EXPORT_HELP", "EXPORT_INFO", "ExportError", "ExportSummary", "export_lineage", "export_run",
            "is_export_folder", "load_export", "export_command", "read_export_info", "verify_export"]
 
-EXPORT_INFO = "healthgpt_export.json"
+from healthgpt.sharing.run_spec import EXPORT_INFO, path_fingerprint  # noqa: E402  (one name for the manifest)
+
 EXPORT_FORMAT = "healthgpt-export/1"
 TOKEN_ROWS = "token_rows.safetensors"
 BASE_ROWS = "base_rows.safetensors"
+VQ_FILE = "vqgan.safetensors"
+# --model-set paths whose folder travels with the export (a small preset's tower; never an LLM or CLIP download)
+COPIED_PATHS = {"vision_path": "vision_tower"}
 BASE_MODELS = {
     "m3": ["microsoft/Phi-3-mini-4k-instruct", "openai/clip-vit-large-patch14-336"],
     "l14": ["microsoft/phi-4", "openai/clip-vit-large-patch14-336"],
@@ -257,14 +268,18 @@ def export_run(
     data: Sequence[str | os.PathLike[str]] = (),
     earlier: Sequence[str | os.PathLike[str]] = (),
     eval_dir: str | os.PathLike[str] | None = None,
-    vq: str = "tiny",
-    seed: int = 0,
+    vq: str | None = None,
+    seed: int | None = None,
     overrides: dict[str, Any] | None = None,
+    model_set: Sequence[str] = (),
+    vq_mismatch_ok: bool = False,
 ) -> ExportSummary:
-    """Export ``run`` (a training --out folder, checkpoint or .safetensors) to ``out``."""
+    """Export ``run`` (a training --out folder, checkpoint or .safetensors) to ``out``. The VQGAN, seed and
+    ``--model-set`` values default to the run's own (:mod:`healthgpt.sharing.run_spec`)."""
     from healthgpt.model.presets import build_model
     from healthgpt.model.weights import load_trainable, read_metadata, resolve_trainable
     from healthgpt.sharing.peft import export_peft_adapter
+    from healthgpt.sharing.run_spec import command_inputs, read_run_spec
     from vlhealth.vq import load_vq
 
     run, out = Path(run), Path(out)
@@ -277,9 +292,9 @@ def export_run(
         raise ExportError(f"{weights.name}: no preset in the checkpoint metadata")
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out.name}/ exists and is not empty; choose a new --out folder")
-    ov = dict(overrides or {})
-    if preset in ("tiny", "smollm2-135m"):
-        ov.setdefault("seed", seed)
+    ov, vq_spec, _notes = command_inputs(preset, seed, None, None, None, model_set, run, vq, vq_mismatch_ok)
+    ov.update(overrides or {})
+    spec, _root = read_run_spec(run)
     model, _ = build_model(preset, **ov)
     loaded = set(load_trainable(model, weights))
     tmp = out.with_name(f".{out.name}.tmp")
@@ -311,13 +326,15 @@ def export_run(
     report = None
     if eval_dir is not None:
         report = _copy_eval(Path(eval_dir), tmp / "eval")
+    vq_tok = load_vq(vq_spec)
+    export_spec = _export_spec(spec, ov, vq_spec, vq_tok.describe(), tmp)
     info = {
         "format": EXPORT_FORMAT, "preset": preset, "template": meta.get("template"),
         "adapters": meta.get("adapters"), "vocab_first_new": meta.get("vocab_first_new"),
         "vocab_total": meta.get("vocab_total"), "groups": meta.get("groups"),
         "base_model": BASE_MODELS.get(preset, []), "base_seed": ov.get("seed"),
-        "vqgan": load_vq(vq).describe(), "source_run": run.name, "source_weights": weights.name,
-        "stages": stages, "training_data": training_data, "eval": report,
+        "vqgan": vq_tok.describe(), "source_run": run.name, "source_weights": weights.name,
+        "run_spec": export_spec, "stages": stages, "training_data": training_data, "eval": report,
         "research_use_only": True,
     }
     (tmp / "README.md").write_text(model_card(info, tmp), "utf-8")
@@ -328,6 +345,33 @@ def export_run(
         out.rmdir()
     tmp.rename(out)
     return ExportSummary(out, sorted([*files, EXPORT_INFO]), preset, training_data)
+
+
+def _export_spec(spec: dict[str, Any] | None, overrides: dict[str, Any], vq_spec: str, vq_info: dict[str, Any],
+                 tmp: Path) -> dict[str, Any]:
+    """The export's own run_spec: its VQGAN and the pre-trained tower copied into the folder, the other
+    --model-set values as the run recorded them; paths relative to the export folder."""
+    vq = dict(vq_info)
+    if not vq.get("random_weights"):
+        shutil.copyfile(vq_spec, tmp / VQ_FILE)
+        vq.update({"path": None, "at_run": VQ_FILE})
+    model_set: dict[str, Any] = {}
+    for key, rec in ((spec or {}).get("model_set") or {}).items():
+        if isinstance(rec, dict) and "sha256" in rec:
+            if key in COPIED_PATHS:
+                src, dst = Path(overrides[key]), tmp / COPIED_PATHS[key]
+                for f in sorted(x for x in src.rglob("*") if x.is_file()):
+                    rel = f.relative_to(src).as_posix()
+                    if rel.startswith(".") or rel.endswith((".log", ".jsonl", ".png")):
+                        continue  # what the fingerprint leaves out: logs and curves
+                    (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(f, dst / rel)
+                model_set[key] = {"path": None, "at_run": COPIED_PATHS[key], "sha256": path_fingerprint(dst)}
+            else:
+                model_set[key] = {"path": rec.get("path"), "at_run": None, "sha256": rec["sha256"]}
+        else:
+            model_set[key] = rec
+    return {"vq": vq, "model_set": model_set, "seed": overrides.get("seed")}
 
 
 def _copy_eval(src: Path, dst: Path) -> dict[str, Any]:
@@ -401,6 +445,10 @@ def model_card(info: dict[str, Any], folder: Path) -> str:
     warning = ("\n> **Note:** this export comes from the random `tiny` preset and/or a random `tiny` VQGAN. It "
                "exercises the pipeline; its outputs mean nothing.\n" if tiny else "")
     vq = info.get("vqgan", {})
+    carried = "".join(line for present, line in (
+        ((folder / VQ_FILE).is_file(), f"* `{VQ_FILE}`: the VQGAN the model was trained with (image tokens <-> pixels).\n"),
+        ((folder / "vision_tower").is_dir(), "* `vision_tower/`: the pre-trained vision tower the model reads images with.\n"),
+    ) if present)
     return "\n".join(front) + f"""
 
 # HealthGPT ({preset}) — exported from `{info['source_run']}`
@@ -422,7 +470,7 @@ reconstruction) through task-specific H-LoRA plugins on a shared LLM.
 * `{BASE_ROWS}`: the LLM's own weights this model changed (embedding/head rows trained in stage 2; every
   LLM weight when it grew from a text pre-training): they replace the base model's.''' if BASE_ROWS in
   [p.name for p in folder.iterdir()] else ''}
-* `healthgpt_export.json`: preset `{preset}`, template `{info.get('template')}`, adapter
+{carried}* `healthgpt_export.json`: preset `{preset}`, template `{info.get('template')}`, adapter
   configurations, VQGAN description, stages, data and file checksums.
 
 Base weights: {', '.join(f'`{b}`' for b in info['base_model']) or f'the random `{preset}` preset (seed {info.get("base_seed")})'}.
@@ -465,7 +513,7 @@ EXPORT_HELP = (
     "stages, data) and a model card README.md (Hub YAML front matter, the eval report with --eval, the "
     "research-use-only notice). `serve`, `infer` and `eval` take the folder as --checkpoint.\n\n"
     "Example:\n\n"
-    "    healthgpt export demo/runs/stage3 --out exports/tiny-stage3 --data demo/shards "
+    "    healthgpt export demo/runs/stage3 --out exports/tiny-stage3 --data demo/shards --data demo/mix "
     "--earlier demo/runs/stage1-comprehension --earlier demo/runs/stage2 --eval demo/eval"
 )
 
@@ -478,8 +526,10 @@ def export_command(
     earlier: Annotated[list[Path] | None, typer.Option(
         help="Earlier stages' runs, oldest first (listed in the model card).")] = None,
     eval_dir: Annotated[Path | None, typer.Option("--eval", help="`healthgpt eval` --out folder of this run.")] = None,
-    vq: Annotated[str, typer.Option(help="VQGAN the run was trained with: 'tiny' or a weights file.")] = "tiny",
-    seed: Annotated[int, typer.Option(help="Seed of random (tiny) base weights.")] = 0,
+    vq: Annotated[str | None, typer.Option(help=VQ_HELP)] = None,
+    vq_mismatch_ok: Annotated[bool, typer.Option(help=VQ_MISMATCH_HELP)] = False,
+    seed: Annotated[int | None, typer.Option(help=SEED_HELP)] = None,
+    model_set: Annotated[list[str] | None, typer.Option("--model-set", help=MODEL_SET_HELP)] = None,
     llm_path: Annotated[Path | None, typer.Option(help="Local LLM folder (real presets).")] = None,
     clip_path: Annotated[Path | None, typer.Option(help="Local CLIP ViT-L/14-336 folder.")] = None,
 ) -> None:
@@ -489,12 +539,15 @@ def export_command(
     from healthgpt.model.weights import CheckpointError
 
     console = Console(stderr=True)
+    from healthgpt.sharing.run_spec import check_checkpoint
+
+    check_checkpoint(run, "RUN")
     overrides = {k: v for k, v in (("llm_path", llm_path), ("clip_path", clip_path)) if v is not None}
     try:
         summary = export_run(run, out, data=data or [], earlier=earlier or [], eval_dir=eval_dir, vq=vq, seed=seed,
-                             overrides=overrides)
+                             overrides=overrides, model_set=model_set or (), vq_mismatch_ok=vq_mismatch_ok)
     except (ExportError, CheckpointError, MissingWeightsError, FileNotFoundError) as err:
-        console.print(f"[red]error:[/red] {err}")
+        print_error(err)
         raise typer.Exit(2) from err
     for d in summary.data:
         if d["access"] not in ("open", "registered"):

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from healthgpt.sharing.export import EXPORT_INFO, ExportError, read_export_info, verify_export
+from vlhealth.cli_errors import print_error
 from vlhealth.publish import PUBLISHABLE_ACCESS
 
 __all__ = ["ModelPublishPlan", "PUBLISH_HELP", "plan_model_publish", "publish_command", "publish_model"]
@@ -32,7 +33,7 @@ class ModelPublishPlan:
 def plan_model_publish(folder: str | os.PathLike[str], *, i_have_the_rights: bool = False) -> ModelPublishPlan:
     folder = Path(folder)
     if not folder.is_dir():
-        raise ExportError(f"{folder.name}: not a folder")
+        raise ExportError(f"{os.fspath(folder)}: not a folder; give a folder written by `healthgpt export`")
     info = read_export_info(folder)
     listed = dict(info.get("files", {}))
     on_disk = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
@@ -92,7 +93,7 @@ def publish_command(
         plan = publish_model(folder, repo_id, token=token, private=not public, dry_run=dry_run,
                              i_have_the_rights=i_have_the_rights)
     except ExportError as err:
-        console.print(f"[red]error:[/red] {err}")
+        print_error(err)
         raise typer.Exit(2) from err
     if plan.restricted:
         console.print(f"[yellow]warning:[/yellow] publishing with --i-have-the-rights although trained on "

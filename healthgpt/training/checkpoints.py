@@ -73,8 +73,10 @@ def run_lineage(inits: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]
     out: list[dict[str, Any]] = []
     for init in inits:
         weights = resolve_trainable(init)
-        summary_path = weights.parent / "train_summary.json"
-        summary = json.loads(summary_path.read_text("utf-8")) if summary_path.is_file() else None
+        # a training run's summary, or a text pre-training's (`healthgpt pretrain-text`: its data is known too)
+        summary_path = next((weights.parent / n for n in ("train_summary.json", "pretrain_summary.json")
+                             if (weights.parent / n).is_file()), None)
+        summary = json.loads(summary_path.read_text("utf-8")) if summary_path is not None else None
         if summary is None:
             entries = [{"run": Path(init).name, "stage": None, "task": None, "shards": None}]
         else:

@@ -1,7 +1,7 @@
 """Training hyper-parameters: ``healthgpt/training/configs/train_<preset>.yaml``, keyed by stage *and* task.
 
-The paper's Table 7 gives one column per stage and task (decoded in DESIGN's PAPER.md); a merged
-cell spans both tasks. The YAML mirrors that::
+The paper's Table 7 gives one column per stage and task (transcribed in the YAMLs of configs/); a
+merged cell spans both tasks. The YAML mirrors that::
 
     defaults: {optimizer: adamw, max_len: 2048, ...}        # every stage and task
     stages:

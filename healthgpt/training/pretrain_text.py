@@ -131,7 +131,9 @@ def pretrain_text_command(
     from healthgpt.model.presets import build_model
     from healthgpt.model.weights import save_trainable
     from healthgpt.training.train import _parse_sets
+    from vlhealth.shards import require_shards
 
+    require_shards(shards, "--shards")
     console = Console(stderr=True)
     overrides = _parse_sets(model_set or [], "--model-set")
     if "seed" in overrides:
@@ -140,7 +142,7 @@ def pretrain_text_command(
     encodings = text_encodings(model, shards, split=split)
     if not encodings:
         raise typer.BadParameter(f"no {split!r} comprehension conversations in "
-                                 + ", ".join(p.name for p in shards), param_hint="--shards")
+                                 + ", ".join(str(p) for p in shards), param_hint="--shards")
     out.mkdir(parents=True, exist_ok=True)
     with step_log(out, "pretrain-text", steps, console) as log:
         losses = pretrain_text(model, encodings, steps=steps, lr=lr, batch=batch, seed=seed,

@@ -1,6 +1,6 @@
 """The stage policy of the three-stage trainer: what each stage and task trains, and at which LR.
 
-Stages (paper §4.4; DESIGN.md) and what each trains (``STAGE_GROUPS``; everything else frozen):
+Stages (paper §4.4; ARCHITECTURE.md "Contracts") and what each trains (``STAGE_GROUPS``; everything else frozen):
 
 ======= ================ ==========================================================================
 stage   task             trainable parameter groups (``HealthGPT.parameter_groups()`` names)

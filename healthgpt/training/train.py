@@ -63,7 +63,6 @@ from typing import Annotated, Any
 import numpy as np
 import torch
 import typer
-import yaml
 from torch import nn
 
 from healthgpt.model.conversation import IGNORE_INDEX
@@ -72,6 +71,7 @@ from healthgpt.model.vision import VisionPreprocessor
 from healthgpt.model.weights import TRAINABLE_FILE, load_trainable, resolve_trainable, save_trainable
 from healthgpt.sharing.export import export_lineage, is_export_folder, load_export, read_export_info
 from healthgpt.sharing.hub import display_name, resolve_model
+from healthgpt.sharing.run_spec import make_run_spec, parse_sets
 from healthgpt.training.checkpoints import (
     CHECKPOINTS_DIR,
     CheckpointWriteError,
@@ -84,13 +84,14 @@ from healthgpt.training.checkpoints import (
     set_rng_state,
     write_checkpoint,
 )
-from healthgpt.training.data import DataConfig, LoaderState, make_loader, source_sample_counts
+from healthgpt.training.data import DataConfig, LoaderState, make_loader, parse_shard_spec, source_sample_counts
 from healthgpt.training.dist import Dist
 from healthgpt.training.hparams import HPARAM_HELP, HParams, load_hparams, lr_lambda
 from healthgpt.training.loss_trend import divergence_warnings
 from healthgpt.training.stages import STAGE_GROUPS, optimizer_groups, stage_groups
 from healthgpt.training.trackers import Trackers, check_available, open_trackers, parse_report_to, step_scalars
 from healthgpt.training.validation import ValidationSet
+from vlhealth.cli_errors import print_error
 
 __all__ = [
     "STAGE_GROUPS",
@@ -256,6 +257,7 @@ class _Run:
     step_tasks: list[str] = field(default_factory=list)  # dominant task per step of this run
     validation: Any = None  # ValidationSet: fixed held-out batches per task (--val-every)
     val_history: list[dict[str, Any]] = field(default_factory=list)  # {"step", "val_loss": {task: loss}}
+    spec: dict[str, Any] = field(default_factory=dict)  # run_spec: VQGAN, --model-set values, seed (run_spec.py)
 
 
 def train(cfg: TrainConfig, model: Any = None,
@@ -287,6 +289,8 @@ def setup(cfg: TrainConfig, dd: Dist, device_kind: str, model: Any) -> _Run:
     use_gc = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else device_kind == "cuda"
     hp = load_hparams(cfg.preset, cfg.stage, cfg.overrides, cfg.config, task=cfg.task)
     check_available(_tracker_names(cfg))  # a missing tracker package is an error before any work
+    spec = make_run_spec([s.path for s in map(parse_shard_spec, cfg.shards) if s.url is None], cfg.init,
+                         cfg.preset_overrides, cfg.seed, cfg.out)
     groups = tuple(cfg.groups) or stage_groups(cfg.stage, cfg.task)
     num_workers = cfg.num_workers if cfg.num_workers is not None else (4 if device_kind == "cuda" else 0)
 
@@ -308,7 +312,7 @@ def setup(cfg: TrainConfig, dd: Dist, device_kind: str, model: Any) -> _Run:
            else contextlib.nullcontext())
     run = _Run(cfg, dd, hp, model, _wrap(model, cfg, dd, device, device_kind), params, groups, [], trained_before,
                optimizer, scheduler, device, amp, hp.grad_accum(dd.world), total_steps, LoaderState(num_workers),
-               guard=LossGuard(hp), streaming=data_cfg.streaming)
+               guard=LossGuard(hp), streaming=data_cfg.streaming, spec=spec)
     resume_rng = _resume(run, console) if cfg.resume else None
     if not cfg.resume:
         run.lineage = _init_lineage(cfg.init)
@@ -711,7 +715,7 @@ def _checkpoint(run: _Run) -> None:
             "scheduler": run.scheduler.state_dict(), "guard": run.guard.state(), "data": data_states,
             "losses": run.losses, "skipped": run.skipped, "trained_before": run.trained_before,
             "hparams": run.hp.to_dict(), "seed": cfg.seed, "shards": [str(Path(s).name) for s in cfg.shards],
-            "lineage": run.lineage, "val_history": run.val_history,
+            "lineage": run.lineage, "val_history": run.val_history, "run_spec": run.spec,
         }
         write_checkpoint(Path(cfg.out), run.step, run.model, run.saved_groups, run.optimizer, state, cfg.keep, rng=rng)
     dd.barrier()  # every other rank writes its own RNG state into the (now final) folder
@@ -741,6 +745,7 @@ def _finish(run: _Run, status: str, console: Any) -> TrainResult:
                 "shards": [str(Path(s).name) for s in cfg.shards],  # names only (no local paths)
                 "lineage": run.lineage,  # the earlier stages this run's weights grew from, with their data
                 "model_overrides": _shareable(cfg.preset_overrides),
+                "run_spec": run.spec,  # the VQGAN and --model-set values infer/eval/serve/export rebuild it with
                 "image_codes": cfg.image_codes,
                 "groups": list(run.groups), "saved_groups": run.saved_groups, "trainable": summary,
                 "hparams": json.loads(json.dumps(run.hp.to_dict(), default=str)),
@@ -818,13 +823,7 @@ def _print_summary(console: Any, summary: Mapping[str, int], losses: Sequence[fl
 
 def _parse_sets(items: Sequence[str], option: str = "--set") -> dict[str, Any]:
     """``key=value`` items (values read as YAML: ``4`` is a number, ``true`` a flag)."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"{option} expects key=value, got {item!r}")
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
-    return out
+    return parse_sets(items, option)
 
 
 def _hparam_options() -> list[inspect.Parameter]:
@@ -896,6 +895,12 @@ def train_command(
 
         healthgpt train --preset tiny --stage 1 --task generation --shards demo/shards/synthrad --out runs/s1g --report-to tensorboard,wandb
     """
+    from healthgpt.sharing.run_spec import check_checkpoint
+    from vlhealth.shards import require_shards
+
+    require_shards([s.path for s in map(parse_shard_spec, shards) if s.url is None], "--shards")
+    for run in init or ():
+        check_checkpoint(run, "--init")
     overrides = {k: v for k, v in hparams.items() if v is not None}
     overrides.update(_parse_sets(set_ or []))
     if task not in ("comprehension", "generation", "mixed"):
@@ -919,10 +924,10 @@ def train_command(
     try:
         result = train(cfg)
     except TrainingDiverged as err:
-        typer.echo(f"error: {err}", err=True)
+        print_error(err)
         raise typer.Exit(3) from None
     except (ValueError, FileNotFoundError, KeyError, TypeError, CheckpointWriteError) as err:
-        typer.echo(f"error: {err}", err=True)
+        print_error(err)
         raise typer.Exit(2) from None
     if result.status == "preempted":
         typer.echo(f"stopped by SIGTERM at step {result.step}/{result.total_steps}; continue with --resume", err=True)

@@ -19,6 +19,7 @@ from vlhealth.build.plan import (
     SPLITS_NAME,
     _build_record,
     _meta_name,
+    _path_free,
     _splits_for,
     parse_partition,
     partition_suffix,
@@ -97,7 +98,7 @@ def run_build(
     root = Path(root)
     out = Path(out)
     if not root.is_dir():
-        raise FileNotFoundError(f"source root {root} is not a folder")
+        raise FileNotFoundError(f"{root}: the source root is not a folder; give the folder the source ships as")
     manifest = manifest if manifest is not None else load_manifest(builder.MANIFEST)
     options = options if options is not None else builder.Options()
     limits = limits if limits is not None else Limits()
@@ -107,9 +108,20 @@ def run_build(
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
     ctx = BuildContext(root=root, options=options, manifest=manifest, seed=seed, out=out, limits=limits)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     with ItemStore(out, f".items{partition_suffix(part)}.sqlite") as store:
         _discover_into(builder, ctx, store)
+        if store.count() == 0 and not any(True for _ in store.reject_lines()):
+            nothing_found = _nothing_found(builder, root, manifest)
+        else:
+            nothing_found = None
+        if nothing_found is not None:
+            store.close()
+            (out / f".items{partition_suffix(part)}.sqlite").unlink(missing_ok=True)
+            if created and not any(out.iterdir()):
+                out.rmdir()
+            raise NoItemsError(nothing_found)
         ctx.splits = _splits_for(builder, store, ctx, manifest, seed)
         if part is not None:
             store.set_partition(part[1])
@@ -122,19 +134,35 @@ def run_build(
                 **({"partition": list(part)} if part else {}))
     write_json_atomic(out / SPLITS_NAME, splits_record(builder, manifest, ctx.splits, seed))
     build_info = _build_record(builder, manifest, options, seed, vq, command, limits, part, plan, result, rejects)
+    if build_info.get("vq") and getattr(vq, "path_given", None):
+        # the VQGAN file as typed (a relative path; an absolute one keeps its name only): training runs record it
+        build_info["vq"]["path"] = _path_free(vq.path_given)
     write_json_atomic(out / _meta_name(BUILD_NAME, plan.suffix), build_info)
     plan.journal_path.unlink(missing_ok=True)
     return BuildSummary(out, result.samples, sum(rejects.values()), plan.n_items, len(result.shards),
                         dict(result.counts), dict(rejects), time.perf_counter() - start)
 
 
+class NoItemsError(ValueError):
+    """The source root holds nothing of the builder's layout (e.g. another source's folder)."""
+
+
+def _nothing_found(builder: ModuleType, root: Path, manifest: dict[str, Any]) -> str:
+    layout = "; ".join(" ".join(line.split()) for line in str(manifest.get("layout") or "").strip().splitlines())
+    return (f"{root}: no {builder.NAME} items found, {builder.NAME} reads {layout or 'its upstream layout'}; "
+            "point the command at the folder that holds this layout")
+
+
 def _discover_into(builder: ModuleType, ctx: BuildContext, store: ItemStore) -> None:
     """Run ``builder.discover`` into ``store``: items spilled to disk, rejects kept as lines; then the later
     copies of a repeated item id are refused (the first discovered is kept)."""
-    for entry in builder.discover(ctx):
-        if isinstance(entry, Reject):
-            store.add_reject(_reject_line(entry))
-        else:
-            store.add(entry)
+    try:
+        for entry in builder.discover(ctx):
+            if isinstance(entry, Reject):
+                store.add_reject(_reject_line(entry))
+            else:
+                store.add(entry)
+    except (ValueError, FileNotFoundError) as err:  # e.g. no annotation file of the layout: name the root
+        raise NoItemsError(f"{ctx.root}: {err}; point the command at the source's root folder") from err
     for ident, file, kept in store.drop_duplicates():  # e.g. a second copy of a scan elsewhere under the root
         store.add_reject(_reject_line(Reject(file, f"duplicate item {ident!r}: already built from {kept}", ident)))

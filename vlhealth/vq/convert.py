@@ -61,7 +61,8 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"VQGAN weights not found: {path.name}")
+        raise FileNotFoundError(f"{os.fspath(path)}: VQGAN weights not found; give a taming last.ckpt or a "
+                                ".safetensors file (or 'tiny')")
     config: VQConfig | None = None
     if path.suffix == ".safetensors":
         from safetensors import safe_open

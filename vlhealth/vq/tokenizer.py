@@ -71,6 +71,7 @@ class VQTokenizer:
         self.random_weights = random_weights
         self.batch_size = batch_size
         self.ignored_keys = list(ignored_keys or [])
+        self.path_given: str | None = None  # the weights file as the user typed it (load_vq sets it)
         # rows of quantiser logits scored at once: cache-sized on CPU, large on accelerators
         self._chunk_rows = 32 if self.device.type == "cpu" else 16384
         if self.device.type == "cpu":
@@ -216,7 +217,7 @@ def load_vq(
     cfg = _as_config(config) or stored or GUMBEL_F8_CONFIG
     model = VQGAN(cfg)
     ignored = _fit_state_dict(model, tensors, path.name)
-    return VQTokenizer(
+    tok = VQTokenizer(
         model,
         name=path.name,
         sha256=_sha256_file(path),
@@ -225,3 +226,5 @@ def load_vq(
         batch_size=batch_size,
         ignored_keys=ignored,
     )
+    tok.path_given = os.fspath(spec)  # as typed: build.json keeps it (relative) so that runs can find the file
+    return tok

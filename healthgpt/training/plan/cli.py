@@ -10,6 +10,7 @@ import typer
 
 from healthgpt.training.plan.core import GIB, GPUS, PlanConfig, make_plan
 from healthgpt.training.plan.trace import KINDS
+from vlhealth.cli_errors import print_error
 
 __all__ = ["PLAN_HELP", "plan_command", "render"]
 
@@ -120,6 +121,9 @@ def plan_command(
 ) -> None:
     from rich.console import Console
 
+    from vlhealth.shards import require_shards
+
+    require_shards(shards or [], "--shards")
     if precision not in ("bf16", "fp32"):
         raise typer.BadParameter("--precision must be bf16 or fp32")
     cfg = PlanConfig(preset=preset, stage=stage, task=task, global_batch=global_batch, micro_batch=micro_batch,
@@ -129,7 +133,7 @@ def plan_command(
     try:
         plan = make_plan(cfg)
     except (ValueError, KeyError, FileNotFoundError) as err:
-        Console(stderr=True).print(f"[red]error:[/red] {err}")
+        print_error(err)
         raise typer.Exit(2) from err
     if json_out:
         typer.echo(json.dumps(plan, indent=1))
