@@ -148,15 +148,17 @@ $train --stage 3 --task mixed --shards "$SHARDS/vqa_rad" --shards "$SHARDS/slake
   --init "$RUNS/stage3-comprehension" --init "$RUNS/stage3-generation" --out "$RUNS/stage3" --steps 0 --no-progress
 
 section "6. evaluate on the held-out splits (baselines in every table)"
+# no --vq or --model-set from here on: a run records its VQGAN and tower (train_summary.json), and eval, eval-volumes
+# and infer use them (a different --vq is refused unless --vq-mismatch-ok)
 healthgpt eval --shards "$SHARDS/vqa_rad" --shards "$SHARDS/slake" --shards "$SHARDS/omnimedvqa" \
-  --shards "$SHARDS/synthrad" --checkpoint "$RUNS/stage3" --preset tiny --vq "$VQ" "${MS[@]}" \
+  --shards "$SHARDS/synthrad" --checkpoint "$RUNS/stage3" --preset tiny \
   --out "$DEMO_DIR/eval" --generation-limit 8 --shuffled-limit 4 --batch-size 16 --max-new-tokens 16 --device cpu --constrained-images
 
 section "6b. SynthRAD2023 as the challenge scores it: whole 3D volumes on the source grid (MR->CT)"
 # bounded: one held-out patient per anatomy, MR->CT only (every slice of it is generated, 1024 tokens each:
 # ~63 slices, ~40 s); one torch thread, as the tiny model's small matrices only contend with more
 healthgpt eval-volumes --shards "$SHARDS/synthrad" --source-root "$RAW/synthrad2023" --checkpoint "$RUNS/stage3" \
-  --preset tiny --vq "$VQ" "${MS[@]}" --out "$DEMO_DIR/eval" --max-patients 1 --batch-size 16 --constrained-images --device cpu \
+  --preset tiny --out "$DEMO_DIR/eval" --max-patients 1 --batch-size 16 --constrained-images --device cpu \
   --threads 1
 healthgpt eval-volumes --shards "$SHARDS/synthrad" --source-root "$RAW/synthrad2023" --oracle \
   --out "$DEMO_DIR/eval/oracle_volumes" --max-patients 1 --no-figures   # the round-trip ceiling
@@ -164,7 +166,7 @@ healthgpt eval-volumes --shards "$SHARDS/synthrad" --source-root "$RAW/synthrad2
 section "7. inference with the trained demo model"
 vqa_images=("$RAW/vqa_rad/VQA_RAD Image Folder/"*.jpg)  # a glob, not `ls | head` (SIGPIPE under pipefail)
 question_image=${vqa_images[0]}
-healthgpt infer --preset tiny --checkpoint "$RUNS/stage3" "${MS[@]}" --image "$question_image" --question "Is there a lesion?"
+healthgpt infer --preset tiny --checkpoint "$RUNS/stage3" --image "$question_image" --question "Is there a lesion?"
 ct_slice="$DEMO_DIR/eval/ct_input.png"
 python - "$SHARDS/synthrad" "$ct_slice" <<'PY'
 import sys
@@ -172,7 +174,7 @@ from vlhealth.shards import iter_samples
 sample = next(s for s in iter_samples(sys.argv[1]) if s.record.subtask == "ct2mri" and s.record.split == "test")
 open(sys.argv[2], "wb").write(sample.input_image)
 PY
-healthgpt infer --preset tiny --checkpoint "$RUNS/stage3" "${MS[@]}" --task generation --image "$ct_slice" --vq "$VQ" \
+healthgpt infer --preset tiny --checkpoint "$RUNS/stage3" --task generation --image "$ct_slice" \
   --instruction "Convert this CT slice to an MRI slice." --output "$DEMO_DIR/eval/ct2mri_demo.png" --constrained
 
 section "8. verdict: does the model beat the baselines?"
