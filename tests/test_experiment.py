@@ -298,6 +298,7 @@ def test_runner_skips_finished_steps_resumes_checkpointed_ones_and_refuses_chang
     shutil.rmtree(run_dir / "eval")
     (run_dir / "b" / "checkpoints" / "step-00000003").mkdir(parents=True)
     (run_dir / "b" / "checkpoints" / "step-00000003" / "trainer_state.json").write_text("{}", "utf-8")
+    (run_dir / "b" / "checkpoints" / "step-00000003" / "rng-rank0.pt").write_bytes(b"")  # complete: state + RNG
     runner_mod.run_experiments([exp], "small", "out", progress=False)
     assert [(k, "--resume" in a, _opt(a, "--out")[0]) for k, a in fake.calls] == [
         ("train", True, str(run_dir / "b")), ("eval", False, str(run_dir / "eval"))]
