@@ -213,8 +213,11 @@ def test_report_to_parsing_and_missing_extras(tmp_path, monkeypatch) -> None:
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    shards = tmp_path / "shards"  # passes the shard-folder check, which runs before the trackers' check
+    shards.mkdir()
+    (shards / "s-000000.tar").write_bytes(b"")
     result = CliRunner().invoke(app, ["train", "--stage", "3", "--task", "comprehension", "--shards",
-                                      str(tmp_path / "none"), "--out", str(tmp_path / "out"), "--report-to", "csv,mlflow"])
+                                      str(shards), "--out", str(tmp_path / "out"), "--report-to", "csv,mlflow"])
     assert result.exit_code == 2
     assert "--report-to mlflow: the mlflow package is not installed" in result.output
     assert "pip install -e '.[mlflow]'" in result.output
