@@ -133,6 +133,8 @@ def _sources_vq(tars: Sequence[Path]) -> dict[str, Any] | None:
         except (OSError, ValueError):
             continue
         if isinstance(vq, dict) and vq.get("sha256"):
+            if vq.get("at_shards"):  # where the file lies from that folder: kept absolute here, re-anchored on --out
+                vq = {**vq, "at_shards": os.path.abspath(folder / vq["at_shards"])}
             found.setdefault(vq["sha256"], (folder.name, vq))
     if len(found) > 1:
         names = ", ".join(f"{name} ({vq.get('name')})" for name, vq in found.values())
@@ -162,6 +164,8 @@ def write_mix(
         raise ValueError("--out must not be one of the --from folders")
     chosen, plan = select(tars, n, seed=seed, ratio=ratio, split=split, fill=fill)
     vq = _sources_vq(tars)
+    if vq is not None and vq.get("at_shards"):
+        vq = {**vq, "at_shards": Path(os.path.relpath(vq["at_shards"], os.path.abspath(out))).as_posix()}
     by_task: Counter[str] = Counter()
     by_source: Counter[str] = Counter()
     written: set[str] = set()

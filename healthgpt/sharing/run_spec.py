@@ -108,8 +108,12 @@ def _vq_of_shards(shards: Sequence[str | os.PathLike[str]]) -> dict[str, Any] | 
                            "mean different images: rebuild them with one --vqgan")
     if not found:
         return None
-    _, vq, _ = next(iter(found.values()))
-    return dict(vq)
+    _, vq, folder = next(iter(found.values()))
+    vq = dict(vq)
+    at_shards = vq.pop("at_shards", None)
+    if at_shards:  # the build's own record of where the file lies from the shard folder
+        vq["_candidates"] = [folder / at_shards]
+    return vq
 
 
 def make_run_spec(shards: Sequence[str | os.PathLike[str]], inits: Sequence[str | os.PathLike[str]], model_set: Mapping[str, Any],
@@ -119,9 +123,12 @@ def make_run_spec(shards: Sequence[str | os.PathLike[str]], inits: Sequence[str 
     out = Path(out)
     vq = _vq_of_shards(shards)
     if vq is not None:
-        given = vq.get("path")
-        if given and not vq.get("random_weights") and Path(given).is_file() and _sha256_file(Path(given)) == vq["sha256"]:
-            vq["at_run"] = _relative_to(Path(given), out)
+        candidates = [Path(vq["path"])] if vq.get("path") else []
+        candidates += vq.pop("_candidates", [])
+        for given in candidates:
+            if not vq.get("random_weights") and given.is_file() and _sha256_file(given) == vq["sha256"]:
+                vq["at_run"] = _relative_to(given, out)
+                break
     else:
         for init in inits:
             spec, _ = read_run_spec(init)

@@ -137,6 +137,12 @@ def run_build(
     if build_info.get("vq") and getattr(vq, "path_given", None):
         # the VQGAN file as typed (a relative path; an absolute one keeps its name only): training runs record it
         build_info["vq"]["path"] = _path_free(vq.path_given)
+        # and where it lies from this shard folder (relative, so kept even when typed as an absolute path)
+        try:
+            build_info["vq"]["at_shards"] = Path(os.path.relpath(os.path.abspath(vq.path_given),
+                                                                 os.path.abspath(out))).as_posix()
+        except ValueError:  # another drive
+            pass
     write_json_atomic(out / _meta_name(BUILD_NAME, plan.suffix), build_info)
     plan.journal_path.unlink(missing_ok=True)
     return BuildSummary(out, result.samples, sum(rejects.values()), plan.n_items, len(result.shards),
