@@ -130,7 +130,7 @@ background stage1_generation "$RUNS/stage1-generation.log" \
   --out "$RUNS/stage1-generation" --micro-batch 2 --global-batch 2 --steps 40 --no-progress --val-every 10 \
   --model-set new_rows_noise=1
 $train --stage 1 --task comprehension --shards "$SHARDS/vqa_rad" --shards "$SHARDS/slake" --init "$DEMO_DIR/text-lm" \
-  --out "$RUNS/stage1-comprehension" --steps 200 --val-every 50
+  --out "$RUNS/stage1-comprehension" --steps 100 --val-every 25
 finish stage1_generation "$RUNS/stage1-generation.log"
 $train --stage 2 --task mixed --shards "$DEMO_DIR/mix" \
   --init "$RUNS/stage1-comprehension" --init "$RUNS/stage1-generation" --out "$RUNS/stage2" --steps 200 --val-every 50
@@ -140,9 +140,9 @@ $train --stage 2 --task mixed --shards "$DEMO_DIR/mix" \
 # Comprehension takes batches of 16: its samples are short, and it needs a few passes over VQA-RAD and SLAKE.
 background stage3_generation "$RUNS/stage3-generation.log" \
   $train --stage 3 --task generation --shards "$SHARDS/synthrad" --init "$RUNS/stage2" --out "$RUNS/stage3-generation" \
-  --steps 300 --val-every 75 --no-progress
+  --steps 240 --val-every 60 --no-progress
 $train --stage 3 --task comprehension --shards "$SHARDS/vqa_rad" --shards "$SHARDS/slake" --init "$RUNS/stage2" \
-  --out "$RUNS/stage3-comprehension" --steps 700 --micro-batch 16 --global-batch 16 --val-every 175
+  --out "$RUNS/stage3-comprehension" --steps 600 --micro-batch 16 --global-batch 16 --val-every 150
 finish stage3_generation "$RUNS/stage3-generation.log"
 $train --stage 3 --task mixed --shards "$SHARDS/vqa_rad" --shards "$SHARDS/slake" --shards "$SHARDS/synthrad" \
   --init "$RUNS/stage3-comprehension" --init "$RUNS/stage3-generation" --out "$RUNS/stage3" --steps 0 --no-progress
