@@ -35,7 +35,7 @@ section "2. build shards"
 # training and, once its shards exist, the text pre-training. Each keeps one thread, so its numbers do not
 # depend on what runs beside it; their logs are printed when they are waited for.
 # a failure or Ctrl-C of the foreground stops the background jobs too (they would keep writing into $DEMO_DIR)
-trap 'kill ${pid_vq-} ${pid_text-} ${pid_vision-} ${pid_stage1_generation-} ${pid_stage3_generation-} 2> /dev/null || true' EXIT
+trap 'kill ${pid_vq-} ${pid_text-} ${pid_vision-} ${pid_stage1_generation-} ${pid_stage3_generation-} ${pid_post_training-} 2> /dev/null || true' EXIT
 background() {  # background NAME LOG COMMAND...: start, remember the pid
   local name=$1 log=$2; shift 2
   echo "   (in the background: $name; log: ${log#"$DEMO_DIR"/})"
@@ -52,7 +52,8 @@ VQ_DIR="$DEMO_DIR/vq"
 synthrad_opts=(--workers 2 --slice-step 3 --recon none)
 vlhealth build synthrad "$RAW/synthrad2023" --out "$VQ_DIR/source" "${synthrad_opts[@]}"
 background vq "$DEMO_DIR/vq_train.log" \
-  vlhealth vq train "$VQ_DIR/source" --out "$VQ_DIR" --steps "$VQ_STEPS" --batch-size 8 --crop 64 --save-every 0
+  vlhealth vq train "$VQ_DIR/source" --out "$VQ_DIR" --steps "$VQ_STEPS" --batch-size 8 --crop 64 --save-every 0 \
+  --held-out-max 128
 VQ="$VQ_DIR/vqgan.safetensors"
 echo "-- 2b. comprehension sources (upstream splits kept)"
 vlhealth build omnimedvqa     "$RAW/omnimedvqa"     --out "$SHARDS/omnimedvqa" --image-format jpg
@@ -133,35 +134,41 @@ $train --stage 1 --task comprehension --shards "$SHARDS/vqa_rad" --shards "$SHAR
   --out "$RUNS/stage1-comprehension" --steps 100 --val-every 25
 finish stage1_generation "$RUNS/stage1-generation.log"
 $train --stage 2 --task mixed --shards "$DEMO_DIR/mix" \
-  --init "$RUNS/stage1-comprehension" --init "$RUNS/stage1-generation" --out "$RUNS/stage2" --steps 200 --val-every 50
+  --init "$RUNS/stage1-comprehension" --init "$RUNS/stage1-generation" --out "$RUNS/stage2" --steps 120 --val-every 30
 # stage 3 trains disjoint groups per task (the comprehension plugin and abstract adapter on comprehension batches,
 # the generation plugin and concrete adapter on generation batches): its two tasks run side by side, one per
 # core, and a run of 0 steps merges them (with several --init, each group comes from the run that trained it).
 # Comprehension takes batches of 16: its samples are short, and it needs a few passes over VQA-RAD and SLAKE.
 background stage3_generation "$RUNS/stage3-generation.log" \
   $train --stage 3 --task generation --shards "$SHARDS/synthrad" --init "$RUNS/stage2" --out "$RUNS/stage3-generation" \
-  --steps 240 --val-every 60 --no-progress
+  --steps 360 --val-every 90 --no-progress
 $train --stage 3 --task comprehension --shards "$SHARDS/vqa_rad" --shards "$SHARDS/slake" --init "$RUNS/stage2" \
-  --out "$RUNS/stage3-comprehension" --steps 600 --micro-batch 16 --global-batch 16 --val-every 150
+  --out "$RUNS/stage3-comprehension" --steps 1000 --micro-batch 16 --global-batch 16 --val-every 250
 finish stage3_generation "$RUNS/stage3-generation.log"
 $train --stage 3 --task mixed --shards "$SHARDS/vqa_rad" --shards "$SHARDS/slake" --shards "$SHARDS/synthrad" \
   --init "$RUNS/stage3-comprehension" --init "$RUNS/stage3-generation" --out "$RUNS/stage3" --steps 0 --no-progress
 
 section "6. evaluate on the held-out splits (baselines in every table)"
 # no --vq or --model-set from here on: a run records its VQGAN and tower (train_summary.json), and eval, eval-volumes
-# and infer use them (a different --vq is refused unless --vq-mismatch-ok)
+# and infer use them (a different --vq is refused unless --vq-mismatch-ok).
+# Beside the evaluation, on the other core: SynthRAD2023's 3D volumes (bounded: one held-out patient per anatomy,
+# MR->CT only; every slice of it is generated, 1024 tokens each: ~63 slices, ~35 s) and the linear probe of section 9
+post_training() {
+  healthgpt eval-volumes --shards "$SHARDS/synthrad" --source-root "$RAW/synthrad2023" --checkpoint "$RUNS/stage3" \
+    --preset tiny --out "$DEMO_DIR/volumes" --max-patients 1 --batch-size 16 --constrained-images --device cpu --threads 1
+  python benchmarks/vision_probe.py --shards "$SHARDS/vqa_rad" --checkpoint "$RUNS/stage3" "${MS[@]}" \
+    --json "$DEMO_DIR/vision_probe.json" > "$DEMO_DIR/vision_probe.md"
+}
+background post_training "$DEMO_DIR/post_training.log" post_training
 healthgpt eval --shards "$SHARDS/vqa_rad" --shards "$SHARDS/slake" --shards "$SHARDS/omnimedvqa" \
   --shards "$SHARDS/synthrad" --checkpoint "$RUNS/stage3" --preset tiny \
   --out "$DEMO_DIR/eval" --generation-limit 8 --shuffled-limit 4 --batch-size 16 --max-new-tokens 16 --device cpu --constrained-images
 
 section "6b. SynthRAD2023 as the challenge scores it: whole 3D volumes on the source grid (MR->CT)"
-# bounded: one held-out patient per anatomy, MR->CT only (every slice of it is generated, 1024 tokens each:
-# ~63 slices, ~40 s); one torch thread, as the tiny model's small matrices only contend with more
-healthgpt eval-volumes --shards "$SHARDS/synthrad" --source-root "$RAW/synthrad2023" --checkpoint "$RUNS/stage3" \
-  --preset tiny --out "$DEMO_DIR/eval" --max-patients 1 --batch-size 16 --constrained-images --device cpu \
-  --threads 1
+finish post_training "$DEMO_DIR/post_training.log"
+sed -n '/^| task | anatomy/,/^$/p' "$DEMO_DIR/volumes/volumes.md"   # the model's volumes (volumes/volumes.md)
 healthgpt eval-volumes --shards "$SHARDS/synthrad" --source-root "$RAW/synthrad2023" --oracle \
-  --out "$DEMO_DIR/eval/oracle_volumes" --max-patients 1 --no-figures   # the round-trip ceiling
+  --out "$DEMO_DIR/volumes/oracle" --max-patients 1 --no-figures   # the round-trip ceiling
 
 section "7. inference with the trained demo model"
 vqa_images=("$RAW/vqa_rad/VQA_RAD Image Folder/"*.jpg)  # a glob, not `ls | head` (SIGPIPE under pipefail)
@@ -191,7 +198,7 @@ echo "    lesions (the probe below: which answers its features carry at all)."
 echo "  The same commands with a real preset, GPUs and real data are the experiment that counts."
 
 section "9. is the answer in the frozen vision features? (a linear probe, train images -> test images)"
-python benchmarks/vision_probe.py --shards "$SHARDS/vqa_rad" --checkpoint "$RUNS/stage3" "${MS[@]}" --json "$DEMO_DIR/vision_probe.json"
+cat "$DEMO_DIR/vision_probe.md"   # run beside the evaluation (section 6)
 echo "   (took $((SECONDS - last)) s; the whole demo $((SECONDS / 60)) min $((SECONDS % 60)) s)"
-echo "demo finished: outputs under $DEMO_DIR/ (stats.png, shards/, vq/, runs/, eval/report.md, eval/ct2mri_demo.png, verdict.json,
-  vision_probe.json)"
+echo "demo finished: outputs under $DEMO_DIR/ (stats.png, shards/, vq/, runs/, eval/report.md, eval/ct2mri_demo.png,
+  volumes/volumes.md, verdict.json, vision_probe.json)"

@@ -103,8 +103,11 @@ def test_cli_output_loads_in_build_vqgan(shards, patients, tmp_path) -> None:
     runner = CliRunner()
     out = tmp_path / "vq"
     res = runner.invoke(app, ["vq", "train", str(shards), "--out", str(out), "--steps", "6", "--batch-size", "2",
-                              "--crop", "64", "--config", str(_small_json(tmp_path)), "--save-every", "0"])
+                              "--crop", "64", "--config", str(_small_json(tmp_path)), "--save-every", "0",
+                              "--held-out-max", "2"])
     assert res.exit_code == 0, res.output
+    held = json.loads((out / "vq_train_report.json").read_text())["held_out"]
+    assert held["n"] == 2 and held["of"] > 2  # evenly spaced over all held-out targets
     built = tmp_path / "built"
     res = runner.invoke(app, ["build", "synthrad", str(patients), "--out", str(built),
                               "--vqgan", str(out / "vqgan.safetensors")])

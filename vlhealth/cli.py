@@ -474,6 +474,8 @@ def vq_train(
                                                                 "adds the perceptual loss.")] = None,
     held_out_split: Annotated[str | None, typer.Option(help="Split reported on (default: test, else val).")] = None,
     max_images: Annotated[int, typer.Option(help="At most this many train images are loaded.")] = 4000,
+    held_out_max: Annotated[int | None, typer.Option(min=1, help="Report on at most this many held-out images, "
+                                                      "evenly spaced (default: all).")] = None,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (0: only at the end).")] = 100,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.")] = False,
     seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = 0,
@@ -508,7 +510,7 @@ def vq_train(
     result = train_vq(VQTrainConfig(
         shards=shards, out=out, config=arch, init=init, quantizer=quantizer, steps=steps, batch_size=batch_size,
         crop=crop, lr=lr, disc_start=disc_start, disc_weight=disc_weight, lpips_weights=lpips_weights or (),
-        held_out_split=held_out_split, max_images=max_images, save_every=save_every, resume=resume, seed=seed,
+        held_out_split=held_out_split, max_images=max_images, held_out_max=held_out_max, save_every=save_every, resume=resume, seed=seed,
         device=device))
     held = result.report["held_out"]
     rec = result.report["reconstruction_l1"]

@@ -77,7 +77,9 @@ def _ceiling(report: dict[str, Any], vq_report: dict[str, Any] | None) -> list[C
                          f"(target >= {VQ_CEILING_SSIM}): {_yes(ssim >= VQ_CEILING_SSIM)}", ssim >= VQ_CEILING_SSIM))
     held = (vq_report or {}).get("held_out") or {}
     if held.get("n"):
-        out.append(Check("vq_held_out", f"VQGAN on all {held['n']} held-out {held['split']} targets: SSIM "
+        of = held.get("of", held["n"])
+        which = f"all {held['n']}" if of == held["n"] else f"{held['n']} (evenly spaced) of the {of}"
+        out.append(Check("vq_held_out", f"VQGAN on {which} held-out {held['split']} targets: SSIM "
                          f"{held['ssim']:.3f}, PSNR {held['psnr']:.2f} dB, {held['codes_used']} codes used, perplexity "
                          f"{held['perplexity']:.1f}", None))
     return out

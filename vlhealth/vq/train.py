@@ -80,6 +80,7 @@ class VQTrainConfig:
     lpips_weights: Sequence[os.PathLike | str] = ()
     held_out_split: str | None = None  # None: "test" if present, else "val"
     max_images: int = 4000
+    held_out_max: int | None = None  # report on at most this many held-out images, evenly spaced (None: all)
     save_every: int = 100
     resume: bool = False
     seed: int = 0
@@ -424,6 +425,9 @@ def _finish(cfg: VQTrainConfig, out: Path, model: VQGAN, kind: str, start: str, 
     held = load_target_images(cfg.shards, split or "test", size, cfg.max_images)
     if split is None and not len(held):
         split, held = "val", load_target_images(cfg.shards, "val", size, cfg.max_images)
+    n_held = int(len(held))
+    if cfg.held_out_max is not None and n_held > cfg.held_out_max:  # evenly spaced: every patient and anatomy
+        held = held[np.linspace(0, n_held - 1, cfg.held_out_max).round().astype(int)]
     k = min(5, len(losses))
     report = {
         "weights": weights.name, "config": model.config.to_dict(), "quantizer": kind, "start": start,
@@ -432,7 +436,7 @@ def _finish(cfg: VQTrainConfig, out: Path, model: VQGAN, kind: str, start: str, 
         "train_images": n_train,
         "reconstruction_l1": {"first": float(np.mean(losses[:k])) if k else None,
                               "last": float(np.mean(losses[-k:])) if k else None},
-        "held_out": {"split": split or "test", **held_out_report(tokenizer, held)},
+        "held_out": {"split": split or "test", "of": n_held, **held_out_report(tokenizer, held)},
         "seconds_this_run": round(seconds, 1),
         "note": "trained weights: codes are meaningful image tokens only as far as the held-out numbers show",
     }
