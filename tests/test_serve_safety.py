@@ -180,6 +180,27 @@ def test_binding_other_interfaces_without_a_key_is_refused(monkeypatch) -> None:
     assert r.exit_code == 2 and "too short" in r.output and "abcdef" not in r.output
 
 
+def test_serve_start_errors_are_one_plain_line(tmp_path, monkeypatch) -> None:
+    """Start-up errors go through the project's one-line printer: brackets in a name are not markup, and a
+    --max-tokens over the limit is refused before the model loads."""
+    from typer.testing import CliRunner
+
+    from healthgpt.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HEALTHGPT_API_KEY", raising=False)
+    Path("keys[prod].txt").write_text("# the keys go here\n", "utf-8")
+    r = CliRunner().invoke(app, ["serve", "--preset", "tiny", "--api-key-file", "keys[prod].txt"])
+    assert r.exit_code == 2, r.output
+    assert r.output.splitlines() == ["error: --api-key-file keys[prod].txt: no key in the file"], r.output
+    t0 = time.monotonic()
+    r = CliRunner().invoke(app, ["serve", "--preset", "tiny", "--max-tokens", "2048", "--max-tokens-limit", "1024"])
+    assert r.exit_code == 2, r.output
+    lines = r.output.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --max-tokens 2048 is over --max-tokens-limit 1024"), lines
+    assert time.monotonic() - t0 < 5  # refused before the model loads
+
+
 # ------------------------------------------------------------------------------------ limits before work
 
 def test_text_that_cannot_fit_is_refused_before_tokenising(keyed, monkeypatch) -> None:
