@@ -14,13 +14,17 @@ connections to a server started with an API key and ``--max-request-mb 1``: 85% 
 10% bad ones (in turn: a body over the limit, malformed JSON, a wrong type, no key, a wrong key) and 5%
 streamed requests whose client disconnects after the first chunk. It prints the count of 5xx answers,
 p50/p95 of the good requests, the server's resident memory (RSS) at start, after a warm-up of the
-first ``--warmup`` requests and at the end, and the server's own counts (cancelled, refused).
-Targets: 0 responses 5xx, RSS growth after warm-up < 10%, p95/p50 <= 3 on the good requests.
+first ``--warmup`` requests and at the end, and the server's own counts (cancelled, refused). Every outcome
+other than the expected one is counted and shown: a good request that did not get 200 with an answer (a 429,
+a transport error, ...), a bad one without a 4xx answer, a hang-up that did not get its first chunk.
+Targets: 0 responses 5xx, every good request answered 200, RSS growth after warm-up < 10%, p95/p50 <= 3
+on the good requests. A missed target exits 1 (both modes).
 
     .venv/bin/python benchmarks/serve_load.py                          # 64 requests, 8 connections
     .venv/bin/python benchmarks/serve_load.py --n 128 --concurrency 16 --max-tokens 32
     .venv/bin/python benchmarks/serve_load.py --url http://127.0.0.1:8000 --model healthgpt-tiny
     .venv/bin/python benchmarks/serve_load.py --soak                   # 5000 requests, 16 connections
+    .venv/bin/python benchmarks/serve_load.py --soak --n 300           # a short check (warm-up: 30)
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -154,6 +159,7 @@ def run_soak(url: str, model: str, key: str, n: int, concurrency: int, max_token
                for _ in range(concurrency)]
     kinds: dict[str, dict[int | str, int]] = {}
     good: list[float] = []
+    lock = threading.Lock()
 
     def body(i: int, **extra: object) -> dict:
         return {"model": model, "max_tokens": max_tokens, "messages": [{"role": "user", "content": [
@@ -170,13 +176,19 @@ def run_soak(url: str, model: str, key: str, n: int, concurrency: int, max_token
             if kind == "good":
                 r = http.post("/v1/chat/completions", json=body(i))
                 outcome = r.status_code
-                if r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None:
-                    good.append(time.perf_counter() - t0)
+                if r.status_code == 200:
+                    if r.json()["choices"][0]["message"]["content"] is None:
+                        outcome = NO_ANSWER
+                    else:
+                        with lock:
+                            good.append(time.perf_counter() - t0)
             elif kind == "disconnect":
                 with http.stream("POST", "/v1/chat/completions", json=body(i, stream=True, max_tokens=200)) as r:
-                    for _ in r.iter_lines():
-                        break  # the first chunk came: hang up in the middle of the answer
-                outcome = "disconnected"
+                    outcome = r.status_code
+                    if r.status_code == 200:
+                        for _ in r.iter_lines():
+                            outcome = HUNG_UP  # the first chunk came: hang up in the middle of the answer
+                            break
             elif kind == "oversized":
                 payload = json.dumps(body(i, padding="x" * oversized)).encode()
                 outcome = http.post("/v1/chat/completions", content=payload,
@@ -192,10 +204,11 @@ def run_soak(url: str, model: str, key: str, n: int, concurrency: int, max_token
             else:
                 outcome = http.post("/v1/chat/completions", json=body(i),
                                     headers={"authorization": "Bearer not-the-key-0000"}).status_code
-        except httpx.HTTPError as err:
+        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as err:  # transport error, bad JSON
             outcome = type(err).__name__
-        counts = kinds.setdefault(kind, {})
-        counts[outcome] = counts.get(outcome, 0) + 1
+        with lock:
+            counts = kinds.setdefault(kind, {})
+            counts[outcome] = counts.get(outcome, 0) + 1
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
@@ -206,9 +219,40 @@ def run_soak(url: str, model: str, key: str, n: int, concurrency: int, max_token
     return SoakResult(kinds, good, seconds)
 
 
+NO_ANSWER, HUNG_UP = "200 without an answer", "disconnected"
+BAD_KINDS = ("oversized", "malformed", "wrong_type", "no_key", "wrong_key")
+
+
+def unexpected(kinds: dict[str, dict[int | str, int]]) -> dict[str, dict[int | str, int]]:
+    """Per request kind, the outcomes other than the expected one: 200 with an answer for a good request, a
+    4xx for a bad one, the first chunk then a hang-up for a disconnecting one."""
+    def expected(kind: str, outcome: int | str) -> bool:
+        if kind == "good":
+            return outcome == 200
+        if kind == "disconnect":
+            return outcome == HUNG_UP
+        return isinstance(outcome, int) and 400 <= outcome < 500
+    return {kind: odd for kind, counts in kinds.items()
+            if (odd := {k: v for k, v in counts.items() if not expected(kind, k)})}
+
+
+def soak_verdict(kinds: dict[str, dict[int | str, int]], p50: float, p95: float, growth: float) -> tuple[bool, str]:
+    """(targets met, the line that says so): 0 responses 5xx, every good request 200 with an answer, p95/p50
+    <= 3 on the good requests, RSS growth after warm-up < 10% (not measured against a --url server: NaN)."""
+    n5xx = sum(v for c in kinds.values() for k, v in c.items() if isinstance(k, int) and k >= 500)
+    good_failed = sum(unexpected(kinds).get("good", {}).values())
+    ok = (n5xx == 0 and good_failed == 0 and sum(kinds.get("good", {}).values()) > 0 and p95 <= 3 * p50
+          and (growth < 0.10 or growth != growth))
+    return ok, (f"targets (0 x 5xx, every good request 200, RSS growth after warm-up < 10%, p95/p50 <= 3): "
+                f"{'met' if ok else 'MISSED'} (5xx: {n5xx}, good requests not answered 200: {good_failed})")
+
+
 def soak(args: argparse.Namespace) -> None:
-    n = args.n if args.n != 64 else 5000
-    concurrency = args.concurrency if args.concurrency != 8 else 16
+    n = args.n or 5000
+    concurrency = args.concurrency or 16
+    warmup = min(500, n // 10) if args.warmup is None else args.warmup
+    if not 0 < warmup < n:
+        raise SystemExit(f"--warmup {warmup} must be between 1 and --n {n} - 1")
     tmp = Path(tempfile.mkdtemp(prefix="serve-soak-"))
     key = args.api_key or secrets.token_urlsafe(24)
     proc = None
@@ -220,9 +264,9 @@ def soak(args: argparse.Namespace) -> None:
         headers = {"authorization": f"Bearer {key}"}
         model = args.model or httpx.get(url + "/v1/models", headers=headers).json()["data"][0]["id"]
         rss = {"start": _rss_mb(proc.pid) if proc else float("nan")}
-        warm = run_soak(url, model, key, args.warmup, concurrency, args.max_tokens)
+        warm = run_soak(url, model, key, warmup, concurrency, args.max_tokens)
         rss["after warm-up"] = _rss_mb(proc.pid) if proc else float("nan")
-        main_run = run_soak(url, model, key, n - args.warmup, concurrency, args.max_tokens, start=args.warmup)
+        main_run = run_soak(url, model, key, n - warmup, concurrency, args.max_tokens, start=warmup)
         time.sleep(1.0)  # let the last cancelled jobs leave the worker
         rss["end"] = _rss_mb(proc.pid) if proc else float("nan")
         health = httpx.get(url + "/healthz").json()
@@ -245,14 +289,20 @@ def soak(args: argparse.Namespace) -> None:
         if kind in kinds:
             print(f"  {kind:>11}: " + ", ".join(f"{k} x{v}" for k, v in sorted(kinds[kind].items(), key=str)))
     print(f"  5xx responses: {n5xx}")
+    odd = unexpected(kinds)
+    print("  unexpected outcomes: " + ("; ".join(
+        f"{kind} " + ", ".join(f"{k} x{v}" for k, v in sorted(c.items(), key=str)) for kind, c in odd.items())
+        or "none"))
     print(f"  good requests: p50 {p50:.3f} s, p95 {p95:.3f} s, p95/p50 {p95 / p50:.2f}")
     print("  server RSS: " + ", ".join(f"{k} {v:.0f} MB" for k, v in rss.items())
           + f"; growth after warm-up {100 * (rss['end'] / rss['after warm-up'] - 1):+.1f}%")
     print(f"  server counts: cancelled {health['cancelled']}, refused {health['refused']}, "
           f"timed out {health['timed_out']}, batches {health['batches_run']}")
     growth = rss["end"] / rss["after warm-up"] - 1
-    ok = n5xx == 0 and p95 <= 3 * p50 and (growth < 0.10 or growth != growth)
-    print(f"targets (0 x 5xx, RSS growth after warm-up < 10%, p95/p50 <= 3): {'met' if ok else 'MISSED'}")
+    ok, line = soak_verdict(kinds, p50, p95, growth)
+    print(line)
+    if not ok:
+        raise SystemExit(1)
 
 
 def main() -> None:
@@ -261,19 +311,22 @@ def main() -> None:
     ap.add_argument("--model", help="model id (default: the server's only model)")
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--checkpoint", help="run or export folder for the started server")
-    ap.add_argument("--n", type=int, default=64, help="requests")
-    ap.add_argument("--concurrency", type=int, default=8, help="parallel connections")
+    ap.add_argument("--n", type=int, help="requests (default 64; --soak: 5000)")
+    ap.add_argument("--concurrency", type=int, help="parallel connections (default 8; --soak: 16)")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--max-batch", type=int, default=8, help="the started server's --max-batch")
     ap.add_argument("--threads", type=int, default=1, help="the started server's torch threads")
     ap.add_argument("--no-sequential", action="store_true", help="skip the concurrency-1 comparison")
     ap.add_argument("--soak", action="store_true", help="the soak run (see above): 5000 requests, 16 connections")
-    ap.add_argument("--warmup", type=int, default=500, help="soak: requests before the 'after warm-up' RSS")
+    ap.add_argument("--warmup", type=int, help="soak: requests before the 'after warm-up' RSS (default: 500, "
+                                                "at most a tenth of --n)")
     ap.add_argument("--api-key", help="soak with --url: the server's key (default: a new one for the started server)")
     args = ap.parse_args()
     if args.soak:
         soak(args)
         return
+    args.n = args.n or 64
+    args.concurrency = args.concurrency or 8
 
     proc = None
     tmp = Path(tempfile.mkdtemp(prefix="serve-load-"))
@@ -311,7 +364,9 @@ def main() -> None:
     ok = main_row.errors == 0 and main_row.pct(95) <= 3 * main_row.pct(50)
     print(f"target (0 errors, p95 <= 3x p50): {'met' if ok else 'MISSED'} "
           f"(p95/p50 = {main_row.pct(95) / main_row.pct(50):.2f}, errors {main_row.errors}); "
-          f"median request {statistics.median(main_row.latencies):.3f} s")
+          f"median request {statistics.median(main_row.latencies or [float('nan')]):.3f} s")
+    if not ok:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

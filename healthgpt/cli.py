@@ -17,6 +17,7 @@ import numpy as np
 import typer
 from rich.console import Console
 
+from healthgpt import RESEARCH_USE
 from healthgpt.sharing.run_spec import MODEL_SET_HELP, SEED_HELP, VQ_HELP, VQ_MISMATCH_HELP, command_inputs
 from vlhealth.cli_errors import ErrorGroup, print_error
 
@@ -109,6 +110,7 @@ def infer(
         print_error(err)
         raise typer.Exit(2) from err
 
+    typer.echo(RESEARCH_USE, err=True)  # once, before the answer or the image (stdout keeps only the answer)
     if task == "comprehension":
         answer(model, image, text, max_new_tokens=max_new_tokens,
                on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))

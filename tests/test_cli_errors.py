@@ -1,6 +1,7 @@
-"""One line per wrong input: every command of `vlhealth` and `healthgpt` (and their sub-apps), given a missing
-path, a file of the wrong kind and an empty folder where it expects data, exits 2 with exactly one `error:` line
-that shows the path as typed, and no traceback; `--debug` / HEALTHGPT_DEBUG=1 give the traceback instead."""
+"""One line per wrong input: every command of `vlhealth` and `healthgpt` (and their sub-apps, and the torchrun
+entry point `python -m healthgpt.training`), given a missing path, a file of the wrong kind and an empty folder
+where it expects data, exits 2 with exactly one `error:` line that shows the path as typed, and no traceback;
+`--debug` / HEALTHGPT_DEBUG=1 give the traceback instead."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from healthgpt.cli import app as healthgpt_app
+from healthgpt.training.train import torchrun_app
 from vlhealth.cli import app as vlhealth_app
 from vlhealth.cli import builder_modules
 
@@ -17,7 +19,7 @@ MISSING, WRONG, EMPTY = "missing/data", "notes.txt", "empty"
 CASES = (MISSING, WRONG, EMPTY)
 
 # (app, argv with {P} where the bad path goes, the cases that are wrong input for that argument)
-VL, HG = "vlhealth", "healthgpt"
+VL, HG, TR = "vlhealth", "healthgpt", "python -m healthgpt.training"  # TR: the torchrun entry point
 COMMANDS: list[tuple[str, list[str], tuple[str, ...]]] = [
     (VL, ["demo-data", "{P}"], (WRONG,)),  # demo-data writes into a new or empty folder
     (VL, ["stats", "{P}"], CASES),
@@ -55,6 +57,9 @@ COMMANDS: list[tuple[str, list[str], tuple[str, ...]]] = [
     (HG, ["verdict", "--eval", "ok_eval", "--runs", "{P}"], (MISSING, WRONG)),
     (HG, ["experiment", "run", "{P}", "--out", "xp", "--dry-run"], CASES),
     (HG, ["experiment", "collect", "{P}"], CASES),
+    (TR, ["--stage", "3", "--task", "comprehension", "--shards", "{P}", "--out", "tr3", "--steps", "1"], CASES),
+    (TR, ["--stage", "3", "--task", "comprehension", "--shards", "ok_shards", "--init", "{P}", "--out", "tr4",
+          "--steps", "1"], CASES),
 ]
 
 
@@ -81,7 +86,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _run(which: str, argv: list[str], env: dict[str, str] | None = None):
-    app = vlhealth_app if which == VL else healthgpt_app
+    app = {VL: vlhealth_app, HG: healthgpt_app}.get(which) or torchrun_app()
     return CliRunner().invoke(app, argv, env=env)
 
 
@@ -100,7 +105,8 @@ def test_every_command_gives_one_error_line(workdir: Path, monkeypatch: pytest.M
     errors = [ln for ln in lines if ln.startswith("error: ")]
     assert result.exit_code == 2, result.output
     assert len(errors) == 1, result.output
-    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     assert case in errors[0], errors[0]  # the path as typed
     assert str(workdir) not in result.output  # never the absolute working folder
 
@@ -116,6 +122,25 @@ def test_debug_shows_the_traceback(workdir: Path, monkeypatch: pytest.MonkeyPatc
     # --debug anywhere on the line, healthgpt too
     result = _run(HG, ["verdict", "--eval", MISSING, "--debug"])
     assert result.exception is not None and not isinstance(result.exception, SystemExit)
+    # and the torchrun entry point
+    result = _run(TR, ["--stage", "3", "--task", "comprehension", "--shards", MISSING, "--out", "tr5", "--debug"])
+    assert result.exception is not None and not isinstance(result.exception, SystemExit)
+    assert MISSING in str(result.exception)
+
+
+@pytest.mark.parametrize("which", [HG, TR])
+def test_a_bad_option_value_is_one_line(workdir: Path, monkeypatch: pytest.MonkeyPatch, which: str) -> None:
+    """A value Click itself rejects (parsed before the command runs) is one line too, naming the option and
+    where the help is (never a Rich panel)."""
+    monkeypatch.chdir(workdir)
+    monkeypatch.delenv("HEALTHGPT_DEBUG", raising=False)
+    argv = ["--stage", "three", "--task", "comprehension", "--shards", "ok_shards", "--out", "tr6"]
+    result = _run(which, ["train", *argv] if which == HG else argv)
+    errors = [ln for ln in result.output.splitlines() if ln.startswith("error: ")]
+    assert result.exit_code == 2, result.output
+    assert len(errors) == 1, result.output
+    assert "--stage" in errors[0] and "--help`" in errors[0], errors[0]
+    assert [ln for ln in result.output.splitlines() if ln.strip()] == errors, result.output
 
 
 def test_every_command_is_covered() -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from healthgpt import RESEARCH_USE
 from healthgpt.evaluation.evaluate import EvalConfig, EvalError, hu_reference, read_predictions, run_evaluation
 from vlhealth.schema import Record, Sample, encode_png
 from vlhealth.shards import ShardWriter, write_index
@@ -235,6 +236,9 @@ def test_eval_cli(shards: list[Path], tmp_path: Path) -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "VQA-RAD close" in result.output
+    # the research-use notice, once in report.md and once in what eval prints
+    assert (out / "report.md").read_text("utf-8").count(RESEARCH_USE) == 1
+    assert result.output.count(RESEARCH_USE) == 1, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["counts"] == {"comprehension": 8, "generation": 4}  # --limit counts per shard folder
     assert "--shuffled-limit" in helped.output and "--shuffle-seed" in helped.output

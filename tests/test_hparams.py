@@ -8,7 +8,7 @@ import torch
 from healthgpt.training.hparams import load_hparams
 from healthgpt.training.stages import optimizer_groups, stage_groups
 
-# HealthGPT Table 7 (as decoded in the project's PAPER.md): per preset, stage and task,
+# HealthGPT (arXiv 2502.09838) Table 7: per preset, stage and task,
 # (adapter LR, LR of H-LoRA/embeddings/head or None where nothing but the adapter trains,
 #  global batch, dropout, schedule). Transcribed from the table, not from our YAML.
 TABLE7 = {

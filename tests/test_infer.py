@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from healthgpt import RESEARCH_USE
 from healthgpt.cli import app
 from healthgpt.serving.infer import answer, generate_image, load_model
 
@@ -71,6 +72,7 @@ def test_cli_infer_comprehension(scan) -> None:
     res = CliRunner().invoke(app, ["infer", "--preset", "tiny", "--image", str(scan), "--question",
                                    "Is there a fracture?", "--max-new-tokens", "6"])
     assert res.exit_code == 0, res.output
+    assert res.output.count(RESEARCH_USE) == 1, res.output  # the research-use notice, once
 
 
 @pytest.mark.skipif(not HAVE_VQ, reason="vlhealth.vq (VQGAN decoder) not available yet")
@@ -80,6 +82,7 @@ def test_cli_infer_generation_writes_png(scan, tmp_path) -> None:
                                    "--instruction", "Convert this CT to MRI", "--output", str(out),
                                    "--constrained"])
     assert res.exit_code == 0, res.output
+    assert res.output.count(RESEARCH_USE) == 1, res.output
     with Image.open(out) as im:
         assert im.size == (256, 256)
     codes = np.load(out.with_suffix(".vq.npy"))

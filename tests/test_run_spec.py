@@ -1,7 +1,8 @@
 """Runs remember their tokenizer and their --model-set values: demo-like runs (a trained VQGAN file, a
-pre-trained vision tower, a text-pre-trained base carried as llm_base, the demo's four stages) are used by
-infer / eval / export / serve without repeating --vq or --model-set; a different VQGAN or a conflicting
-override is refused; every run exports, and the export serves and publishes (--dry-run)."""
+pre-trained vision tower, a text-pre-trained base carried as llm_base, the demo's stages with stage 3 as two
+per-task runs and their 0-step merge) are used by infer / eval / export / serve without repeating --vq or
+--model-set; a different VQGAN or a conflicting override is refused; every run exports, and the export serves
+and publishes (--dry-run)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from vlhealth.cli import app as vl
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
-STAGES = ("stage1-generation", "stage1-comprehension", "stage2", "stage3")
+# the demo's runs: stage 3 per task side by side, merged by a 0-step run (`stage3`)
+STAGES = ("stage1-generation", "stage1-comprehension", "stage2", "stage3-comprehension", "stage3-generation",
+          "stage3")
 
 
 def _ok(app, argv: list[str]) -> str:
@@ -71,8 +74,14 @@ def demo(tmp_path_factory: pytest.TempPathFactory):
                  "--out", "runs/stage1-comprehension"])
         _ok(hg, [*train, "--stage", "2", "--task", "mixed", "--shards", "mix", "--init", "runs/stage1-comprehension",
                  "--init", "runs/stage1-generation", "--out", "runs/stage2"])
+        # stage 3 as the demo trains it: one run per task side by side, merged by a 0-step run
+        _ok(hg, [*train, "--stage", "3", "--task", "comprehension", "--shards", "shards/vqa_rad", "--init", "runs/stage2",
+                 "--out", "runs/stage3-comprehension"])
+        _ok(hg, [*train, "--stage", "3", "--task", "generation", "--shards", "shards/synthrad", "--init", "runs/stage2",
+                 "--out", "runs/stage3-generation"])
         _ok(hg, [*train, "--stage", "3", "--task", "mixed", "--shards", "shards/vqa_rad", "--shards", "shards/synthrad",
-                 "--init", "runs/stage2", "--out", "runs/stage3"])
+                 "--init", "runs/stage3-comprehension", "--init", "runs/stage3-generation", "--steps", "0",
+                 "--out", "runs/stage3"])
         sample = next(p for p in sorted(Path("raw/vqa_rad").rglob("*.jpg")))
         Image.open(sample).convert("L").resize((64, 64)).save("ct.png")
         yield root
@@ -98,6 +107,11 @@ def test_runs_record_their_vqgan_and_model_set(demo: Path, monkeypatch) -> None:
                                                     "sha256": path_fingerprint("vision")}
     assert json.loads(Path("runs/stage1-generation/final/train_summary.json").read_text())[
         "run_spec"]["model_set"]["new_rows_noise"] == 1
+    # the 0-step merge grew from both per-task stage-3 runs (and everything behind them)
+    merged = json.loads(Path("runs/stage3/final/train_summary.json").read_text())
+    assert [(e["run"], e["task"]) for e in merged["lineage"] if e["stage"] == 3] == [
+        ("stage3-comprehension", "comprehension"), ("stage3-generation", "generation")]
+    assert {e["run"] for e in merged["lineage"]} >= {"stage2", "stage1-comprehension", "stage1-generation"}
     assert json.loads(Path("mix/build.json").read_text())["vq"]["sha256"] == vq_sha
 
 

@@ -180,6 +180,27 @@ def test_binding_other_interfaces_without_a_key_is_refused(monkeypatch) -> None:
     assert r.exit_code == 2 and "too short" in r.output and "abcdef" not in r.output
 
 
+def test_serve_start_errors_are_one_plain_line(tmp_path, monkeypatch) -> None:
+    """Start-up errors go through the project's one-line printer: brackets in a name are not markup, and a
+    --max-tokens over the limit is refused before the model loads."""
+    from typer.testing import CliRunner
+
+    from healthgpt.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HEALTHGPT_API_KEY", raising=False)
+    Path("keys[prod].txt").write_text("# the keys go here\n", "utf-8")
+    r = CliRunner().invoke(app, ["serve", "--preset", "tiny", "--api-key-file", "keys[prod].txt"])
+    assert r.exit_code == 2, r.output
+    assert r.output.splitlines() == ["error: --api-key-file keys[prod].txt: no key in the file"], r.output
+    t0 = time.monotonic()
+    r = CliRunner().invoke(app, ["serve", "--preset", "tiny", "--max-tokens", "2048", "--max-tokens-limit", "1024"])
+    assert r.exit_code == 2, r.output
+    lines = r.output.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --max-tokens 2048 is over --max-tokens-limit 1024"), lines
+    assert time.monotonic() - t0 < 5  # refused before the model loads
+
+
 # ------------------------------------------------------------------------------------ limits before work
 
 def test_text_that_cannot_fit_is_refused_before_tokenising(keyed, monkeypatch) -> None:
@@ -486,10 +507,26 @@ def _rss_mb(pid: int) -> float:
     raise AssertionError("no VmRSS")
 
 
+def _post_declared(port: int, path: str, payload: bytes, sent: int = 2**16) -> int:
+    """POST with a Content-Length of ``len(payload)``, send the headers and the first ``sent`` bytes of the body,
+    then read the answer's status code (the server answers before the body is complete or not at all)."""
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(head + payload[:sent])
+        answer = b""
+        while b"\r\n" not in answer:
+            chunk = s.recv(4096)
+            assert chunk, f"the server closed the connection without an answer ({answer!r})"
+            answer += chunk
+    return int(answer.split(b" ", 2)[1])
+
+
 @pytest.mark.slow
 def test_a_60_mb_body_is_refused_at_once_and_memory_stays(tmp_path) -> None:
-    """A real `healthgpt serve` process: 60 MB bodies (declared and chunked) are 413s in under a second,
-    and the server's resident memory rises by less than 50 MB."""
+    """A real `healthgpt serve` process: 60 MB bodies are refused in under a second, and the server's resident
+    memory rises by less than 50 MB. A declared Content-Length gets its 413 before the body is sent; a client
+    that sends the whole body (declared or chunked) gets the 413 or sees the connection closed mid-send."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = _start_server(port, tmp_path / "serve.log")
@@ -499,24 +536,29 @@ def test_a_60_mb_body_is_refused_at_once_and_memory_stays(tmp_path) -> None:
             assert httpx.post(url + "/v1/chat/completions", json=_chat(max_tokens=4), timeout=60).status_code == 200
         rss0 = _rss_mb(proc.pid)
         payload = json.dumps(_chat("x" * (60 * 2**20))).encode()
-        times = []
-        for i in range(4):
+        times, outcomes = [], []
+        for how in ("declared", "chunked", "declared, httpx", "chunked"):
             t0 = time.monotonic()
-            try:
-                if i % 2 == 0:
-                    r = httpx.post(url + "/v1/chat/completions", content=payload, timeout=30,
-                                   headers={"content-type": "application/json"})
-                else:
-                    r = httpx.post(url + "/v1/chat/completions", timeout=30, headers={"content-type": "application/json"},
-                                   content=(payload[j: j + 2**20] for j in range(0, len(payload), 2**20)))
-                assert r.status_code == 413
-            except httpx.TransportError:  # refused and closed while the client was still sending
-                pass
+            if how == "declared":
+                # the 413 comes from the Content-Length header alone: a client that sent its headers and the
+                # start of the body reads it (the server never reads the rest)
+                outcome: int | str = _post_declared(port, "/v1/chat/completions", payload)
+                assert outcome == 413, outcome
+            else:
+                try:
+                    content = payload if how.startswith("declared") else (
+                        payload[j: j + 2**20] for j in range(0, len(payload), 2**20))
+                    outcome = httpx.post(url + "/v1/chat/completions", content=content, timeout=30,
+                                         headers={"content-type": "application/json"}).status_code
+                    assert outcome == 413, outcome
+                except httpx.TransportError as err:  # refused and closed while the client was still sending
+                    outcome = type(err).__name__
             times.append(time.monotonic() - t0)
+            outcomes.append(f"{how}: {outcome}")
         rss1 = _rss_mb(proc.pid)
         assert httpx.post(url + "/v1/chat/completions", json=_chat(max_tokens=4), timeout=60).status_code == 200
-        print(f"60 MB bodies refused in {', '.join(f'{t:.3f}' for t in times)} s; server RSS {rss0:.0f} -> "
-              f"{rss1:.0f} MB")
+        print(f"60 MB bodies refused in {', '.join(f'{t:.3f}' for t in times)} s ({'; '.join(outcomes)}); "
+              f"server RSS {rss0:.0f} -> {rss1:.0f} MB")
         assert max(times) < 1.0, times
         assert rss1 - rss0 < 50, (rss0, rss1)
     finally:

@@ -1,15 +1,17 @@
 """One line per wrong input, for both command lines (``vlhealth`` and ``healthgpt``).
 
-Every command runs inside :class:`ErrorGroup`: an error of the project's own types (the ``ValueError`` /
-``OSError`` family the code raises for bad input, every exception class defined in ``vlhealth``,
-``healthgpt`` or ``builders``, and the usual "not that kind of file" errors of the readers it uses) is
-printed as one line ``error: <what>, <why>, <what to do>`` on stderr and the command exits 2. Paths are
+Every command runs inside :class:`ErrorGroup` (:class:`ErrorCommand` for an app of one command): an error
+of the project's own types (the ``ValueError`` / ``OSError`` family the code raises for bad input, every
+exception class defined in ``vlhealth``, ``healthgpt`` or ``builders``, and the usual "not that kind of
+file" errors of the readers it uses) is printed as one line ``error: <what>, <why>, <what to do>`` on
+stderr and the command exits 2. Paths are
 shown as the user typed them (the working folder is never prefixed). ``--debug`` (anywhere on the
 command line) or ``HEALTHGPT_DEBUG=1`` shows the traceback instead.
 
 Public API::
 
     ErrorGroup                    typer.Typer(cls=ErrorGroup)
+    ErrorCommand                  app.command(cls=ErrorCommand), for an app of one command
     error_line(err) -> str        the one line printed for ``err``
     print_error(err_or_text)      print that line (for commands that catch an error themselves)
     is_user_error(err) -> bool
@@ -25,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
-__all__ = ["DEBUG_ENV", "ErrorGroup", "error_line", "is_user_error", "print_error", "shown_path"]
+__all__ = ["DEBUG_ENV", "ErrorCommand", "ErrorGroup", "error_line", "is_user_error", "print_error", "shown_path"]
 
 DEBUG_ENV = "HEALTHGPT_DEBUG"
 _PROJECT_MODULES = ("vlhealth", "healthgpt", "builders")
@@ -114,8 +116,10 @@ def _sub_path(ctx: Any) -> str:
     return f"{sub} " if sub else ""
 
 
-class ErrorGroup(TyperGroup):
-    """The command group both apps use: one line and exit 2 for a wrong input, the traceback with --debug."""
+class _OneLineErrors:
+    """What both classes below share: ``--debug`` is taken off the command line, and a wrong input raised
+    while the command runs (or, for a single command, while its options are parsed) becomes one line and
+    exit 2."""
 
     debug = False
 
@@ -127,18 +131,42 @@ class ErrorGroup(TyperGroup):
         argv = [a for i, a in enumerate(argv) if not (i < end and a == "--debug")]
         if prog_name is None and args is None:
             prog_name = Path(sys.argv[0]).name
-        return super().main(args=argv, prog_name=prog_name, complete_var=complete_var,
+        return super().main(args=argv, prog_name=prog_name, complete_var=complete_var,  # type: ignore[misc]
                             standalone_mode=standalone_mode, **extra)
+
+    def _in_one_line(self, ctx: Any, err: Exception) -> bool:
+        """Print the one line for ``err`` and return True, or return False to let it propagate."""
+        if _is_usage_error(err) and not self.debug:
+            ctx = ctx if ctx is not None else getattr(err, "ctx", None)
+            hint = f"; see `{ctx.command_path} {_sub_path(ctx)}--help`".replace("  ", " ") if ctx is not None else ""
+            print_error(f"{err.format_message()}{hint}")  # type: ignore[attr-defined]
+            return True
+        if self.debug or not is_user_error(err):
+            return False
+        print_error(err)
+        return True
 
     def invoke(self, ctx: Any) -> Any:
         try:
-            return super().invoke(ctx)
+            return super().invoke(ctx)  # type: ignore[misc]
         except Exception as err:
-            if _is_usage_error(err) and not self.debug:
-                hint = f"; see `{ctx.command_path} {_sub_path(ctx)}--help`".replace("  ", " ")
-                print_error(f"{err.format_message()}{hint}")  # type: ignore[attr-defined]
-                raise typer.Exit(2) from None
-            if self.debug or not is_user_error(err):
+            if not self._in_one_line(ctx, err):
                 raise
-            print_error(err)
+            raise typer.Exit(2) from None
+
+
+class ErrorGroup(_OneLineErrors, TyperGroup):
+    """The command group both apps use: one line and exit 2 for a wrong input, the traceback with --debug."""
+
+
+class ErrorCommand(_OneLineErrors, TyperCommand):
+    """The same for an app of one command (``python -m healthgpt.training``): ``app.command(cls=ErrorCommand)``.
+    A single command parses its options before it is invoked, so a bad option value is caught here too."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except Exception as err:
+            if not self._in_one_line(None, err):
+                raise
             raise typer.Exit(2) from None

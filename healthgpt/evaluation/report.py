@@ -10,7 +10,7 @@ of :mod:`healthgpt.evaluation.evaluate` into
   ``shuffled_images`` row), ``image_reliance`` (true vs shuffled images on the same samples,
   :mod:`healthgpt.evaluation.reliance`), the metric definitions and the model/VQGAN provenance. Deterministic: the same predictions give the same bytes (no timestamps here; timing
   goes to ``run.json``).
-* ``report.md`` — the paper's Table 1 (VQA-RAD/SLAKE/PathVQA close and all, MMMU-Med and
+* ``report.md`` — the research-use notice, the paper's Table 1 (VQA-RAD/SLAKE/PathVQA close and all, MMMU-Med and
   OmniMedVQA op), Table 9 (single-choice accuracy per modality), Table 4 (modality conversion:
   SSIM/PSNR/MSE per direction and anatomy), Table 5 (super-resolution: SSIM/PSNR/MSE/LPIPS), the
   SynthRAD2023 HU metrics, the image-reliance tables, and notes. SSIM is shown x100, as in the paper.
@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from healthgpt import RESEARCH_USE
 from healthgpt.evaluation.answer_metrics import ALL_DEFINITION, VQAItem, summarize_vqa
 from healthgpt.evaluation.baselines import BASELINE_NOTES, comprehension_baselines
 from healthgpt.evaluation.reliance import RELIANCE_DEFINITION, SHUFFLED_NAME, reliance_summary, token_weighted
@@ -249,7 +250,7 @@ def _table1_row(label: str, summary: dict[str, Any], comp: dict[str, Any], order
 
 def _markdown(report: dict[str, Any]) -> str:
     model = report["model"]
-    lines = ["# HealthGPT evaluation report", ""]
+    lines = ["# HealthGPT evaluation report", "", f"**{RESEARCH_USE}**", ""]
     ckpt = model.get("checkpoint") or {}
     lines.append(f"Model: preset `{model['preset']}`, checkpoint `{ckpt.get('name', 'none (initial weights)')}`"
                  + (f", released weights `{model['released']['name']}`" if model.get("released") else "") + ".")

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from healthgpt import RESEARCH_USE
 from healthgpt.sharing.run_spec import MODEL_SET_HELP, SEED_HELP, VQ_HELP, VQ_MISMATCH_HELP, command_inputs
 from vlhealth.cli_errors import print_error
 
@@ -20,7 +21,7 @@ SERVE_HELP = (
     "--checkpoint takes a training run, a checkpoint, or a folder written by `healthgpt export`, or such a "
     "folder on the Hub by id (hf://ORG/NAME[@REVISION]; HF_HUB_OFFLINE=1 uses the local cache only). "
     "One process loads the model once; requests queue and run one batch at a time (waiting chat "
-    "requests are decoded together). Research use only, not for clinical use.\n\n"
+    f"requests are decoded together). {RESEARCH_USE}\n\n"
     "Beyond this machine (--host 0.0.0.0) the server needs an API key (--api-key, --api-key-file or "
     "HEALTHGPT_API_KEY): /v1/* then takes `Authorization: Bearer KEY` and the web UI asks for the key once. "
     "Request bodies over --max-request-mb are refused (413) before they are parsed; at most --max-queue "
@@ -85,17 +86,20 @@ def serve_command(
 
     from healthgpt.serving.guard import is_loopback, read_api_keys
 
+    if max_tokens > max_tokens_limit:  # before the model loads
+        print_error(f"--max-tokens {max_tokens} is over --max-tokens-limit {max_tokens_limit}; give a smaller "
+                    "--max-tokens or a larger --max-tokens-limit")
+        raise typer.Exit(2)
     try:  # before the model loads: a refused start costs nothing
         keys = read_api_keys(api_key or (), api_key_file, os.environ.get("HEALTHGPT_API_KEY"))
     except ValueError as err:
-        console.print(f"[red]error:[/red] {err}", soft_wrap=True)
+        print_error(str(err))  # our own message (it never shows a key)
         raise typer.Exit(2) from err
     if not keys and not is_loopback(host):
         if not insecure_no_auth:
-            console.print(f"[red]error:[/red] --host {host} makes the server reachable from other machines, and "
-                          "it has no API key: give one with --api-key-file FILE, --api-key KEY or HEALTHGPT_API_KEY "
-                          "(or --insecure-no-auth to serve without authentication, e.g. behind your own proxy)",
-                          soft_wrap=True)
+            print_error(f"--host {host} makes the server reachable from other machines, and it has no API key: "
+                        "give one with --api-key-file FILE, --api-key KEY or HEALTHGPT_API_KEY (or --insecure-no-auth "
+                        "to serve without authentication, e.g. behind your own proxy)")
             raise typer.Exit(2)
         console.print(f"[bold yellow]warning:[/bold yellow] serving on {host} WITHOUT authentication "
                       f"(--insecure-no-auth): anyone who can reach port {port} can use the model and the UI",
@@ -105,8 +109,7 @@ def serve_command(
 
         from healthgpt.serving.api import create_app
     except ImportError as err:
-        console.print(f"[red]error:[/red] serving needs the serve extra ({err.name} is missing): "
-                      "pip install -e '.[serve]'")
+        print_error(f"serving needs the serve extra ({err.name} is missing): pip install -e '.[serve]'")
         raise typer.Exit(2) from err
     from healthgpt.model.presets import MissingWeightsError
     from healthgpt.model.weights import CheckpointError
@@ -134,9 +137,6 @@ def serve_command(
         source = resolve_model(checkpoint)  # the folder load_model used (resolved once per process)
         model_name = ((hub.repo_id if hub else source.name) if source is not None and is_export_folder(source)
                       else f"healthgpt-{preset}")
-    if max_tokens > max_tokens_limit:
-        console.print(f"[red]error:[/red] --max-tokens {max_tokens} is over --max-tokens-limit {max_tokens_limit}")
-        raise typer.Exit(2)
     settings = ServeSettings(model_name=model_name, max_image_mb=max_image_mb, allow_remote_images=allow_remote_images,
                              default_max_tokens=max_tokens, max_batch=max_batch, max_tokens_limit=max_tokens_limit,
                              max_queue=max_queue, request_timeout_s=request_timeout, max_request_mb=max_request_mb,
@@ -148,11 +148,11 @@ def serve_command(
         try:
             service.ui_content = UiContent.load(resolve_model(checkpoint), list(examples or ()))
         except ValueError as err:
-            console.print(f"[red]error:[/red] {err}")
+            print_error(str(err))
             raise typer.Exit(2) from err
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     console.print(f"serving {model_name!r} on http://{host}:{port} (API under /v1, UI at /; "
-                  f"{f'{len(keys)} API key(s)' if keys else 'no API key'}). Research use only, not for clinical use.")
+                  f"{f'{len(keys)} API key(s)' if keys else 'no API key'}). {RESEARCH_USE}")
     try:
         # our own access log (request id, route, status, sizes, timing; never a prompt or an image) replaces
         # uvicorn's; a restart under load waits at most 10 s for the requests in flight

@@ -946,10 +946,21 @@ def _with_hparam_options(command: Callable[..., None]) -> None:
 _with_hparam_options(train_command)
 
 
-def main() -> None:  # pragma: no cover - `python -m healthgpt.training.train ...` (e.g. under torchrun)
-    app = typer.Typer(add_completion=False, help="HealthGPT three-stage trainer.")
-    app.command("train")(train_command)
-    app()
+TORCHRUN_PROG = "python -m healthgpt.training"
+
+
+def torchrun_app() -> typer.Typer:
+    """``python -m healthgpt.training ...`` (e.g. under torchrun): ``healthgpt train`` as an app of its own,
+    with the same one-line errors (exit 2) and ``--debug`` as the ``healthgpt`` command line."""
+    from vlhealth.cli_errors import ErrorCommand
+
+    app = typer.Typer(add_completion=False, help="HealthGPT three-stage trainer.", pretty_exceptions_show_locals=False)
+    app.command("train", cls=ErrorCommand)(train_command)
+    return app
+
+
+def main() -> None:  # pragma: no cover - `python -m healthgpt.training ...` (e.g. under torchrun)
+    torchrun_app()(prog_name=TORCHRUN_PROG)
 
 
 if __name__ == "__main__":  # pragma: no cover
