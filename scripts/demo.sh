@@ -133,7 +133,7 @@ background stage1_generation "$RUNS/stage1-generation.log" \
   --out "$RUNS/stage1-generation" --micro-batch 2 --global-batch 2 --steps 40 --no-progress --val-every 10 \
   --model-set new_rows_noise=1
 $train --stage 1 --task comprehension --shards "$SHARDS/vqa_rad" --shards "$SHARDS/slake" --init "$DEMO_DIR/text-lm" \
-  --out "$RUNS/stage1-comprehension" --steps 100 --val-every 25
+  --out "$RUNS/stage1-comprehension" --steps 300 --val-every 75
 finish stage1_generation "$RUNS/stage1-generation.log"
 $train --stage 2 --task mixed --shards "$DEMO_DIR/mix" \
   --init "$RUNS/stage1-comprehension" --init "$RUNS/stage1-generation" --out "$RUNS/stage2" --steps 120 --val-every 30
