@@ -175,7 +175,7 @@ healthgpt eval-volumes --shards "$SHARDS/synthrad" --source-root "$RAW/synthrad2
 section "7. inference with the trained demo model"
 vqa_images=("$RAW/vqa_rad/VQA_RAD Image Folder/"*.jpg)  # a glob, not `ls | head` (SIGPIPE under pipefail)
 question_image=${vqa_images[0]}
-healthgpt infer --preset tiny --checkpoint "$RUNS/stage3" --image "$question_image" --question "Is there a lesion?"
+healthgpt infer --preset tiny --checkpoint "$RUNS/stage3" --image "$question_image" --question "What imaging modality was used?"
 ct_slice="$DEMO_DIR/eval/ct_input.png"
 python - "$SHARDS/synthrad" "$ct_slice" <<'PY'
 import sys

@@ -554,7 +554,8 @@ def _report(config: VolumeEvalConfig, mode: str, rows: list[dict[str, Any]], gen
         "patients": rows,
         "summary": summarise(rows),
         "repaired_token_sequences": getattr(generator, "repaired", None),
-        "note": ("the tiny preset is a random demo model: its numbers mean nothing"
+        "note": ("the tiny preset is a demo-sized model trained in minutes on synthetic phantoms: its numbers "
+                 "show that the pipeline runs, not how HealthGPT converts real scans"
                  if mode == "model" and config.preset == "tiny" else None),
         "seconds": round(seconds, 2),
     }
