@@ -143,9 +143,9 @@ $train --stage 2 --task mixed --shards "$DEMO_DIR/mix" \
 # Comprehension takes batches of 16: its samples are short, and it needs a few passes over VQA-RAD and SLAKE.
 background stage3_generation "$RUNS/stage3-generation.log" \
   $train --stage 3 --task generation --shards "$SHARDS/synthrad" --init "$RUNS/stage2" --out "$RUNS/stage3-generation" \
-  --steps 360 --val-every 90 --no-progress
+  --steps 500 --val-every 125 --no-progress
 $train --stage 3 --task comprehension --shards "$SHARDS/vqa_rad" --shards "$SHARDS/slake" --init "$RUNS/stage2" \
-  --out "$RUNS/stage3-comprehension" --steps 1000 --micro-batch 16 --global-batch 16 --val-every 250
+  --out "$RUNS/stage3-comprehension" --steps 1400 --micro-batch 16 --global-batch 16 --val-every 350
 finish stage3_generation "$RUNS/stage3-generation.log"
 $train --stage 3 --task mixed --shards "$SHARDS/vqa_rad" --shards "$SHARDS/slake" --shards "$SHARDS/synthrad" \
   --init "$RUNS/stage3-comprehension" --init "$RUNS/stage3-generation" --out "$RUNS/stage3" --steps 0 --no-progress
