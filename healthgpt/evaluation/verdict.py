@@ -205,10 +205,14 @@ def _tasks_of(summary: dict[str, Any]) -> list[str]:
 
 
 def _read_runs(runs: Path) -> list[tuple[str, dict[str, Any]]]:
-    """(folder name, train_summary) of every run under ``runs``, earliest stage first (ties: name)."""
+    """(folder name, train_summary) of every run under ``runs`` that trained, earliest stage first (ties: name).
+    A run of 0 steps only merges its --init runs (stage 3's two tasks): it trained nothing, so it is neither
+    judged nor the untrained reference."""
     found = []
     for path in sorted(runs.glob("*/final/train_summary.json")):
-        found.append((path.parent.parent.name, json.loads(path.read_text("utf-8"))))
+        summary = json.loads(path.read_text("utf-8"))
+        if summary.get("steps") != 0:
+            found.append((path.parent.parent.name, summary))
     return sorted(found, key=lambda r: (_stage_of(*r), r[0]))
 
 
@@ -216,7 +220,7 @@ def _untrained(found: list[tuple[str, dict[str, Any]]], task: str) -> tuple[floa
     """(the untrained model's validation loss of ``task``, where it was read, that run's validation sources):
     step 0 of the earliest stage that trained the task (see the module docstring)."""
     for name, s in found:
-        if task not in _tasks_of(s) or s.get("steps") == 0:
+        if task not in _tasks_of(s):
             continue
         step0 = next((float(h["val_loss"][task]) for h in s.get("val_loss") or []
                       if int(h.get("step", -1)) == 0 and task in (h.get("val_loss") or {})), None)
@@ -236,8 +240,6 @@ def _losses(runs: Path) -> list[Check]:
     out = []
     found = _read_runs(runs)
     for name, summary in found:
-        if summary.get("steps") == 0:
-            continue  # a run of 0 steps only merges its --init runs (stage 3's two tasks): it trained nothing
         for task in _tasks_of(summary):
             v = (summary.get("val_by_task") or {}).get(task)
             if v is None:

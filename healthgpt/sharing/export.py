@@ -35,7 +35,6 @@ Public API::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -49,6 +48,7 @@ from safetensors.torch import save_file
 
 from healthgpt.sharing.run_spec import MODEL_SET_HELP, SEED_HELP, VQ_HELP, VQ_MISMATCH_HELP
 from vlhealth.cli_errors import print_error
+from vlhealth.shards import file_sha256
 
 __all__ = ["EXPORT_HELP", "EXPORT_INFO", "ExportError", "ExportSummary", "export_lineage", "export_run",
            "is_export_folder", "load_export", "export_command", "read_export_info", "verify_export"]
@@ -109,7 +109,7 @@ def verify_export(folder: str | os.PathLike[str]) -> dict[str, Any]:
     missing = sorted(f for f in listed if not (folder / f).is_file())
     if missing:
         raise ExportError(f"{folder.name}: {len(missing)} file(s) of the export missing: {missing[:5]}")
-    changed = sorted(f for f, digest in listed.items() if _sha256(folder / f) != digest)
+    changed = sorted(f for f, digest in listed.items() if file_sha256(folder / f) != digest)
     if changed:
         raise ExportError(f"{folder.name}: {changed[:5]} changed since the export (sha256 differs from "
                           f"{EXPORT_INFO}); export or download it again")
@@ -126,14 +126,6 @@ def export_lineage(folder: str | os.PathLike[str]) -> list[dict[str, Any]]:
         out.append({"run": st.get("run"), "stage": st.get("stage"), "task": st.get("task"),
                     "shards": None if unrecorded else list(shards)})
     return out
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------ run records
@@ -339,7 +331,7 @@ def export_run(
     }
     (tmp / "README.md").write_text(model_card(info, tmp), "utf-8")
     files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
-    info["files"] = {f: _sha256(tmp / f) for f in files}
+    info["files"] = {f: file_sha256(tmp / f) for f in files}
     (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n", "utf-8")
     if out.exists():
         out.rmdir()

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlhealth.shards import file_sha256
+
 __all__ = ["EXPORT_INFO", "MODEL_SET_HELP", "SEED_HELP", "VQ_HELP", "VQ_MISMATCH_HELP", "check_checkpoint", "command_inputs", "parse_sets", "RunInputs", "RunSpecError", "make_run_spec", "path_fingerprint", "read_run_spec",
            "resolve_run_inputs"]
 
@@ -48,27 +50,19 @@ class RunSpecError(ValueError):
     cannot be found."""
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def path_fingerprint(path: str | os.PathLike[str]) -> str:
     """sha256 of a file, or of a folder's files (relative name and content; files over 256 MiB, such as an
     LLM's weight shards, by name and size only, so that a real model folder is not read through)."""
     p = Path(path)
     if p.is_file():
-        return _sha256_file(p)
+        return file_sha256(p)
     h = hashlib.sha256()
     for f in sorted(x for x in p.rglob("*") if x.is_file()):
         rel = f.relative_to(p).as_posix()
         if rel.startswith(".") or rel.endswith((".log", ".jsonl", ".png")):
             continue  # logs and curves beside the weights do not define the model
         size = f.stat().st_size
-        h.update(f"{rel}\0{size}\0{_sha256_file(f) if size <= _BIG else ''}\n".encode())
+        h.update(f"{rel}\0{size}\0{file_sha256(f) if size <= _BIG else ''}\n".encode())
     return h.hexdigest()
 
 
@@ -89,8 +83,9 @@ def _relative_to(path: Path, root: Path) -> str | None:
 # ------------------------------------------------------------------------------------ recording
 
 
-def _vq_of_shards(shards: Sequence[str | os.PathLike[str]]) -> dict[str, Any] | None:
-    """The one VQGAN the (local) generation shard folders were tokenized with (from their build.json)."""
+def _vq_of_shards(shards: Sequence[str | os.PathLike[str]]) -> tuple[dict[str, Any] | None, list[Path]]:
+    """The one VQGAN the (local) generation shard folders were tokenized with (from their build.json), and where
+    the build recorded the file to lie (its ``at_shards``, from the shard folder)."""
     found: dict[str, tuple[str, dict[str, Any], Path]] = {}
     for folder in shards:
         build = Path(folder) / "build.json"
@@ -107,13 +102,11 @@ def _vq_of_shards(shards: Sequence[str | os.PathLike[str]]) -> dict[str, Any] | 
         raise RunSpecError(f"the generation shards were tokenized with different VQGANs ({names}); their codes "
                            "mean different images: rebuild them with one --vqgan")
     if not found:
-        return None
+        return None, []
     _, vq, folder = next(iter(found.values()))
     vq = dict(vq)
-    at_shards = vq.pop("at_shards", None)
-    if at_shards:  # the build's own record of where the file lies from the shard folder
-        vq["_candidates"] = [folder / at_shards]
-    return vq
+    at_shards = vq.pop("at_shards", None)  # the build's own record of where the file lies from the shard folder
+    return vq, ([folder / at_shards] if at_shards else [])
 
 
 def make_run_spec(shards: Sequence[str | os.PathLike[str]], inits: Sequence[str | os.PathLike[str]], model_set: Mapping[str, Any],
@@ -121,12 +114,11 @@ def make_run_spec(shards: Sequence[str | os.PathLike[str]], inits: Sequence[str 
     """The ``run_spec`` of a training run writing to ``out`` (see the module docstring); ``shards``: its local
     shard folders."""
     out = Path(out)
-    vq = _vq_of_shards(shards)
+    vq, recorded_at = _vq_of_shards(shards)
     if vq is not None:
-        candidates = [Path(vq["path"])] if vq.get("path") else []
-        candidates += vq.pop("_candidates", [])
+        candidates = ([Path(vq["path"])] if vq.get("path") else []) + recorded_at
         for given in candidates:
-            if not vq.get("random_weights") and given.is_file() and _sha256_file(given) == vq["sha256"]:
+            if not vq.get("random_weights") and given.is_file() and file_sha256(given) == vq["sha256"]:
                 vq["at_run"] = _relative_to(given, out)
                 break
     else:
@@ -224,6 +216,16 @@ def _locate(entry: Mapping[str, Any], root: Path | None) -> tuple[Path | None, P
     return None, stale
 
 
+def _find_recorded(rec: Mapping[str, Any], root: Path | None, trained_with: str, give: str) -> Path:
+    """The recorded file or folder ``rec`` (:func:`_locate`), or a ``RunSpecError``: ``trained_with`` names what the
+    run was trained with, ``give`` how to pass it."""
+    found, stale = _locate(rec, root)
+    if found is None:
+        why = (f"{stale.as_posix()} has changed since" if stale is not None else "it is not where it was when")
+        raise RunSpecError(f"{trained_with}, but {why} the run was trained; {give}")
+    return found
+
+
 def _resolve_model_set(spec: Mapping[str, Any], root: Path | None, given: dict[str, Any], run: str) -> dict[str, Any]:
     out = dict(given)
     for key, rec in (spec.get("model_set") or {}).items():
@@ -237,13 +239,9 @@ def _resolve_model_set(spec: Mapping[str, Any], root: Path | None, given: dict[s
                         f"--model-set {key}={given[key]} differs from the {key} {run} was trained with "
                         f"({rec.get('path')}, sha256 {_short(rec['sha256'])}); drop the option to use the run's")
                 continue
-            found, stale = _locate(rec, root)
-            if found is None:
-                why = (f"{stale.as_posix()} has changed since" if stale is not None else "it is not where it was when")
-                raise RunSpecError(
-                    f"{run} was trained with --model-set {key}={rec.get('path')} (sha256 {_short(rec['sha256'])}), "
-                    f"but {why} the run was trained; pass --model-set {key}=PATH to that {key}")
-            out[key] = found
+            out[key] = _find_recorded(
+                rec, root, f"{run} was trained with --model-set {key}={rec.get('path')} (sha256 {_short(rec['sha256'])})",
+                f"pass --model-set {key}=PATH to that {key}")
         else:
             if key in given and given[key] != rec:
                 raise RunSpecError(f"--model-set {key}={given[key]} conflicts with {run}, trained with {key}={rec}; "
@@ -272,12 +270,8 @@ def _resolve_vq(spec: Mapping[str, Any] | None, root: Path | None, vq: str | Non
         if tiny:
             notes.append(f"{run} was trained on the random tiny VQGAN: its images are not meaningful image tokens")
             return "tiny", notes
-        found, stale = _locate(rec, root)
-        if found is None:
-            why = (f"{stale.as_posix()} has changed since" if stale is not None else "it is not where it was when")
-            raise RunSpecError(
-                f"{run} was trained with the VQGAN {rec.get('path') or rec.get('name')} (sha256 "
-                f"{_short(rec.get('sha256'))}), but {why} the run was trained; pass --vq with that file")
+        found = _find_recorded(rec, root, f"{run} was trained with the VQGAN {rec.get('path') or rec.get('name')} "
+                               f"(sha256 {_short(rec.get('sha256'))})", "pass --vq with that file")
         return os.fspath(found), notes
     if vq == "tiny":
         same = tiny
@@ -286,7 +280,7 @@ def _resolve_vq(spec: Mapping[str, Any] | None, root: Path | None, vq: str | Non
         p = Path(vq)
         if not p.is_file():
             raise RunSpecError(f"--vq {_shown(vq)}: no such file; pass the VQGAN weights file (or 'tiny')")
-        same = not tiny and _sha256_file(p) == rec.get("sha256")
+        same = not tiny and file_sha256(p) == rec.get("sha256")
         have = f"{vq}"
     if not same:
         trained = "the random tiny VQGAN" if tiny else f"{rec.get('path') or rec.get('name')} (sha256 {_short(rec.get('sha256'))})"
