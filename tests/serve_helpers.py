@@ -76,3 +76,13 @@ def running_server(service: Any, *, ui: bool = True) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's (apt-get install chromium), driven by Playwright
+
+
+def launch_chromium(playwright: Any) -> Any:
+    """Headless Debian chromium from a ``sync_playwright()`` context (never Playwright's own download)."""
+    return playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"])

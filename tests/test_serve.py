@@ -10,7 +10,6 @@ import logging
 import socket
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -25,7 +24,7 @@ openai = pytest.importorskip("openai")
 from healthgpt.model.conversation import IMAGE_TOKEN_ID, encode_prompt  # noqa: E402
 from healthgpt.serving.infer import answer, generate_image, load_model, load_vq_decoder  # noqa: E402
 from healthgpt.serving.service import ServeSettings, Service  # noqa: E402
-from tests.serve_helpers import data_url, image_message, running_server, scan_png  # noqa: E402
+from tests.serve_helpers import CHROMIUM, data_url, image_message, launch_chromium, running_server, scan_png  # noqa: E402
 
 MODEL = "healthgpt-tiny"
 MAX_IMAGE_MB = 0.05
@@ -299,8 +298,7 @@ def test_a_client_that_stops_reading_does_not_block_others(base_url, client) -> 
 @pytest.mark.slow
 def test_web_ui_in_headless_chromium(base_url, client, tmp_path) -> None:
     sync_api = pytest.importorskip("playwright.sync_api")
-    chromium = Path("/usr/bin/chromium")
-    if not chromium.exists():
+    if not CHROMIUM.exists():
         pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
     png = scan_png(40)
     (tmp_path / "scan.png").write_bytes(png)
@@ -308,9 +306,7 @@ def test_web_ui_in_headless_chromium(base_url, client, tmp_path) -> None:
     expected = client.chat.completions.create(model=MODEL, messages=image_message(png, question),
                                               max_tokens=64).choices[0].message.content
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(chromium), headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
+        browser = launch_chromium(p)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.goto(base_url + "/", wait_until="networkidle", timeout=60_000)

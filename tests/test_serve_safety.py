@@ -28,7 +28,7 @@ openai = pytest.importorskip("openai")
 from healthgpt.serving.guard import ApiKeys, is_loopback, read_api_keys  # noqa: E402
 from healthgpt.serving.infer import load_model  # noqa: E402
 from healthgpt.serving.service import ServeSettings, Service  # noqa: E402
-from tests.serve_helpers import free_port, image_message, running_server, scan_png  # noqa: E402
+from tests.serve_helpers import CHROMIUM, free_port, image_message, launch_chromium, running_server, scan_png  # noqa: E402
 
 MODEL = "healthgpt-tiny"
 KEY = "test-key-" + "k" * 24
@@ -428,8 +428,7 @@ def test_the_model_card_summary_of_an_export_folder(exported) -> None:
 def test_web_ui_login_examples_and_model_card_in_headless_chromium(exported, tmp_path) -> None:
     """Sign in with the key, see the model card, click an example in each tab and get the model's answer."""
     sync_api = pytest.importorskip("playwright.sync_api")
-    chromium = Path("/usr/bin/chromium")
-    if not chromium.exists():
+    if not CHROMIUM.exists():
         pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
     from healthgpt.serving.infer import load_vq_decoder
     from healthgpt.serving.ui import UiContent
@@ -447,9 +446,7 @@ def test_web_ui_login_examples_and_model_card_in_headless_chromium(exported, tmp
                 max_tokens=16).choices[0].message.content
             assert expected
             with sync_api.sync_playwright() as p:
-                browser = p.chromium.launch(executable_path=str(chromium), headless=True, args=[
-                    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                    "--disable-sync", "--no-first-run"])
+                browser = launch_chromium(p)
                 try:
                     page = browser.new_page(viewport={"width": 1280, "height": 1400})
                     page.goto(url + "/", timeout=60_000)
