@@ -82,28 +82,7 @@ def serve_command(
     model_set: Annotated[list[str] | None, typer.Option("--model-set", help=MODEL_SET_HELP)] = None,
 ) -> None:
     console = Console(stderr=True)
-    import os
-
-    from healthgpt.serving.guard import is_loopback, read_api_keys
-
-    if max_tokens > max_tokens_limit:  # before the model loads
-        print_error(f"--max-tokens {max_tokens} is over --max-tokens-limit {max_tokens_limit}; give a smaller "
-                    "--max-tokens or a larger --max-tokens-limit")
-        raise typer.Exit(2)
-    try:  # before the model loads: a refused start costs nothing
-        keys = read_api_keys(api_key or (), api_key_file, os.environ.get("HEALTHGPT_API_KEY"))
-    except ValueError as err:
-        print_error(str(err))  # our own message (it never shows a key)
-        raise typer.Exit(2) from err
-    if not keys and not is_loopback(host):
-        if not insecure_no_auth:
-            print_error(f"--host {host} makes the server reachable from other machines, and it has no API key: "
-                        "give one with --api-key-file FILE, --api-key KEY or HEALTHGPT_API_KEY (or --insecure-no-auth "
-                        "to serve without authentication, e.g. behind your own proxy)")
-            raise typer.Exit(2)
-        console.print(f"[bold yellow]warning:[/bold yellow] serving on {host} WITHOUT authentication "
-                      f"(--insecure-no-auth): anyone who can reach port {port} can use the model and the UI",
-                      soft_wrap=True)
+    keys = _checked_start(console, host, port, max_tokens, max_tokens_limit, api_key, api_key_file, insecure_no_auth)
     try:
         import uvicorn
 
@@ -115,8 +94,7 @@ def serve_command(
     from healthgpt.model.weights import CheckpointError
     from healthgpt.serving.infer import VQUnavailableError, load_model, load_vq_decoder
     from healthgpt.serving.service import ServeSettings, Service
-    from healthgpt.sharing.export import is_export_folder
-    from healthgpt.sharing.hub import parse_hub_id, resolve_model
+    from healthgpt.sharing.hub import resolve_model
 
     if threads > 0:
         import torch
@@ -133,10 +111,7 @@ def serve_command(
         print_error(err)
         raise typer.Exit(2) from err
     if model_name is None:
-        hub = parse_hub_id(checkpoint)
-        source = resolve_model(checkpoint)  # the folder load_model used (resolved once per process)
-        model_name = ((hub.repo_id if hub else source.name) if source is not None and is_export_folder(source)
-                      else f"healthgpt-{preset}")
+        model_name = _default_model_name(checkpoint, preset)
     settings = ServeSettings(model_name=model_name, max_image_mb=max_image_mb, allow_remote_images=allow_remote_images,
                              default_max_tokens=max_tokens, max_batch=max_batch, max_tokens_limit=max_tokens_limit,
                              max_queue=max_queue, request_timeout_s=request_timeout, max_request_mb=max_request_mb,
@@ -160,3 +135,44 @@ def serve_command(
                     timeout_graceful_shutdown=10)
     finally:
         service.close()
+
+
+def _checked_start(console: Console, host: str, port: int, max_tokens: int, max_tokens_limit: int,
+                   api_key: list[str] | None, api_key_file: Path | None, insecure_no_auth: bool) -> list[str]:
+    """The checks before the model loads (a refused start costs nothing): the answer-length options, the API keys
+    (returned), and a non-loopback --host without a key (refused, or a warning with --insecure-no-auth)."""
+    import os
+
+    from healthgpt.serving.guard import is_loopback, read_api_keys
+
+    if max_tokens > max_tokens_limit:
+        print_error(f"--max-tokens {max_tokens} is over --max-tokens-limit {max_tokens_limit}; give a smaller "
+                    "--max-tokens or a larger --max-tokens-limit")
+        raise typer.Exit(2)
+    try:
+        keys = read_api_keys(api_key or (), api_key_file, os.environ.get("HEALTHGPT_API_KEY"))
+    except ValueError as err:
+        print_error(str(err))  # our own message (it never shows a key)
+        raise typer.Exit(2) from err
+    if not keys and not is_loopback(host):
+        if not insecure_no_auth:
+            print_error(f"--host {host} makes the server reachable from other machines, and it has no API key: "
+                        "give one with --api-key-file FILE, --api-key KEY or HEALTHGPT_API_KEY (or --insecure-no-auth "
+                        "to serve without authentication, e.g. behind your own proxy)")
+            raise typer.Exit(2)
+        console.print(f"[bold yellow]warning:[/bold yellow] serving on {host} WITHOUT authentication "
+                      f"(--insecure-no-auth): anyone who can reach port {port} can use the model and the UI",
+                      soft_wrap=True)
+    return list(keys)
+
+
+def _default_model_name(checkpoint: str | None, preset: str) -> str:
+    """The model id in /v1/models: an export's Hub id or folder name, else healthgpt-<preset>."""
+    from healthgpt.sharing.export import is_export_folder
+    from healthgpt.sharing.hub import parse_hub_id, resolve_model
+
+    hub = parse_hub_id(checkpoint)
+    source = resolve_model(checkpoint)  # the folder load_model used (resolved once per process)
+    if source is not None and is_export_folder(source):
+        return hub.repo_id if hub else source.name
+    return f"healthgpt-{preset}"
