@@ -135,18 +135,23 @@ def run_build(
     write_json_atomic(out / SPLITS_NAME, splits_record(builder, manifest, ctx.splits, seed))
     build_info = _build_record(builder, manifest, options, seed, vq, command, limits, part, plan, result, rejects)
     if build_info.get("vq") and getattr(vq, "path_given", None):
-        # the VQGAN file as typed (a relative path; an absolute one keeps its name only): training runs record it
-        build_info["vq"]["path"] = _path_free(vq.path_given)
-        # and where it lies from this shard folder (relative, so kept even when typed as an absolute path)
-        try:
-            build_info["vq"]["at_shards"] = Path(os.path.relpath(os.path.abspath(vq.path_given),
-                                                                 os.path.abspath(out))).as_posix()
-        except ValueError:  # another drive
-            pass
+        build_info["vq"].update(_vq_file_record(vq.path_given, out))
     write_json_atomic(out / _meta_name(BUILD_NAME, plan.suffix), build_info)
     plan.journal_path.unlink(missing_ok=True)
     return BuildSummary(out, result.samples, sum(rejects.values()), plan.n_items, len(result.shards),
                         dict(result.counts), dict(rejects), time.perf_counter() - start)
+
+
+def _vq_file_record(given: str | os.PathLike[str], out: Path) -> dict[str, str]:
+    """Where training runs find the build's VQGAN file again: ``path`` as typed (a relative path; an absolute one
+    keeps its name only) and ``at_shards``, where it lies from the shard folder (relative, so kept even when typed
+    as an absolute path; left out on another drive)."""
+    record = {"path": _path_free(given)}
+    try:
+        record["at_shards"] = Path(os.path.relpath(os.path.abspath(given), os.path.abspath(out))).as_posix()
+    except ValueError:  # another drive
+        pass
+    return record
 
 
 class NoItemsError(ValueError):
