@@ -54,15 +54,27 @@ def _families(items: list[str]) -> dict[str, str]:
     return out
 
 
-def collect(shards: list[str], families: dict[str, str]) -> dict[str, dict[str, list[tuple[bytes, str]]]]:
-    """``{family: {split: [(image bytes, answer), ...]}}``, one row per distinct image and family."""
+def collect(shards: list[str], families: dict[str, str], split: str = "test",
+            ) -> dict[str, dict[str, list[tuple[bytes, str]]]]:
+    """``{family: {"train"|"test": [(image bytes, answer), ...]}}``, one row per distinct image and family.
+    ``split="validation"`` probes on what the trainer validates on instead of the test split: the val split
+    and the held-out train groups (1 in 20, never trained on), fitting on the other train groups."""
+    from healthgpt.training.data import held_out
     from vlhealth.shards import iter_samples
+
+    def bucket(rec, key: str) -> str | None:
+        if split == "test":
+            return rec.split if rec.split in ("train", "test") else None
+        if rec.split == "val" or rec.split == "train" and held_out({"group": rec.group, "key": key}):
+            return "test"
+        return "train" if rec.split == "train" else None
 
     out: dict[str, dict[str, list[tuple[bytes, str]]]] = {f: {"train": [], "test": []} for f in families}
     seen: set[tuple[str, str]] = set()
     for folder in shards:
         for s in iter_samples(folder):
-            if s.record.split not in ("train", "test") or s.input_image is None or len(s.record.conversations) < 2:
+            where = bucket(s.record, s.key)
+            if where is None or s.input_image is None or len(s.record.conversations) < 2:
                 continue
             question, answer = s.record.conversations[0]["value"], s.record.conversations[1]["value"]
             for fam, text in families.items():
@@ -70,7 +82,7 @@ def collect(shards: list[str], families: dict[str, str]) -> dict[str, dict[str, 
                     key = (fam, hashlib.sha256(s.input_image).hexdigest())
                     if key not in seen:
                         seen.add(key)
-                        out[fam][s.record.split].append((s.input_image, answer.strip().lower()))
+                        out[fam][where].append((s.input_image, answer.strip().lower()))
     return out
 
 
@@ -108,6 +120,9 @@ def main() -> None:
     ap.add_argument("--checkpoint", default=None, help="a training run (its adapter is probed too)")
     ap.add_argument("--model-set", action="append", default=[], help="preset override key=value")
     ap.add_argument("--family", action="append", default=[], help="NAME=QUESTION TEXT (substring; repeatable)")
+    ap.add_argument("--split", choices=("test", "validation"), default="test",
+                    help="probe on the test images, or on the validation ones (val split and held-out train groups; "
+                         "compare towers on these, never on test)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -116,9 +131,10 @@ def main() -> None:
 
     model = load_model(args.preset, checkpoint=args.checkpoint, **_parse_sets(args.model_set, "--model-set"))
     families = _families(args.family or list(DEFAULT_FAMILIES))
-    data = collect(args.shards, families)
+    data = collect(args.shards, families, args.split)
     rows = []
-    print("| family | train images | test images | classes | train-majority answer on test | tower | adapter | pooled |")
+    print(f"| family | train images | {args.split} images | classes | train-majority answer on {args.split} | tower | "
+          "adapter | pooled |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for fam, split in data.items():
         if not split["train"] or not split["test"]:

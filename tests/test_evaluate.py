@@ -347,3 +347,26 @@ def test_eval_loads_a_training_checkpoint(shards: list[Path], components: tuple,
     assert answers[0] and answers[0] != answers[1]
     with pytest.raises(EvalError, match="no trainable.safetensors"):
         run_evaluation(_config(shards, tmp_path / "x", limit=1, checkpoint=tmp_path), vq=vq)
+
+
+def test_validation_split_is_val_or_the_held_out_train_groups(tmp_path: Path) -> None:
+    """--split validation reads what the trainer validates on: a folder's val split, or, where it has none,
+    the 1 in 20 train groups no training step reads (--split held-out); never test samples."""
+    from healthgpt.evaluation.evaluate import _iter_members
+    from healthgpt.training.data import held_out
+
+    with_val = _write(tmp_path / "slake", [_comp(i, "closed", "slake", split="train") for i in range(40)]
+                      + [_comp(100 + i, "closed", "slake", split="val") for i in range(5)]
+                      + [_comp(200 + i, "closed", "slake") for i in range(5)], prefix="slake")
+    without = _write(tmp_path / "vqa_rad", [_comp(i, "closed", "vqa_rad", split="train") for i in range(80)]
+                     + [_comp(200 + i, "closed", "vqa_rad") for i in range(5)], prefix="vqa_rad")
+
+    def keys(folder: Path, split: str) -> set[str]:
+        return {key for key, *_ in _iter_members([folder], split, verify=False)}
+
+    held = {f"vqa_rad-{i:04d}" for i in range(80) if held_out({"group": f"g{i}"})}
+    assert held and len(held) < 20
+    assert keys(without, "held-out") == keys(without, "validation") == held
+    assert keys(with_val, "validation") == keys(with_val, "val") == {f"slake-{100 + i:04d}" for i in range(5)}
+    assert keys(with_val, "held-out") == {f"slake-{i:04d}" for i in range(40) if held_out({"group": f"g{i}"})}
+    assert not any(k.endswith(tuple(f"-{200 + i:04d}" for i in range(5))) for k in keys(without, "validation"))

@@ -87,3 +87,41 @@ def test_each_image_is_paired_with_all_of_its_texts(tmp_path) -> None:
         assert text == " ".join(want[idx])
     assert any(len(p) > 1 for p in want.values())
     assert len(training_images([root], limit=1)[0]) == 1
+
+
+def test_hard_negative_batches_come_from_one_kind_and_leave_plain_batches_alone(monkeypatch, one_thread) -> None:
+    """--hard-negatives F: about F of the batches hold one kind of image only (their negatives share the scan
+    kind); F = 0 draws exactly the batches of a run without kinds."""
+    import healthgpt.training.pretrain_vision as pv
+
+    batches: list[list[int]] = []
+
+    def spy(self, pixel_values, texts):  # record which images each step saw, then a loss that trains nothing
+        batches.append(list(texts))
+        return (self.pixel_head.weight.sum() * 0.0), {"loss": 0.0}
+
+    monkeypatch.setattr(pv.VisionPretrainer, "loss", spy)
+    model, _ = build_model("tiny", image_size=32, patch_size=4)
+    n = 24
+    pixels = torch.zeros(n, 3, 32, 32)
+    texts = [f"image {i}" for i in range(n)]
+    kinds = [("ct" if i % 3 else "mri") + "/brain" for i in range(n)]
+
+    def run(**kw):
+        batches.clear()
+        pv.pretrain_vision(model.vision.tower, pixels, texts, steps=40, lr=1e-3, batch=4, seed=5, **kw)
+        return [list(b) for b in batches]
+
+    plain = run()
+    assert run(kinds=kinds, hard_negatives=0.0) == plain
+    kind_of = dict(zip(texts, kinds, strict=True))
+    mixed = sum(len({kind_of[t] for t in b}) > 1 for b in plain)
+    assert mixed > 30  # random batches mix the kinds
+    hard = run(kinds=kinds, hard_negatives=1.0)
+    assert all(len({kind_of[t] for t in b}) == 1 and len(set(b)) == len(b) for b in hard)
+    assert {kind_of[b[0]] for b in hard} == {"ct/brain", "mri/brain"}
+    half = run(kinds=kinds, hard_negatives=0.5)
+    single = sum(len({kind_of[t] for t in b}) == 1 for b in half)
+    assert 10 <= single <= 32
+    with pytest.raises(ValueError, match="one kind per image"):
+        pv.pretrain_vision(model.vision.tower, pixels, texts, steps=1, lr=1e-3, batch=4, hard_negatives=0.5)

@@ -50,7 +50,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -216,6 +216,26 @@ def _record_json(members: dict[str, bytes]) -> dict[str, Any] | None:
         return None
 
 
+SPLIT_CHOICES = ("train", "val", "test", "held-out", "validation", "all")
+SPLIT_HELP = ("Split to evaluate: train, val, test, all; 'held-out' (the 1 in 20 train groups that no training step "
+              "reads), or 'validation' (per shard folder its val split, else its held-out train groups: what the "
+              "trainer's validation loss reads; compare recipes on it, never on test).")
+
+
+def _split_filter(folder: os.PathLike | str, split: str | None) -> Callable[[dict, str], bool]:
+    """Which (record, key) of ``folder`` a ``--split`` takes (``None``: every record)."""
+    from healthgpt.training.data import held_out, source_sample_counts
+
+    if split is None:
+        return lambda rec, key: True
+    if split == "validation":
+        has_val = any(n for n in source_sample_counts([os.fspath(folder)], "val").values())
+        split = "val" if has_val else "held-out"
+    if split == "held-out":
+        return lambda rec, key: rec.get("split") == "train" and held_out({"group": rec.get("group"), "key": key})
+    return lambda rec, key: rec.get("split") == split
+
+
 def _iter_members(shards: Sequence[os.PathLike | str], split: str | None, limit: int | None = None,
                   verify: bool = True, generation_limit: int | None = None
                   ) -> Iterator[tuple[str, dict[str, bytes], dict, Path]]:
@@ -234,6 +254,7 @@ def _iter_members(shards: Sequence[os.PathLike | str], split: str | None, limit:
     for folder in shards:
         taken = 0
         per_group: dict[tuple[Any, Any], int] = {}
+        wanted = _split_filter(folder, split)
         for tar in list_shards(folder):
             for key, members in iter_tar(tar):
                 if limit is not None and taken >= limit:
@@ -241,7 +262,7 @@ def _iter_members(shards: Sequence[os.PathLike | str], split: str | None, limit:
                 rec = _record_json(members)
                 if rec is None:
                     raise EvalError(f"{tar.name}: sample {key!r} has no readable json member")
-                if split is not None and rec.get("split") != split:
+                if not wanted(rec, key):
                     continue
                 if generation_limit is not None and rec.get("task") == "generation":
                     group = (rec.get("subtask"), rec.get("body_part"))
@@ -889,7 +910,7 @@ def eval_command(
     preset: Annotated[str, typer.Option(help="tiny, smollm2-135m, m3, l14, xl32.")] = "tiny",
     vq: Annotated[str | None, typer.Option(help=VQ_HELP)] = None,
     vq_mismatch_ok: Annotated[bool, typer.Option(help=VQ_MISMATCH_HELP)] = False,
-    split: Annotated[str, typer.Option(help="Split to evaluate (train, val, test, or 'all').")] = "test",
+    split: Annotated[str, typer.Option(help=SPLIT_HELP)] = "test",
     limit: Annotated[int | None, typer.Option(help="Evaluate only the first N samples of each --shards folder.")] = None,
     generation_limit: Annotated[int | None, typer.Option(help="At most N generation samples per subtask and body "
                                                          "part of each --shards folder.")] = None,
@@ -925,6 +946,8 @@ def eval_command(
     from vlhealth.shards import require_shards
 
     require_shards(shards, "--shards")
+    if split not in SPLIT_CHOICES:
+        raise typer.BadParameter(f"{split!r} is not a split: {', '.join(SPLIT_CHOICES)}", param_hint="--split")
     overrides, vq_spec, notes = command_inputs(preset, seed, llm_path, clip_path, dtype, model_set, checkpoint, vq,
                                                vq_mismatch_ok)
     for note in notes:

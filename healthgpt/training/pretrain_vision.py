@@ -31,7 +31,9 @@ evaluation and serving alike. The heads and the text encoder are dropped: only t
 Public API::
 
     VisionPretrainer(tower, text_dim=64, buckets=4096);  .loss(pixel_values, texts) -> (total, parts)
-    pretrain_vision(tower, images, texts, *, steps, lr, batch, seed, ...) -> list[dict]
+    pretrain_vision(tower, images, texts, *, steps, lr, batch, seed, kinds=None, hard_negatives=0.0, ...)
+        -> list[dict]
+    training_images(shards, split="train", limit=4000, kinds=None) -> (images, texts); image_kind(folder, rec)
     (saving and loading the tower: healthgpt.model.vision.save_tower / load_tower)
     pretrain_vision_command (the typer command)
 """
@@ -54,7 +56,7 @@ from torch import nn
 
 from healthgpt.model.vision import TOWER_FILE, save_tower
 
-__all__ = ["VisionPretrainer", "pretrain_vision", "pretrain_vision_command", "training_images"]
+__all__ = ["VisionPretrainer", "image_kind", "pretrain_vision", "pretrain_vision_command", "training_images"]
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -141,23 +143,50 @@ def _distinct_batch(texts: Sequence[str], size: int, gen: np.random.Generator) -
     return out
 
 
+def _kind_batch(texts: Sequence[str], members: Sequence[int], size: int, gen: np.random.Generator) -> list[int]:
+    """Up to ``size`` of ``members`` (indices into ``texts``) with distinct texts."""
+    picked = _distinct_batch([texts[i] for i in members], size, gen)
+    return [int(members[j]) for j in picked]
+
+
 def pretrain_vision(tower: nn.Module, pixel_values: torch.Tensor, texts: Sequence[str], *, steps: int, lr: float,
-                    batch: int, seed: int = 0, on_step: Callable[[int, dict[str, float]], None] | None = None,
+                    batch: int, seed: int = 0, kinds: Sequence[str] | None = None, hard_negatives: float = 0.0,
+                    on_step: Callable[[int, dict[str, float]], None] | None = None,
                     ) -> list[dict[str, float]]:
     """Train ``tower`` (in place) on pre-processed images and their texts; returns each step's losses.
-    The tower is left frozen and in eval mode, as the model uses it."""
+    The tower is left frozen and in eval mode, as the model uses it.
+
+    With ``kinds`` (one per image, e.g. source/modality/body part) and ``hard_negatives`` > 0, that fraction
+    of the steps draws its whole batch from one kind (picked in proportion to its images): its negatives
+    then share the scan kind, so the contrast must come from what differs within it (a lesion, its side),
+    not from the modality or organ that a random batch already separates."""
     if len(pixel_values) != len(texts) or len(texts) < 2:
         raise ValueError(f"pretrain_vision: need >= 2 images with one text each, got {len(pixel_values)} images "
                          f"and {len(texts)} texts")
+    if not 0.0 <= hard_negatives <= 1.0:
+        raise ValueError(f"pretrain_vision: hard_negatives must be in [0, 1], got {hard_negatives}")
+    if hard_negatives and (kinds is None or len(kinds) != len(texts)):
+        raise ValueError("pretrain_vision: hard_negatives needs one kind per image")
+    by_kind: dict[str, list[int]] = {}
+    for i, kind in enumerate(kinds or ()):
+        by_kind.setdefault(kind, []).append(i)
+    # a kind can fill a hard batch when it has at least two distinct texts
+    hard = sorted(k for k, m in by_kind.items() if len({texts[i] for i in m}) > 1) if hard_negatives else []
+    weights = np.array([len(by_kind[k]) for k in hard], dtype=float)
     torch.manual_seed(seed)
     gen = np.random.default_rng(seed)
+    hard_gen = np.random.default_rng([seed, 1])  # a stream of its own: hard_negatives=0 keeps the plain batches
     trainer = VisionPretrainer(tower)
     tower.requires_grad_(True)
     tower.train()
     opt = torch.optim.AdamW(trainer.parameters(), lr=lr, weight_decay=0.0)
     history: list[dict[str, float]] = []
     for step in range(steps):
-        idx = _distinct_batch(texts, batch, gen)
+        if hard and hard_gen.random() < hard_negatives:
+            kind = hard[int(hard_gen.choice(len(hard), p=weights / weights.sum()))]
+            idx = _kind_batch(texts, by_kind[kind], batch, hard_gen)
+        else:
+            idx = _distinct_batch(texts, batch, gen)
         total, parts = trainer.loss(pixel_values[idx], [texts[i] for i in idx])
         opt.zero_grad(set_to_none=True)
         total.backward()
@@ -178,12 +207,18 @@ def _sample_text(rec: Any) -> str:
                     if "<target_image>" not in str(t.get("value", ""))).strip()
 
 
+def image_kind(folder: os.PathLike | str, rec: Any) -> str:
+    """What a hard-negative batch has in common: the shard folder, modality and body part of an image."""
+    return "/".join((Path(folder).name, str(rec.modality or "?").lower(), str(rec.body_part or "?").lower()))
+
+
 def training_images(shards: Sequence[os.PathLike | str], split: str = "train", limit: int = 4000,
-                    ) -> tuple[list[Any], list[str]]:
+                    kinds: list[str] | None = None) -> tuple[list[Any], list[str]]:
     """Input images of ``split`` from ``shards`` and one text per image: every distinct text of the samples
     that show it (its questions and answers, or its instruction), joined in shard order, as a CLIP caption
     describes an image. One QA pair per image would leave a lesion's presence to a lone "yes"/"no" that
-    many other images share; the joined text names the organ, modality, lesion count and side together."""
+    many other images share; the joined text names the organ, modality, lesion count and side together. A ``kinds`` list is filled
+    with each image's :func:`image_kind` (that of its first sample)."""
     from healthgpt.model.vision import decode_input_image
     from healthgpt.training.data import held_out
     from vlhealth.shards import iter_samples
@@ -210,6 +245,8 @@ def training_images(shards: Sequence[os.PathLike | str], split: str = "train", l
                 images.append(decode_input_image(data, f"{Path(folder).name}:{sample.key}")
                               if isinstance(data, bytes) else data)
                 parts.append([])
+                if kinds is not None:
+                    kinds.append(image_kind(folder, rec))
             if text and text not in parts[i]:
                 parts[i].append(text)
     return images, [" ".join(p) for p in parts]
@@ -223,6 +260,10 @@ def pretrain_vision_command(
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 300,
     lr: Annotated[float, typer.Option(help="AdamW learning rate (constant).")] = 3e-3,
     batch: Annotated[int, typer.Option(help="Images per step (distinct texts).")] = 32,
+    hard_negatives: Annotated[float, typer.Option(
+        help="Fraction of steps whose batch comes from one kind of image (shard folder, modality, body part): "
+             "negatives of the same scan kind make the contrast read what differs within it, such as a "
+             "lesion. 0: every batch is drawn from all images.")] = 0.0,
     limit: Annotated[int, typer.Option(help="At most this many images are read.")] = 4000,
     seed: Annotated[int, typer.Option(help="Seed (initial tower and batch order).")] = 0,
     model_set: Annotated[list[str] | None, typer.Option(
@@ -255,7 +296,8 @@ def pretrain_vision_command(
         raise typer.BadParameter(f"{preset!r} has a pre-trained CLIP tower already; pretrain-vision is for the "
                                  "small presets (tiny, smollm2-135m)", param_hint="--preset")
     model, _ = build_model(preset, seed=seed, **overrides)
-    images, texts = training_images(shards, limit=limit)
+    kinds: list[str] = []
+    images, texts = training_images(shards, limit=limit, kinds=kinds)
     if len(images) < 2:
         raise typer.BadParameter("fewer than 2 train images in " + ", ".join(p.name for p in shards),
                                  param_hint="--shards")
@@ -263,13 +305,14 @@ def pretrain_vision_command(
     out.mkdir(parents=True, exist_ok=True)
     with step_log(out, "pretrain-vision", steps, console) as log:
         history = pretrain_vision(model.vision.tower, pixel_values, texts, steps=steps, lr=lr, batch=batch,
-                                  seed=seed, on_step=log)
+                                  seed=seed, kinds=kinds, hard_negatives=hard_negatives, on_step=log)
     save_tower(model.vision.tower, out)
     k = min(10, len(history))
     mean = {key: (sum(h[key] for h in history[:k]) / k, sum(h[key] for h in history[-k:]) / k)
             for key in history[0]}
     summary = {"preset": preset, "model_set": overrides, "steps": steps, "images": len(images), "lr": lr,
-               "batch": batch, "seed": seed, "shards": [p.name for p in shards],
+               "batch": batch, "hard_negatives": hard_negatives, "seed": seed,
+               "shards": [p.name for p in shards],
                "objectives": {"pixel": "concrete-level patch tokens -> their grey levels (MSE)",
                               "contrastive": "mean abstract-level token <-> text (symmetric InfoNCE)"},
                "first": {k_: v[0] for k_, v in mean.items()}, "last": {k_: v[1] for k_, v in mean.items()}}
