@@ -145,7 +145,7 @@ background stage3_generation "$RUNS/stage3-generation.log" \
   $train --stage 3 --task generation --shards "$SHARDS/synthrad" --init "$RUNS/stage2" --out "$RUNS/stage3-generation" \
   --steps 500 --val-every 125 --no-progress
 $train --stage 3 --task comprehension --shards "$SHARDS/vqa_rad" --shards "$SHARDS/slake" --init "$RUNS/stage2" \
-  --out "$RUNS/stage3-comprehension" --steps 1400 --micro-batch 16 --global-batch 16 --val-every 350
+  --out "$RUNS/stage3-comprehension" --steps 1800 --micro-batch 16 --global-batch 16 --val-every 450
 finish stage3_generation "$RUNS/stage3-generation.log"
 $train --stage 3 --task mixed --shards "$SHARDS/vqa_rad" --shards "$SHARDS/slake" --shards "$SHARDS/synthrad" \
   --init "$RUNS/stage3-comprehension" --init "$RUNS/stage3-generation" --out "$RUNS/stage3" --steps 0 --no-progress
