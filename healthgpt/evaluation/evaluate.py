@@ -931,7 +931,7 @@ def eval_command(
     model_set: Annotated[list[str] | None, typer.Option("--model-set", help=MODEL_SET_HELP)] = None,
     shuffled_images: Annotated[bool, typer.Option(
         "--shuffled-images/--no-shuffled-images", help=(
-            "Image reliance: score the model again with each input image swapped for another test sample's image "
+            "Image reliance: score the model again with each input image swapped for another evaluated sample's image "
             "of the same task (a seeded derangement), reported as the row 'model, shuffled images'."))] = True,
     shuffle_seed: Annotated[int, typer.Option(min=0, help="Seed of the shuffled-image derangement.")] = 0,
     shuffled_limit: Annotated[int | None, typer.Option(min=1, help=(

@@ -53,7 +53,7 @@ __all__ = ["RELIANCE_DEFINITION", "SHUFFLED_NAME", "ShuffleEntry", "derangement"
 
 SHUFFLED_NAME = "model, shuffled images"
 RELIANCE_DEFINITION = (
-    "the model scored again with each input image swapped for another test sample's image of the same task "
+    "the model scored again with each input image swapped for another evaluated sample's image of the same task "
     "(a seeded derangement: no sample keeps its own image; within the same subtask/body part for generation and "
     "the same source for comprehension wherever that kind has >= 2 samples); generation `loss` is the "
     "teacher-forced cross-entropy of the true target (its VQ codes, given prompt + input image) as training "

@@ -382,7 +382,7 @@ def _reliance_section(report: dict[str, Any]) -> list[str]:
     lines = ["## Image reliance (does the model look?)", ""]
     if "comprehension" not in rel:
         return lines + [f"Shuffled-image pass: {rel.get('status', 'not computed')}.", ""]
-    lines += [f"Each input image swapped for another test sample's of the same task (seed {rel.get('seed')}; "
+    lines += [f"Each input image swapped for another evaluated sample's of the same task (seed {rel.get('seed')}; "
               f"{rel.get('n_same_kind', 0)} of {rel.get('n_scored', 0)} swapped images are of the same subtask/body part "
               "or source); true-image numbers on the same samples.", ""]
     lines += [f"- {note}." for note in rel.get("notes") or []] + ([""] if rel.get("notes") else [])
