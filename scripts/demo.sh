@@ -195,8 +195,9 @@ echo "    with each test image swapped for another's (the 'image reliance' line)
 echo "    mostly one tone. A 2-layer, 64-wide LLM writes 1024 codes from 16 image patches in a few hundred"
 echo "    steps; the tokenizer is not the limit (its ceiling is above identity)."
 echo "  - closed questions: modality and organ questions are answered from the image (compare the shuffled-image"
-echo "    row); lesion questions stay at chance: the 64 px tower, pre-trained for 300 steps, barely encodes"
-echo "    lesions (the probe below: which answers its features carry at all)."
+echo "    row); lesion questions stay near chance: the 64 px tower, pre-trained for 300 steps, barely encodes"
+echo "    lesions (the probe below: which answers its features carry at all). Compare recipes on validation"
+echo "    data (healthgpt eval --split validation), never on these test numbers."
 echo "  The same commands with a real preset, GPUs and real data are the experiment that counts."
 
 section "9. is the answer in the frozen vision features? (a linear probe, train images -> test images)"
