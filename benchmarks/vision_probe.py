@@ -6,8 +6,9 @@ fix that), or they do and the LLM has not learned to read them (more data, steps
 This script tells them apart. For each question family it takes one label per image from the
 *train* split (the reference answer), fits a multinomial logistic regression (torch, L2, full batch)
 on the features the comprehension path reads, and reports its accuracy on the *test* split's images
-beside the train split's majority answer scored on them (a test answer never seen in train counts as
-wrong). Three feature views are probed (the tower is frozen; the adapter is the one ``--checkpoint``
+(``--split validation``: the validation images that ``healthgpt eval --split validation`` reads, to
+compare towers without touching test) beside the train split's majority answer scored on them (a test
+answer never seen in train counts as wrong). Three feature views are probed (the tower is frozen; the adapter is the one ``--checkpoint``
 trained, or the preset's random one):
 
 * ``tower``   the CLIP patch tokens at the comprehension level, flattened (what the adapter sees);
@@ -57,23 +58,25 @@ def _families(items: list[str]) -> dict[str, str]:
 def collect(shards: list[str], families: dict[str, str], split: str = "test",
             ) -> dict[str, dict[str, list[tuple[bytes, str]]]]:
     """``{family: {"train"|"test": [(image bytes, answer), ...]}}``, one row per distinct image and family.
-    ``split="validation"`` probes on what the trainer validates on instead of the test split: the val split
-    and the held-out train groups (1 in 20, never trained on), fitting on the other train groups."""
-    from healthgpt.training.data import held_out
+    ``split="validation"`` probes on the samples ``healthgpt eval --split validation`` reads instead of the
+    test split (per folder and task its val split, else its held-out train groups), fitting on the train
+    groups that training reads."""
+    from healthgpt.training.data import held_out, validation_filter
     from vlhealth.shards import iter_samples
 
-    def bucket(rec, key: str) -> str | None:
+    def bucket(rec, key: str, keep) -> str | None:
         if split == "test":
             return rec.split if rec.split in ("train", "test") else None
-        if rec.split == "val" or rec.split == "train" and held_out({"group": rec.group, "key": key}):
+        if keep({"split": rec.split, "group": rec.group, "task": rec.task}, key):
             return "test"
-        return "train" if rec.split == "train" else None
+        return "train" if rec.split == "train" and not held_out({"group": rec.group, "key": key}) else None
 
     out: dict[str, dict[str, list[tuple[bytes, str]]]] = {f: {"train": [], "test": []} for f in families}
     seen: set[tuple[str, str]] = set()
     for folder in shards:
+        keep = validation_filter(folder) if split == "validation" else None
         for s in iter_samples(folder):
-            where = bucket(s.record, s.key)
+            where = bucket(s.record, s.key, keep)
             if where is None or s.input_image is None or len(s.record.conversations) < 2:
                 continue
             question, answer = s.record.conversations[0]["value"], s.record.conversations[1]["value"]
@@ -154,7 +157,7 @@ def main() -> None:
         f_train, f_test = features(model, [b for b, _ in split["train"]]), features(model, [b for b, _ in test])
         accs = {view: float((probe(f_train[view], y_train, f_test[view], len(classes)) == y_test).float().sum())
                 / len(split["test"]) for view in f_train}
-        rows.append({"family": fam, "question": families[fam], "train_images": len(split["train"]),
+        rows.append({"family": fam, "question": families[fam], "split": args.split, "train_images": len(split["train"]),
                      "test_images": len(split["test"]), "test_answers_unseen_in_train": unseen, "classes": classes,
                      "train_majority_answer": majority_answer, "majority_on_test": majority, **accs})
         print(f"| {fam} | {len(split['train'])} | {len(split['test'])} | {len(classes)} | {100 * majority:.1f}% | "

@@ -369,4 +369,29 @@ def test_validation_split_is_val_or_the_held_out_train_groups(tmp_path: Path) ->
     assert keys(without, "held-out") == keys(without, "validation") == held
     assert keys(with_val, "validation") == keys(with_val, "val") == {f"slake-{100 + i:04d}" for i in range(5)}
     assert keys(with_val, "held-out") == {f"slake-{i:04d}" for i in range(40) if held_out({"group": f"g{i}"})}
-    assert not any(k.endswith(tuple(f"-{200 + i:04d}" for i in range(5))) for k in keys(without, "validation"))
+
+    # decided per task, as the trainer decides it: comprehension validates on its val split, generation
+    # (no val samples in this folder) on its held-out train groups
+    mixed = _write(tmp_path / "mixed", [_comp(100 + i, "closed", "slake", split="val") for i in range(3)]
+                   + [_gen(i, "ct2mri", "brain", split="train") for i in range(60)], prefix="mixed")
+    held_gen = {f"synthrad2023-ct2mri-brain-{i:03d}" for i in range(60) if held_out({"group": f"p{i}"})}
+    assert held_gen
+    assert keys(mixed, "validation") == {f"slake-{100 + i:04d}" for i in range(3)} | held_gen
+
+
+def test_held_out_baselines_are_not_fitted_on_the_held_out_answers(tmp_path: Path) -> None:
+    """With --split held-out / validation the majority answer is read from the train groups that training
+    reads: a question asked only in a held-out group has no majority of its own there."""
+    from healthgpt.evaluation.baselines import collect_train_reference, question_key
+    from healthgpt.training.data import held_out
+
+    samples = [_comp(i, "closed", "vqa_rad", split="train") for i in range(80)]
+    folder = _write(tmp_path / "vqa_rad", samples, prefix="vqa_rad")
+    held = [s for s in samples if held_out({"group": s.record.group, "key": s.key})]
+    assert held
+    questions = {question_key(s.record.conversations[0]["value"]) for s in held}
+    every = collect_train_reference([folder])
+    fitted = collect_train_reference([folder], skip_held_out=True)
+    assert every.n_answers - fitted.n_answers == len(held)
+    assert questions <= {q for _, _, q in every.by_question}
+    assert not questions & {q for _, _, q in fitted.by_question}

@@ -114,6 +114,9 @@ def test_hard_negative_batches_come_from_one_kind_and_leave_plain_batches_alone(
 
     plain = run()
     assert run(kinds=kinds, hard_negatives=0.0) == plain
+    # ... which are the batches the sampler draws from the seed alone (as before hard negatives existed)
+    rng = np.random.default_rng(5)
+    assert plain == [[texts[i] for i in pv._distinct_batch(texts, 4, rng)] for _ in range(40)]
     kind_of = dict(zip(texts, kinds, strict=True))
     mixed = sum(len({kind_of[t] for t in b}) > 1 for b in plain)
     assert mixed > 30  # random batches mix the kinds
@@ -125,3 +128,13 @@ def test_hard_negative_batches_come_from_one_kind_and_leave_plain_batches_alone(
     assert 10 <= single <= 32
     with pytest.raises(ValueError, match="one kind per image"):
         pv.pretrain_vision(model.vision.tower, pixels, texts, steps=1, lr=1e-3, batch=4, hard_negatives=0.5)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        pv.pretrain_vision(model.vision.tower, pixels, texts, steps=1, lr=1e-3, batch=4, kinds=kinds,
+                           hard_negatives=1.5)
+    one_text = ["same"] * n  # every kind has one text only: nothing to contrast within a kind
+    with pytest.raises(ValueError, match="two distinct texts"):
+        pv.pretrain_vision(model.vision.tower, pixels, one_text, steps=1, lr=1e-3, batch=4, kinds=kinds,
+                           hard_negatives=0.5)
+    history = pv.pretrain_vision(model.vision.tower, pixels, texts, steps=20, lr=1e-3, batch=4, seed=5,
+                                 kinds=kinds, hard_negatives=0.5)
+    assert {h["batch_size"] for h in history} == {4.0} and 0 < sum(h["hard_batch"] for h in history) < 20

@@ -111,8 +111,12 @@ def _most_common(answers: Iterable[str]) -> str:
 
 
 def collect_train_reference(shards: Sequence[os.PathLike | str], *, split: str = "train",
-                            max_images_per_group: int = 256) -> TrainReference:
-    """Read the ``split`` samples of ``shards`` once: answers per question, mean target per group."""
+                            max_images_per_group: int = 256, skip_held_out: bool = False) -> TrainReference:
+    """Read the ``split`` samples of ``shards`` once: answers per question, mean target per group.
+    ``skip_held_out`` leaves out the held-out train groups (``healthgpt.training.data.held_out``), for an
+    evaluation of those very samples (``--split held-out`` / ``validation``): a baseline must not be fitted
+    on the answers it is scored against."""
+    from healthgpt.training.data import held_out
     from vlhealth.schema import decode_image
     from vlhealth.shards import iter_tar, list_shards
 
@@ -123,12 +127,14 @@ def collect_train_reference(shards: Sequence[os.PathLike | str], *, split: str =
     counts: dict[str, int] = defaultdict(int)
     for folder in shards:
         for tar in list_shards(folder):
-            for _, members in iter_tar(tar):
+            for key, members in iter_tar(tar):
                 try:
                     rec = json.loads(members["json"])
                 except (KeyError, UnicodeDecodeError, json.JSONDecodeError):
                     continue  # the evaluator reports unreadable samples of the evaluated split
                 if rec.get("split") != split:
+                    continue
+                if skip_held_out and held_out({"group": rec.get("group"), "key": key}):
                     continue
                 if rec.get("task") == "comprehension" and rec.get("answer_type"):
                     conv = rec.get("conversations") or []

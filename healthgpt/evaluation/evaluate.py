@@ -24,7 +24,7 @@ Flow (one process, or one per GPU under ``torchrun``):
    Generation records also carry ``loss``: the teacher-forced cross-entropy of the true target's VQ
    codes given prompt + input image, as training computes it (:mod:`healthgpt.evaluation.reliance`).
    With ``shuffled_images`` (on by default) each rank then makes a second pass, every input image
-   swapped for another test sample's of the same task (a seeded derangement; ``shuffled_limit``
+   swapped for another evaluated sample's of the same task (a seeded derangement; ``shuffled_limit``
    bounds its generation samples), into ``OUT/predictions_shuffled/part-rNNN.jsonl``, resumable the
    same way (a record is reused only when it was made with the same donor image).
 5. When all ranks are done (a ``torch.distributed`` barrier under ``torchrun``), rank 0 merges the
@@ -218,19 +218,18 @@ def _record_json(members: dict[str, bytes]) -> dict[str, Any] | None:
 
 SPLIT_CHOICES = ("train", "val", "test", "held-out", "validation", "all")
 SPLIT_HELP = ("Split to evaluate: train, val, test, all; 'held-out' (the 1 in 20 train groups that no training step "
-              "reads), or 'validation' (per shard folder its val split, else its held-out train groups: what the "
-              "trainer's validation loss reads; compare recipes on it, never on test).")
+              "reads), or 'validation' (per folder and task its val split, else its held-out train groups: the pool "
+              "the trainer's validation batches are drawn from; compare recipes on it, never on test).")
 
 
 def _split_filter(folder: os.PathLike | str, split: str | None) -> Callable[[dict, str], bool]:
     """Which (record, key) of ``folder`` a ``--split`` takes (``None``: every record)."""
-    from healthgpt.training.data import held_out, source_sample_counts
+    from healthgpt.training.data import held_out, validation_filter
 
     if split is None:
         return lambda rec, key: True
     if split == "validation":
-        has_val = any(n for n in source_sample_counts([os.fspath(folder)], "val").values())
-        split = "val" if has_val else "held-out"
+        return validation_filter(folder)
     if split == "held-out":
         return lambda rec, key: rec.get("split") == "train" and held_out({"group": rec.get("group"), "key": key})
     return lambda rec, key: rec.get("split") == split
@@ -271,6 +270,9 @@ def _iter_members(shards: Sequence[os.PathLike | str], split: str | None, limit:
                     per_group[group] = per_group.get(group, 0) + 1
                 taken += 1
                 yield key, members, rec, tar
+        if not taken and split in ("validation", "held-out"):
+            log.warning("%s: no %s samples (no val split, and no train samples to hold out); it is not evaluated",
+                        Path(folder).name, split)
 
 
 Batch = list[tuple[str, dict[str, bytes], Path]]  # (key, members, tar path)
@@ -773,7 +775,8 @@ def run_evaluation(config: EvalConfig, *, model: Any = None, vq: Any = None, lpi
     done = set(read_predictions(out))
     all_keys: list[str] = []
     entries: list[ShuffleEntry] = []
-    train_ref = collect_train_reference(config.shards) if config.baselines else None
+    train_ref = (collect_train_reference(config.shards, skip_held_out=config.split in ("held-out", "validation"))
+                 if config.baselines else None)
     runner = _Runner(config, model, vq, lpips, train_ref)
     progress = _prediction_counter(config.progress and rank == 0)
     budget: list[int | None] = [config.max_batches]
@@ -886,7 +889,7 @@ EVAL_HELP = (
     "Writes OUT/report.json, OUT/report.md (the paper's table layouts), OUT/predictions.jsonl and "
     "OUT/grids/*.png (input | prediction | target). Interrupted runs resume: rerun the same command. "
     "Under torchrun every rank takes every n-th sample and rank 0 writes the report.\n\n"
-    "Image reliance (on by default, --no-shuffled-images skips it): every sample is scored again with another test "
+    "Image reliance (on by default, --no-shuffled-images skips it): every sample is scored again with another evaluated "
     "sample's image of the same task (a seeded derangement, --shuffle-seed; --shuffled-limit bounds its generation "
     "samples), reported as the row 'model, shuffled images' (OUT/predictions_shuffled.jsonl); generation rows also "
     "give the true target's teacher-forced loss.\n\n"

@@ -1,7 +1,7 @@
 """Image reliance ("does the model look?"): the evaluation repeated with every input image swapped.
 
 The evaluator (:mod:`healthgpt.evaluation.evaluate`) scores the model a second time with each test
-image replaced by another test sample's image **of the same task**, and the report puts that pass
+image replaced by another evaluated sample's image **of the same task**, and the report puts that pass
 beside the true-image numbers as the row ``model, shuffled images``. A model that reads its image
 must do clearly worse with someone else's; one that answers from the text alone does not notice.
 

@@ -14,7 +14,7 @@ their numbers (met or missed), never adjusted:
 * closed questions, VQA-RAD and SLAKE separately: model accuracy >= that benchmark's majority baseline
   + 15 points, on at least 200 closed questions each (the pooled figure is stated beside them);
 * image reliance (``healthgpt eval --shuffled-images``, the report's ``image_reliance``: every test
-  image swapped for another test sample's of the same task, on the same samples): closed-question
+  image swapped for another evaluated sample's of the same task, on the same samples): closed-question
   accuracy (all benchmarks) with true images >= the shuffled-image row + 10 points; the generation
   validation loss of the true target with true images >= 10% below the one with shuffled images;
   SSIM true vs shuffled is stated beside them. An eval without the shuffled pass misses both;

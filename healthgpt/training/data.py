@@ -130,6 +130,8 @@ __all__ = [
     "parse_shard_spec",
     "held_out",
     "holdout_streams",
+    "is_validation",
+    "validation_filter",
     "source_sample_counts",
 ]
 
@@ -325,6 +327,22 @@ def holdout_streams(specs: Sequence[Any]) -> set[tuple[int, str]]:
             if train.get((j, task), 0) and not val.get((j, task), 0):
                 out.add((i, task))
     return out
+
+
+def is_validation(rec: Mapping[str, Any], key: str, lent: bool) -> bool:
+    """Whether a sample is in a validation pool: its ``val`` split, or (``lent``: its source and task have
+    no val split) a train sample of the held-out groups (:func:`held_out`)."""
+    if lent:
+        return rec.get("split") == "train" and held_out({"group": rec.get("group"), "key": key})
+    return rec.get("split") == "val"
+
+
+def validation_filter(folder: os.PathLike[str] | str) -> Callable[[Mapping[str, Any], str], bool]:
+    """``keep(record, key)``: the samples of one local shard folder that the trainer's validation batches are
+    drawn from, decided per task as the trainer decides it (:func:`holdout_streams`): a task's ``val`` split,
+    or its held-out train groups where it has no val samples."""
+    lent_tasks = {task for _, task in holdout_streams([ShardSpec(Path(folder))])}
+    return lambda rec, key: is_validation(rec, key, rec.get("task") in lent_tasks)
 
 
 

@@ -44,6 +44,7 @@ import json
 import os
 import re
 import zlib
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -172,6 +173,9 @@ def pretrain_vision(tower: nn.Module, pixel_values: torch.Tensor, texts: Sequenc
         by_kind.setdefault(kind, []).append(i)
     # a kind can fill a hard batch when it has at least two distinct texts
     hard = sorted(k for k, m in by_kind.items() if len({texts[i] for i in m}) > 1) if hard_negatives else []
+    if hard_negatives and not hard:
+        raise ValueError("pretrain_vision: hard_negatives needs a kind of image with at least two distinct texts; "
+                         f"every one of the {len(by_kind)} kinds has a single text")
     weights = np.array([len(by_kind[k]) for k in hard], dtype=float)
     torch.manual_seed(seed)
     gen = np.random.default_rng(seed)
@@ -182,12 +186,15 @@ def pretrain_vision(tower: nn.Module, pixel_values: torch.Tensor, texts: Sequenc
     opt = torch.optim.AdamW(trainer.parameters(), lr=lr, weight_decay=0.0)
     history: list[dict[str, float]] = []
     for step in range(steps):
-        if hard and hard_gen.random() < hard_negatives:
+        is_hard = bool(hard) and hard_gen.random() < hard_negatives
+        if is_hard:
             kind = hard[int(hard_gen.choice(len(hard), p=weights / weights.sum()))]
             idx = _kind_batch(texts, by_kind[kind], batch, hard_gen)
         else:
             idx = _distinct_batch(texts, batch, gen)
         total, parts = trainer.loss(pixel_values[idx], [texts[i] for i in idx])
+        if hard_negatives:  # what the batch was: the summary counts the hard steps and their sizes
+            parts = {**parts, "hard_batch": float(is_hard), "batch_size": float(len(idx))}
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
@@ -261,7 +268,7 @@ def pretrain_vision_command(
     lr: Annotated[float, typer.Option(help="AdamW learning rate (constant).")] = 3e-3,
     batch: Annotated[int, typer.Option(help="Images per step (distinct texts).")] = 32,
     hard_negatives: Annotated[float, typer.Option(
-        help="Fraction of steps whose batch comes from one kind of image (shard folder, modality, body part): "
+        min=0.0, max=1.0, help="Fraction of steps whose batch comes from one kind of image (shard folder, modality, body part): "
              "negatives of the same scan kind make the contrast read what differs within it, such as a "
              "lesion. 0: every batch is drawn from all images.")] = 0.0,
     limit: Annotated[int, typer.Option(help="At most this many images are read.")] = 4000,
@@ -301,6 +308,11 @@ def pretrain_vision_command(
     if len(images) < 2:
         raise typer.BadParameter("fewer than 2 train images in " + ", ".join(p.name for p in shards),
                                  param_hint="--shards")
+    if hard_negatives and not any(len({t for t, k in zip(texts, kinds, strict=True) if k == kind}) > 1
+                                  for kind in set(kinds)):
+        raise typer.BadParameter("no kind of image (shard folder, modality, body part) in "
+                                 + ", ".join(p.name for p in shards) + " has two distinct texts to contrast",
+                                 param_hint="--hard-negatives")
     pixel_values = model.vision.preprocess(images)
     out.mkdir(parents=True, exist_ok=True)
     with step_log(out, "pretrain-vision", steps, console) as log:
@@ -309,9 +321,13 @@ def pretrain_vision_command(
     save_tower(model.vision.tower, out)
     k = min(10, len(history))
     mean = {key: (sum(h[key] for h in history[:k]) / k, sum(h[key] for h in history[-k:]) / k)
-            for key in history[0]}
+            for key in history[0] if key not in ("hard_batch", "batch_size")}
+    hard_steps = [h["batch_size"] for h in history if h.get("hard_batch")]
     summary = {"preset": preset, "model_set": overrides, "steps": steps, "images": len(images), "lr": lr,
-               "batch": batch, "hard_negatives": hard_negatives, "seed": seed,
+               "batch": batch, "hard_negatives": hard_negatives,
+               "hard_negative_steps": len(hard_steps),
+               "hard_batch_mean_size": sum(hard_steps) / len(hard_steps) if hard_steps else None,
+               "image_kinds": dict(sorted(Counter(kinds).items())), "seed": seed,
                "shards": [p.name for p in shards],
                "objectives": {"pixel": "concrete-level patch tokens -> their grey levels (MSE)",
                               "contrastive": "mean abstract-level token <-> text (symmetric InfoNCE)"},

@@ -26,7 +26,8 @@ Scoring
 Public API::
 
     (healthgpt.training.data: held_out(rec) -> bool, the held-out train groups no training reads;
-    holdout_streams(specs) -> {(source, task)}: the sources that validate on them, having no val split)
+    holdout_streams(specs) -> {(source, task)}: the sources that validate on them, having no val split;
+    is_validation(rec, key, lent) and validation_filter(folder): the same pool, for the evaluator)
     ValidationSet.build(data_cfg, tokenizer, preprocess, batches) -> ValidationSet | None
     ValidationSet.loss(model, device, amp=None, n_codes=None) -> {task: loss}
 """
@@ -43,7 +44,7 @@ from typing import Any
 import torch
 
 from healthgpt.model.conversation import IGNORE_INDEX
-from healthgpt.training.data import HOLDOUT_EVERY, TaskBatchStream, held_out, holdout_streams
+from healthgpt.training.data import HOLDOUT_EVERY, TaskBatchStream, holdout_streams, is_validation
 from vlhealth.schema import TASKS
 from vlhealth.shards import TarReader
 
@@ -154,8 +155,7 @@ def _source_examples(stream: Any, reader: TarReader, shards: Sequence[Any], task
             rec = _load_json(reader.read(path, key, ("json",)), path, key)
             if rec.get("task") != task:
                 continue
-            if not (rec.get("split") == "val" if not lent else rec.get("split") == "train" and held_out(
-                    {"group": rec.get("group"), "key": key})):
+            if not is_validation(rec, key, lent):
                 continue
             try:
                 ex = stream._encode(path, key, rec, reader.read(path, key, members))
