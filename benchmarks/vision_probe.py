@@ -13,7 +13,13 @@ trained, or the preset's random one):
 
 * ``tower``   the CLIP patch tokens at the comprehension level, flattened (what the adapter sees);
 * ``adapter`` the adapter's output, flattened (what the LLM sees);
-* ``pooled``  the adapter's output averaged over patches.
+* ``pooled``  the adapter's output averaged over patches;
+* ``answer state`` (with ``--checkpoint``) the LLM's last hidden state where it predicts the answer's first
+  token, for the sample's own question: what the trained model answers from. When it reads no more than
+  the tower, the LLM already uses what the tower gives it, and the tower is the limit.
+
+With ``--checkpoint`` the run's own ``--model-set`` values (its pre-trained tower above all) are used
+unless given, as ``healthgpt eval`` does.
 
 A family whose probe beats the majority by a wide margin is readable from the pixels; one whose
 probe stays at the majority is not, for this tower at this resolution.
@@ -25,9 +31,10 @@ Example (the demo's data; ``--checkpoint`` also loads a trained adapter)::
     python benchmarks/vision_probe.py --shards demo/shards/vqa_rad --model-set image_size=64
 
 Measured by ``make demo`` (step 9; VQA-RAD replica at ``--scale-source vqa_rad=40``: 278 train / 73 test
-images; random tiny CLIP at 32 px; the stage-3 adapter): organ 100.0 / 97.3 / 98.6% (tower / adapter /
-pooled) and modality 100.0 / 97.3 / 98.6% against a 52.1% and 50.7% majority, lesion count 60.3 / 63.0 /
-54.8% against 50.7%: the frozen random tower barely encodes the small lesions.
+images; the demo's 64 px tower in 16-px patches, pre-trained by ``healthgpt pretrain-vision``; the stage-3
+adapter), tower / adapter / pooled / answer state: organ 98.6 / 98.6 / 98.6 / 98.6% and modality
+100.0 / 98.6 / 98.6 / 100.0% against a 52.1% and 50.7% majority, lesion count 71.2 / 64.4 / 68.5 / 49.3%
+against 50.7%: the tower encodes the small lesions only partly, and the LLM's answer state keeps less.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import argparse
 import hashlib
 import io
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -55,9 +63,11 @@ def _families(items: list[str]) -> dict[str, str]:
     return out
 
 
-def collect(shards: list[str], families: dict[str, str], split: str = "test",
-            ) -> dict[str, dict[str, list[tuple[bytes, str]]]]:
-    """``{family: {"train"|"test": [(image bytes, answer), ...]}}``, one row per distinct image and family.
+Row = tuple[bytes, str, str]  # (image bytes, normalised answer, the sample's question)
+
+
+def collect(shards: list[str], families: dict[str, str], split: str = "test") -> dict[str, dict[str, list[Row]]]:
+    """``{family: {"train"|"test": [(image bytes, answer, question), ...]}}``, one row per distinct image and family.
     ``split="validation"`` probes on the samples ``healthgpt eval --split validation`` reads instead of the
     test split (per folder and task its val split, else its held-out train groups), fitting on the train
     groups that training reads."""
@@ -71,7 +81,7 @@ def collect(shards: list[str], families: dict[str, str], split: str = "test",
             return "test"
         return "train" if rec.split == "train" and not held_out({"group": rec.group, "key": key}) else None
 
-    out: dict[str, dict[str, list[tuple[bytes, str]]]] = {f: {"train": [], "test": []} for f in families}
+    out: dict[str, dict[str, list[Row]]] = {f: {"train": [], "test": []} for f in families}
     seen: set[tuple[str, str]] = set()
     for folder in shards:
         keep = validation_filter(folder) if split == "validation" else None
@@ -85,19 +95,37 @@ def collect(shards: list[str], families: dict[str, str], split: str = "test",
                     key = (fam, hashlib.sha256(s.input_image).hexdigest())
                     if key not in seen:
                         seen.add(key)
-                        out[fam][where].append((s.input_image, answer.strip().lower()))
+                        out[fam][where].append((s.input_image, answer.strip().lower(), question))
     return out
 
 
-def features(model, images: list[bytes]) -> dict[str, torch.Tensor]:
+def features(model, rows: list[Row], answer_state: bool = False) -> dict[str, torch.Tensor]:
+    """The probed views of each row's image; with ``answer_state`` also the LLM's last hidden state at the
+    position that predicts the answer's first token, for the row's own question (what the trained model
+    answers from: a probe there at the tower's level means the LLM reads all the tower gives it)."""
     from PIL import Image
 
-    pils = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
+    pils = [Image.open(io.BytesIO(b)).convert("RGB") for b, _, _ in rows]
     with torch.no_grad():
         pv = model.vision.preprocess(pils)
         tower = model.vision.patch_features(pv, "comprehension")
         adapted = model.vision.features(pv, "comprehension")
-    return {"tower": tower.flatten(1), "adapter": adapted.flatten(1), "pooled": adapted.mean(1)}
+        views = {"tower": tower.flatten(1), "adapter": adapted.flatten(1), "pooled": adapted.mean(1)}
+        if answer_state:
+            views["answer state"] = torch.stack([_answer_state(model, q, pv[i:i + 1]) for i, (_, _, q) in
+                                                 enumerate(rows)])
+    return views
+
+
+def _answer_state(model, question: str, pixel_values: torch.Tensor) -> torch.Tensor:
+    from healthgpt.model.conversation import encode_prompt
+    from healthgpt.model.generation import decoder_of
+
+    ids = torch.tensor([encode_prompt(model.tokenizer, question, template=model.template)])
+    embeds, mask, _, pos = model.embed_multimodal(ids, torch.ones_like(ids), None, pixel_values, "comprehension")
+    hidden = decoder_of(model.llm)(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
+                                   use_cache=False).last_hidden_state
+    return hidden[0, -1].float()
 
 
 def probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, n_classes: int,
@@ -130,38 +158,47 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     from healthgpt.serving.infer import load_model
-    from healthgpt.training.train import _parse_sets
+    from healthgpt.sharing.run_spec import command_inputs
 
-    model = load_model(args.preset, checkpoint=args.checkpoint, **_parse_sets(args.model_set, "--model-set"))
+    # a checkpoint's own --model-set values (its vision_path above all) unless given: a probe of a run on
+    # another tower would measure that tower
+    overrides, _, notes = command_inputs(args.preset, None, None, None, None, args.model_set, args.checkpoint)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    model = load_model(args.preset, checkpoint=args.checkpoint, **overrides)
+    model.eval()
+    views = ["tower", "adapter", "pooled"] + (["answer state"] if args.checkpoint else [])
     families = _families(args.family or list(DEFAULT_FAMILIES))
     data = collect(args.shards, families, args.split)
     rows = []
-    print(f"| family | train images | {args.split} images | classes | train-majority answer on {args.split} | tower | "
-          "adapter | pooled |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    dashes = " | ".join("–" for _ in views)
+    print(f"| family | train images | {args.split} images | classes | train-majority answer on {args.split} | "
+          + " | ".join(views) + " |")
+    print("| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in views) + " |")
     for fam, split in data.items():
         if not split["train"] or not split["test"]:
-            print(f"| {fam} | {len(split['train'])} | {len(split['test'])} | – | – | – | – | – |")
+            print(f"| {fam} | {len(split['train'])} | {len(split['test'])} | – | – | {dashes} |")
             continue
-        classes = sorted({a for _, a in split["train"]})
-        test = [(img, a) for img, a in split["test"] if a in classes]
+        classes = sorted({a for _, a, _ in split["train"]})
+        test = [row for row in split["test"] if row[1] in classes]
         unseen = len(split["test"]) - len(test)  # test answers never seen in train: counted as wrong below
         if not test:
             print(f"| {fam} | {len(split['train'])} | 0 of {len(split['test'])} (no test answer occurs in train) "
-                  "| – | – | – | – | – |")
+                  f"| – | – | {dashes} |")
             continue
-        y_train = torch.tensor([classes.index(a) for _, a in split["train"]])
-        y_test = torch.tensor([classes.index(a) for _, a in test])
-        majority_answer = Counter(a for _, a in split["train"]).most_common(1)[0][0]  # the train split's, as the report's
-        majority = sum(a == majority_answer for _, a in split["test"]) / len(split["test"])
-        f_train, f_test = features(model, [b for b, _ in split["train"]]), features(model, [b for b, _ in test])
+        y_train = torch.tensor([classes.index(a) for _, a, _ in split["train"]])
+        y_test = torch.tensor([classes.index(a) for _, a, _ in test])
+        majority_answer = Counter(a for _, a, _ in split["train"]).most_common(1)[0][0]  # the train split's, as the report's
+        majority = sum(a == majority_answer for _, a, _ in split["test"]) / len(split["test"])
+        f_train = features(model, split["train"], bool(args.checkpoint))
+        f_test = features(model, test, bool(args.checkpoint))
         accs = {view: float((probe(f_train[view], y_train, f_test[view], len(classes)) == y_test).float().sum())
                 / len(split["test"]) for view in f_train}
         rows.append({"family": fam, "question": families[fam], "split": args.split, "train_images": len(split["train"]),
                      "test_images": len(split["test"]), "test_answers_unseen_in_train": unseen, "classes": classes,
                      "train_majority_answer": majority_answer, "majority_on_test": majority, **accs})
         print(f"| {fam} | {len(split['train'])} | {len(split['test'])} | {len(classes)} | {100 * majority:.1f}% | "
-              + " | ".join(f"{100 * accs[v]:.1f}%" for v in ("tower", "adapter", "pooled")) + " |")
+              + " | ".join(f"{100 * accs[v]:.1f}%" for v in views) + " |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n", "utf-8")
 
