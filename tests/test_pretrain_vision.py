@@ -53,6 +53,11 @@ def test_vision_path_refuses_a_different_size(tmp_path, shards, one_thread) -> N
     assert res.exit_code == 0, res.output
     with pytest.raises(ValueError, match="image_size=64 but the tower in vision_path has image_size=32"):
         build_model("tiny", vision_path=str(out), image_size=64)
+    with pytest.raises(ValueError, match="vision_hidden=64 but the tower in vision_path has vision_hidden=32"):
+        build_model("tiny", vision_path=str(out), vision_hidden=64)
+    wide, _ = build_model("tiny", vision_hidden=48, vision_layers=2)  # the random tower's width and depth
+    assert (wide.vision.tower.config.hidden_size, wide.vision.tower.config.num_hidden_layers) == (48, 2)
+    assert wide.vision.abstract_adapter[0].in_features == 48
     with pytest.raises(FileNotFoundError, match="pretrain-vision"):
         build_model("tiny", vision_path=str(tmp_path / "nothing"))
 

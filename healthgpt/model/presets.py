@@ -36,7 +36,8 @@ the new token rows, in units of the old rows' standard deviation; default 0), ``
 defaults are the paper's abstract/concrete, swapped for the Figure 6 ablation), ``shared_plugin``
 (true: one adapter plugin, the comprehension one, serves both tasks; Figure 2's unified baseline). ``tiny`` also takes ``arch`` (``llama`` or
 ``phi3``: the Phi-3 module names ``qkv_proj``/``gate_up_proj``, used to test the released-key
-mapping), ``hidden``, ``layers``, ``image_size``, ``patch_size``. ``tiny`` and ``smollm2-135m`` take
+mapping), ``hidden``, ``layers``, ``image_size``, ``patch_size``, and the random tower's ``vision_hidden``
+(width, default 32; 64 for ``smollm2-135m``) and ``vision_layers`` (default 3). ``tiny`` and ``smollm2-135m`` take
 ``vision_path``: a tower pre-trained by ``healthgpt pretrain-vision`` instead of the random one (its
 config sets the image and patch size).
 
@@ -159,17 +160,25 @@ def _small_processor(image_size: int) -> Any:
                           image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True)
 
 
+TOWER_KEYS = ("vision_path", "image_size", "patch_size", "vision_hidden", "vision_layers")
+
+
 def _small_tower(preset: str, ov: dict[str, Any], image_size: int, patch_size: int, seed: int,
                  **kw: int) -> tuple[Any, Any]:
     """The small presets' tower: random (seeded), or the ``vision_path`` one (``healthgpt pretrain-vision``),
-    whose config sets the image and patch size (a different ``image_size``/``patch_size`` is an error)."""
+    whose config sets the image and patch size, width and depth (a different ``image_size``/``patch_size``/
+    ``vision_hidden``/``vision_layers`` is an error)."""
     path = ov.pop("vision_path", None)
     size, patch = ov.pop("image_size", None), ov.pop("patch_size", None)
+    width, depth = ov.pop("vision_hidden", None), ov.pop("vision_layers", None)
     if path is None:
+        kw = {**kw, **({"hidden": int(width)} if width is not None else {}),
+              **({"layers": int(depth)} if depth is not None else {})}
         return _small_clip(int(size or image_size), int(patch or patch_size), seed, **kw)
     tower = load_tower(path)
-    for key, given in (("image_size", size), ("patch_size", patch)):
-        have = int(getattr(tower.config, key))
+    for key, attr, given in (("image_size", "image_size", size), ("patch_size", "patch_size", patch),
+                             ("vision_hidden", "hidden_size", width), ("vision_layers", "num_hidden_layers", depth)):
+        have = int(getattr(tower.config, attr))
         if given is not None and int(given) != have:
             raise ValueError(f"preset {preset!r}: {key}={given} but the tower in vision_path has {key}={have}; "
                              "drop the override or pre-train a tower of that size")
@@ -236,7 +245,7 @@ def _build_tiny(ov: dict[str, Any]) -> HealthGPT:
     dtype = _dtype(ov.pop("dtype", None))
     adapters = _adapters(ov, 8, 16, 16, 32)
     levels = _feature_levels(ov)
-    tower_ov = {k: ov.pop(k) for k in ("vision_path", "image_size", "patch_size") if k in ov}
+    tower_ov = {k: ov.pop(k) for k in TOWER_KEYS if k in ov}
     _check_unused("tiny", ov)
     tokenizer = tiny_tokenizer()
     llm = _tiny_llm(len(tokenizer), arch, hidden, layers, seed)
@@ -275,7 +284,7 @@ def _build_smollm2(ov: dict[str, Any]) -> HealthGPT:
     dtype = _dtype(ov.pop("dtype", None))
     adapters = _adapters(ov, 16, 32, 32, 64)
     levels = _feature_levels(ov)
-    tower_ov = {k: ov.pop(k) for k in ("vision_path", "image_size", "patch_size") if k in ov}
+    tower_ov = {k: ov.pop(k) for k in TOWER_KEYS if k in ov}
     _check_unused("smollm2-135m", ov)
     gguf = smollm2_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
