@@ -217,6 +217,7 @@ def _record_json(members: dict[str, bytes]) -> dict[str, Any] | None:
 
 
 SPLIT_CHOICES = ("train", "val", "test", "held-out", "validation", "all")
+HELD_OUT_SPLITS = ("held-out", "validation")  # splits that read held-out train groups
 SPLIT_HELP = ("Split to evaluate: train, val, test, all; 'held-out' (the 1 in 20 train groups that no training step "
               "reads), or 'validation' (per folder and task its val split, else its held-out train groups: the pool "
               "the trainer's validation batches are drawn from; compare recipes on it, never on test).")
@@ -224,14 +225,14 @@ SPLIT_HELP = ("Split to evaluate: train, val, test, all; 'held-out' (the 1 in 20
 
 def _split_filter(folder: os.PathLike | str, split: str | None) -> Callable[[dict, str], bool]:
     """Which (record, key) of ``folder`` a ``--split`` takes (``None``: every record)."""
-    from healthgpt.training.data import held_out, validation_filter
+    from healthgpt.training.data import is_validation, validation_filter
 
     if split is None:
         return lambda rec, key: True
     if split == "validation":
         return validation_filter(folder)
     if split == "held-out":
-        return lambda rec, key: rec.get("split") == "train" and held_out({"group": rec.get("group"), "key": key})
+        return lambda rec, key: is_validation(rec, key, lent=True)
     return lambda rec, key: rec.get("split") == split
 
 
@@ -270,7 +271,7 @@ def _iter_members(shards: Sequence[os.PathLike | str], split: str | None, limit:
                     per_group[group] = per_group.get(group, 0) + 1
                 taken += 1
                 yield key, members, rec, tar
-        if not taken and split in ("validation", "held-out"):
+        if not taken and split in HELD_OUT_SPLITS:
             log.warning("%s: no %s samples (no val split, and no train samples to hold out); it is not evaluated",
                         Path(folder).name, split)
 
@@ -775,7 +776,7 @@ def run_evaluation(config: EvalConfig, *, model: Any = None, vq: Any = None, lpi
     done = set(read_predictions(out))
     all_keys: list[str] = []
     entries: list[ShuffleEntry] = []
-    train_ref = (collect_train_reference(config.shards, skip_held_out=config.split in ("held-out", "validation"))
+    train_ref = (collect_train_reference(config.shards, skip_held_out=config.split in HELD_OUT_SPLITS)
                  if config.baselines else None)
     runner = _Runner(config, model, vq, lpips, train_ref)
     progress = _prediction_counter(config.progress and rank == 0)

@@ -172,8 +172,10 @@ def _small_tower(preset: str, ov: dict[str, Any], image_size: int, patch_size: i
     size, patch = ov.pop("image_size", None), ov.pop("patch_size", None)
     width, depth = ov.pop("vision_hidden", None), ov.pop("vision_layers", None)
     if path is None:
-        kw = {**kw, **({"hidden": int(width)} if width is not None else {}),
-              **({"layers": int(depth)} if depth is not None else {})}
+        if width is not None:
+            kw["hidden"] = int(width)
+        if depth is not None:
+            kw["layers"] = int(depth)
         return _small_clip(int(size or image_size), int(patch or patch_size), seed, **kw)
     tower = load_tower(path)
     for key, attr, given in (("image_size", "image_size", size), ("patch_size", "patch_size", patch),

@@ -57,7 +57,7 @@ from torch import nn
 
 from healthgpt.model.vision import TOWER_FILE, save_tower
 
-__all__ = ["VisionPretrainer", "image_kind", "pretrain_vision", "pretrain_vision_command", "training_images"]
+__all__ = ["VisionPretrainer", "contrastable_kinds", "image_kind", "pretrain_vision", "pretrain_vision_command", "training_images"]
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -150,6 +150,15 @@ def _kind_batch(texts: Sequence[str], members: Sequence[int], size: int, gen: np
     return [int(members[j]) for j in picked]
 
 
+def contrastable_kinds(texts: Sequence[str], kinds: Sequence[str]) -> dict[str, list[int]]:
+    """``{kind: image indices}`` of the kinds that can fill a hard-negative batch: those with at least two
+    distinct texts (sorted by kind)."""
+    by_kind: dict[str, list[int]] = {}
+    for i, kind in enumerate(kinds):
+        by_kind.setdefault(kind, []).append(i)
+    return {k: m for k, m in sorted(by_kind.items()) if len({texts[i] for i in m}) > 1}
+
+
 def pretrain_vision(tower: nn.Module, pixel_values: torch.Tensor, texts: Sequence[str], *, steps: int, lr: float,
                     batch: int, seed: int = 0, kinds: Sequence[str] | None = None, hard_negatives: float = 0.0,
                     on_step: Callable[[int, dict[str, float]], None] | None = None,
@@ -168,14 +177,11 @@ def pretrain_vision(tower: nn.Module, pixel_values: torch.Tensor, texts: Sequenc
         raise ValueError(f"pretrain_vision: hard_negatives must be in [0, 1], got {hard_negatives}")
     if hard_negatives and (kinds is None or len(kinds) != len(texts)):
         raise ValueError("pretrain_vision: hard_negatives needs one kind per image")
-    by_kind: dict[str, list[int]] = {}
-    for i, kind in enumerate(kinds or ()):
-        by_kind.setdefault(kind, []).append(i)
-    # a kind can fill a hard batch when it has at least two distinct texts
-    hard = sorted(k for k, m in by_kind.items() if len({texts[i] for i in m}) > 1) if hard_negatives else []
-    if hard_negatives and not hard:
+    by_kind = contrastable_kinds(texts, kinds) if hard_negatives else {}
+    if hard_negatives and not by_kind:
         raise ValueError("pretrain_vision: hard_negatives needs a kind of image with at least two distinct texts; "
-                         f"every one of the {len(by_kind)} kinds has a single text")
+                         f"every one of the {len(set(kinds or ()))} kinds has a single text")
+    hard = list(by_kind)
     weights = np.array([len(by_kind[k]) for k in hard], dtype=float)
     torch.manual_seed(seed)
     gen = np.random.default_rng(seed)
@@ -308,8 +314,7 @@ def pretrain_vision_command(
     if len(images) < 2:
         raise typer.BadParameter("fewer than 2 train images in " + ", ".join(p.name for p in shards),
                                  param_hint="--shards")
-    if hard_negatives and not any(len({t for t, k in zip(texts, kinds, strict=True) if k == kind}) > 1
-                                  for kind in set(kinds)):
+    if hard_negatives and not contrastable_kinds(texts, kinds):
         raise typer.BadParameter("no kind of image (shard folder, modality, body part) in "
                                  + ", ".join(p.name for p in shards) + " has two distinct texts to contrast",
                                  param_hint="--hard-negatives")
