@@ -270,7 +270,6 @@ def export_run(
     ``--model-set`` values default to the run's own (:mod:`healthgpt.sharing.run_spec`)."""
     from healthgpt.model.presets import build_model
     from healthgpt.model.weights import load_trainable, read_metadata, resolve_trainable
-    from healthgpt.sharing.peft import export_peft_adapter
     from healthgpt.sharing.run_spec import command_inputs, read_run_spec
     from vlhealth.vq import load_vq
 
@@ -292,25 +291,7 @@ def export_run(
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    covered: set[str] = set()
-    groups = model.parameter_groups()
-    for task in model.adapters:
-        export_peft_adapter(model, task, tmp / task)
-        covered.update(_tensor_names(model, groups[f"{task}_plugin"]))
-        covered.update(_tensor_names(model, groups["abstract_adapter" if task == "comprehension" else
-                                            "concrete_adapter"]))
-    row_meta = {k: meta[k] for k in ("format_version", "preset", "template", "adapters", "vocab_first_new",
-                                     "vocab_total") if k in meta}
-    covered.update(_save_rows(model, ["new_token_rows"], tmp / TOKEN_ROWS, row_meta))
-    # the LLM's own weights a run trained or carried (stage 2's embedding/head rows; every LLM weight of a
-    # text pre-training such as the demo's text-lm) travel with the export: without them it is another model
-    base_groups = [g for g in ("word_embeddings", "lm_head", "llm_base") if g in meta.get("groups", [])]
-    if base_groups:
-        covered.update(_save_rows(model, base_groups, tmp / BASE_ROWS, row_meta))
-    lost = sorted(loaded - covered)
-    if lost:
-        shutil.rmtree(tmp)
-        raise ExportError(f"{weights.name}: {len(lost)} trained tensor(s) have no place in the export, e.g. {lost[:3]}")
+    _write_weights(model, meta, loaded, weights.name, tmp)
 
     stages = _training_stages(run, earlier)
     data_paths = [Path(d) for d in data]
@@ -337,6 +318,33 @@ def export_run(
         out.rmdir()
     tmp.rename(out)
     return ExportSummary(out, sorted([*files, EXPORT_INFO]), preset, training_data)
+
+
+def _write_weights(model: Any, meta: dict[str, Any], loaded: set[str], weights_name: str, tmp: Path) -> None:
+    """The export's weights in ``tmp``: a PEFT adapter per task (plugin and its visual adapter), the new token
+    rows, and the LLM weights the run trained or carried. A loaded tensor with no place among them is an
+    error (``tmp`` is removed): the export would be another model."""
+    from healthgpt.sharing.peft import export_peft_adapter
+
+    covered: set[str] = set()
+    groups = model.parameter_groups()
+    for task in model.adapters:
+        export_peft_adapter(model, task, tmp / task)
+        covered.update(_tensor_names(model, groups[f"{task}_plugin"]))
+        covered.update(_tensor_names(model, groups["abstract_adapter" if task == "comprehension" else
+                                            "concrete_adapter"]))
+    row_meta = {k: meta[k] for k in ("format_version", "preset", "template", "adapters", "vocab_first_new",
+                                     "vocab_total") if k in meta}
+    covered.update(_save_rows(model, ["new_token_rows"], tmp / TOKEN_ROWS, row_meta))
+    # the LLM's own weights a run trained or carried (stage 2's embedding/head rows; every LLM weight of a
+    # text pre-training such as the demo's text-lm) travel with the export: without them it is another model
+    base_groups = [g for g in ("word_embeddings", "lm_head", "llm_base") if g in meta.get("groups", [])]
+    if base_groups:
+        covered.update(_save_rows(model, base_groups, tmp / BASE_ROWS, row_meta))
+    lost = sorted(loaded - covered)
+    if lost:
+        shutil.rmtree(tmp)
+        raise ExportError(f"{weights_name}: {len(lost)} trained tensor(s) have no place in the export, e.g. {lost[:3]}")
 
 
 def _export_spec(spec: dict[str, Any] | None, overrides: dict[str, Any], vq_spec: str, vq_info: dict[str, Any],

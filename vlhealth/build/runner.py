@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, NoReturn
 
 from vlhealth.build.contract import BuildContext, Reject
 from vlhealth.build.plan import (
@@ -113,15 +113,7 @@ def run_build(
     with ItemStore(out, f".items{partition_suffix(part)}.sqlite") as store:
         _discover_into(builder, ctx, store)
         if store.count() == 0 and not any(True for _ in store.reject_lines()):
-            nothing_found = _nothing_found(builder, root, manifest)
-        else:
-            nothing_found = None
-        if nothing_found is not None:
-            store.close()
-            (out / f".items{partition_suffix(part)}.sqlite").unlink(missing_ok=True)
-            if created and not any(out.iterdir()):
-                out.rmdir()
-            raise NoItemsError(nothing_found)
+            _refuse_empty_source(builder, root, manifest, store, out, part, created)
         ctx.splits = _splits_for(builder, store, ctx, manifest, seed)
         if part is not None:
             store.set_partition(part[1])
@@ -140,6 +132,17 @@ def run_build(
     plan.journal_path.unlink(missing_ok=True)
     return BuildSummary(out, result.samples, sum(rejects.values()), plan.n_items, len(result.shards),
                         dict(result.counts), dict(rejects), time.perf_counter() - start)
+
+
+def _refuse_empty_source(builder: ModuleType, root: Path, manifest: dict[str, Any], store: ItemStore, out: Path,
+                         part: tuple[int, int] | None, created: bool) -> NoReturn:
+    """Discovery found neither an item nor a reject: remove the item store (and ``out`` when this build
+    created it and it is empty) and raise ``NoItemsError`` naming the layout the builder reads."""
+    store.close()
+    (out / f".items{partition_suffix(part)}.sqlite").unlink(missing_ok=True)
+    if created and not any(out.iterdir()):
+        out.rmdir()
+    raise NoItemsError(_nothing_found(builder, root, manifest))
 
 
 def _vq_file_record(given: str | os.PathLike[str], out: Path) -> dict[str, str]:
