@@ -79,7 +79,7 @@ def collect(shards: list[str], families: dict[str, str], split: str = "test") ->
             return rec.split if rec.split in ("train", "test") else None
         if keep({"split": rec.split, "group": rec.group, "task": rec.task}, key):
             return "test"
-        return "train" if rec.split == "train" and not held_out({"group": rec.group, "key": key}) else None
+        return "train" if rec.split == "train" and not held_out(rec.group, key) else None
 
     out: dict[str, dict[str, list[Row]]] = {f: {"train": [], "test": []} for f in families}
     seen: set[tuple[str, str]] = set()
@@ -183,7 +183,7 @@ def main() -> None:
         test = [row for row in split["test"] if row[1] in classes]
         unseen = len(split["test"]) - len(test)  # test answers never seen in train: counted as wrong below
         if not test:
-            print(f"| {fam} | {len(split['train'])} | 0 of {len(split['test'])} (no test answer occurs in train) "
+            print(f"| {fam} | {len(split['train'])} | 0 of {len(split['test'])} (no {args.split} answer occurs in train) "
                   f"| – | – | {dashes} |")
             continue
         y_train = torch.tensor([classes.index(a) for _, a, _ in split["train"]])
@@ -195,8 +195,8 @@ def main() -> None:
         accs = {view: float((probe(f_train[view], y_train, f_test[view], len(classes)) == y_test).float().sum())
                 / len(split["test"]) for view in f_train}
         rows.append({"family": fam, "question": families[fam], "split": args.split, "train_images": len(split["train"]),
-                     "test_images": len(split["test"]), "test_answers_unseen_in_train": unseen, "classes": classes,
-                     "train_majority_answer": majority_answer, "majority_on_test": majority, **accs})
+                     "scored_images": len(split["test"]), "scored_answers_unseen_in_train": unseen, "classes": classes,
+                     "train_majority_answer": majority_answer, "train_majority_on_scored": majority, **accs})
         print(f"| {fam} | {len(split['train'])} | {len(split['test'])} | {len(classes)} | {100 * majority:.1f}% | "
               + " | ".join(f"{100 * accs[v]:.1f}%" for v in views) + " |")
     if args.json:

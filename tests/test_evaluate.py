@@ -364,17 +364,17 @@ def test_validation_split_is_val_or_the_held_out_train_groups(tmp_path: Path) ->
     def keys(folder: Path, split: str) -> set[str]:
         return {key for key, *_ in _iter_members([folder], split, verify=False)}
 
-    held = {f"vqa_rad-{i:04d}" for i in range(80) if held_out({"group": f"g{i}"})}
+    held = {f"vqa_rad-{i:04d}" for i in range(80) if held_out(f"g{i}")}
     assert held and len(held) < 20
     assert keys(without, "held-out") == keys(without, "validation") == held
     assert keys(with_val, "validation") == keys(with_val, "val") == {f"slake-{100 + i:04d}" for i in range(5)}
-    assert keys(with_val, "held-out") == {f"slake-{i:04d}" for i in range(40) if held_out({"group": f"g{i}"})}
+    assert keys(with_val, "held-out") == {f"slake-{i:04d}" for i in range(40) if held_out(f"g{i}")}
 
     # decided per task, as the trainer decides it: comprehension validates on its val split, generation
     # (no val samples in this folder) on its held-out train groups
     mixed = _write(tmp_path / "mixed", [_comp(100 + i, "closed", "slake", split="val") for i in range(3)]
                    + [_gen(i, "ct2mri", "brain", split="train") for i in range(60)], prefix="mixed")
-    held_gen = {f"synthrad2023-ct2mri-brain-{i:03d}" for i in range(60) if held_out({"group": f"p{i}"})}
+    held_gen = {f"synthrad2023-ct2mri-brain-{i:03d}" for i in range(60) if held_out(f"p{i}")}
     assert held_gen
     assert keys(mixed, "validation") == {f"slake-{100 + i:04d}" for i in range(3)} | held_gen
 
@@ -387,7 +387,7 @@ def test_held_out_baselines_are_not_fitted_on_the_held_out_answers(tmp_path: Pat
 
     samples = [_comp(i, "closed", "vqa_rad", split="train") for i in range(80)]
     folder = _write(tmp_path / "vqa_rad", samples, prefix="vqa_rad")
-    held = [s for s in samples if held_out({"group": s.record.group, "key": s.key})]
+    held = [s for s in samples if held_out(s.record.group, s.key)]
     assert held
     questions = {question_key(s.record.conversations[0]["value"]) for s in held}
     every = collect_train_reference([folder])

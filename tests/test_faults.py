@@ -83,7 +83,7 @@ def test_an_incomplete_checkpoint_is_skipped_by_resume(comp, tmp_path) -> None:
 def _with_bad_images(root: Path, bad: int) -> tuple[Path, list[str]]:
     """16 train samples; ``bad`` of them (never held out for validation) have an input image that is not an image."""
     samples = [vqa_sample(i) for i in range(16)]
-    broken = [s.key for s in samples if not held_out({"group": s.record.group, "key": s.key})][3:3 + bad]
+    broken = [s.key for s in samples if not held_out(s.record.group, s.key)][3:3 + bad]
     with ShardWriter(root, prefix="comp", max_count=4) as w:
         for s in samples:
             members = s.to_members()

@@ -78,7 +78,7 @@ def test_each_image_is_paired_with_all_of_its_texts(tmp_path) -> None:
     for i in range(12):  # image i % 3, question i % 6: every image has a repeated and a distinct question
         s = replace(vqa_sample(i % 6, image=images[i % 3]), key=f"toy-{i:05d}")
         samples.append(s)
-        if not held_out({"group": s.record.group, "key": s.key}):
+        if not held_out(s.record.group, s.key):
             parts = want.setdefault(i % 3, [])
             if f"Question {i % 6}? yes" not in parts:
                 parts.append(f"Question {i % 6}? yes")

@@ -52,7 +52,7 @@ def test_validation_leaves_the_training_losses_bit_identical(tmp_path, shards, o
 
 def test_a_source_without_val_lends_train_groups_that_training_never_reads(tmp_path, shards, one_thread) -> None:
     lent = {s.key for s in (brightness_sample(i) for i in range(60))
-            if held_out({"group": s.record.group, "key": s.key})}
+            if held_out(s.record.group, s.key)}
     assert 0 < len(lent) < 60 // HOLDOUT_EVERY * 3  # about 1 in 20 (the hash is fixed, so is the count)
     res = train(_cfg(tmp_path / "run", [shards["bright"]], 20, val_every=10, val_batches=1,
                      debug_log_keys=True), )
@@ -66,7 +66,7 @@ def test_a_source_without_val_lends_train_groups_that_training_never_reads(tmp_p
 def test_held_out_is_decided_by_group_not_sample() -> None:
     # every sample of one group falls on the same side
     for group in ("patient-1", "patient-2", "img-77", "x"):
-        sides = {held_out({"group": group, "key": f"k{i}"}) for i in range(10)}
+        sides = {held_out(group, f"k{i}") for i in range(10)}
         assert len(sides) == 1
-    share = sum(held_out({"group": f"g{i}"}) for i in range(4000)) / 4000
+    share = sum(held_out(f"g{i}") for i in range(4000)) / 4000
     assert abs(share - 1 / HOLDOUT_EVERY) < 0.015

@@ -134,7 +134,7 @@ def collect_train_reference(shards: Sequence[os.PathLike | str], *, split: str =
                     continue  # the evaluator reports unreadable samples of the evaluated split
                 if rec.get("split") != split:
                     continue
-                if skip_held_out and held_out({"group": rec.get("group"), "key": key}):
+                if skip_held_out and held_out(rec.get("group"), key):
                     continue
                 if rec.get("task") == "comprehension" and rec.get("answer_type"):
                     conv = rec.get("conversations") or []

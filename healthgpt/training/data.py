@@ -305,12 +305,12 @@ def source_sample_counts(specs: Sequence[ShardSpec | str], split: str = "train")
 HOLDOUT_EVERY = 20
 
 
-def held_out(rec: Mapping[str, Any]) -> bool:
-    """Whether a train sample belongs to the held-out slice that no training reads (1 in ``HOLDOUT_EVERY``
-    patient/image groups; decided by the group, its key when it has none, so a group is never on both
-    sides, and by the group alone, so the slice is the same in a source's own shards and in a mix of it)."""
-    group = str(rec.get("group") or rec.get("key") or "")
-    digest = hashlib.sha256(group.encode("utf-8")).digest()
+def held_out(group: str | None, key: str = "") -> bool:
+    """Whether a train sample (of patient/image ``group``, sample ``key``) belongs to the held-out slice that
+    no training reads: 1 in ``HOLDOUT_EVERY`` groups, decided by the group (its key when it has none), so a
+    group is never on both sides, and by the group alone, so the slice is the same in a source's own shards
+    and in a mix of it."""
+    digest = hashlib.sha256(str(group or key or "").encode("utf-8")).digest()
     return int.from_bytes(digest[:4], "big") % HOLDOUT_EVERY == 0
 
 
@@ -333,7 +333,7 @@ def is_validation(rec: Mapping[str, Any], key: str, lent: bool) -> bool:
     """Whether a sample is in a validation pool: its ``val`` split, or (``lent``: its source and task have
     no val split) a train sample of the held-out groups (:func:`held_out`)."""
     if lent:
-        return rec.get("split") == "train" and held_out({"group": rec.get("group"), "key": key})
+        return rec.get("split") == "train" and held_out(rec.get("group"), key)
     return rec.get("split") == "val"
 
 
@@ -468,7 +468,7 @@ class TaskBatchStream(IterableDataset):
                         members: Mapping[str, bytes]) -> _Example | None:
         """:meth:`_encode`, counting (and logging) bad samples and over-long ones in ``stats``; None skips
         (also the held-out train groups, counted as ``validation``)."""
-        if self.skip_held_out and rec.get("split") == "train" and held_out({"group": rec.get("group"), "key": key}):
+        if self.skip_held_out and rec.get("split") == "train" and held_out(rec.get("group"), key):
             stats["validation"] = stats.get("validation", 0) + 1
             return None
         try:

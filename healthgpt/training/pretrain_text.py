@@ -75,7 +75,7 @@ def text_encodings(model: Any, shards: Sequence[os.PathLike | str], *, split: st
             rec = sample.record
             if rec.task != "comprehension" or rec.split != split:
                 continue
-            if split == "train" and held_out({"group": rec.group, "key": sample.key}):
+            if split == "train" and held_out(rec.group, sample.key):
                 continue  # the held-out groups validate every stage: no training reads them
             conv = [{**turn, "value": str(turn["value"]).replace(IMAGE_TOKEN, image_text).strip()}
                     for turn in rec.conversations]

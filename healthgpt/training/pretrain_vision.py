@@ -244,7 +244,7 @@ def training_images(shards: Sequence[os.PathLike | str], split: str = "train", l
             rec = sample.record
             if rec.split != split or sample.input_image is None:
                 continue
-            if split == "train" and held_out({"group": rec.group, "key": sample.key}):
+            if split == "train" and held_out(rec.group, sample.key):
                 continue  # the held-out groups validate every stage: no training reads them
             data = sample.input_image
             raw = data if isinstance(data, bytes) else np.ascontiguousarray(data).tobytes()

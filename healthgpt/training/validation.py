@@ -25,7 +25,7 @@ Scoring
 
 Public API::
 
-    (healthgpt.training.data: held_out(rec) -> bool, the held-out train groups no training reads;
+    (healthgpt.training.data: held_out(group, key) -> bool, the held-out train groups no training reads;
     holdout_streams(specs) -> {(source, task)}: the sources that validate on them, having no val split;
     is_validation(rec, key, lent) and validation_filter(folder): the same pool, for the evaluator)
     ValidationSet.build(data_cfg, tokenizer, preprocess, batches) -> ValidationSet | None
