@@ -395,3 +395,33 @@ def test_held_out_baselines_are_not_fitted_on_the_held_out_answers(tmp_path: Pat
     assert every.n_answers - fitted.n_answers == len(held)
     assert questions <= {q for _, _, q in every.by_question}
     assert not questions & {q for _, _, q in fitted.by_question}
+
+
+def test_generation_limit_spreads_over_patients_and_slices(tmp_path: Path) -> None:
+    """--generation-limit N scores N samples per subtask and body part taken from as many patients as there
+    are (one each in turn), spaced through each patient's slices, not the first patient's first N slices:
+    a conversion score, and an image swapped between its samples, must not rest on one patient."""
+    import dataclasses
+
+    from healthgpt.evaluation.evaluate import _iter_members
+    from healthgpt.evaluation.samples import spread_selection
+
+    samples = []
+    for i in range(12):  # patients p0 (slices 0-5), p1 (6-9), p2 (10-11), in stream order
+        s = _gen(i, "ct2mri", "brain")
+        samples.append(dataclasses.replace(s, record=dataclasses.replace(s.record, group=f"p{0 if i < 6 else 1 if i < 10 else 2}")))
+    samples += [_gen(20 + i, "mri2ct", "pelvis") for i in range(3)]  # one patient each
+    folder = _write(tmp_path / "synthrad", samples, prefix="synthrad")
+
+    def keys(n: int) -> list[str]:
+        return [key for key, *_ in _iter_members([folder], "test", verify=False, generation_limit=n)]
+
+    brain = [k for k in keys(6) if "brain" in k]
+    by_patient = [sum(1 for k in brain if lo <= int(k[-3:]) < hi) for lo, hi in ((0, 6), (6, 10), (10, 12))]
+    assert by_patient == [2, 2, 2]  # not the first six slices, all of p0
+    assert [k for k in keys(6) if "brain" in k] == sorted(brain)  # stream order kept
+    assert [k[-3:] for k in keys(3) if "brain" in k] == ["003", "008", "011"]  # each patient's middle slice
+    assert [k[-3:] for k in keys(2) if "pelvis" in k] == ["020", "021"]
+    assert len(keys(100)) == 15 and keys(0) == []
+    # evenly spaced inside a patient: 3 of 6 slices are the centres of its thirds, not the first three
+    assert spread_selection([("p", f"s{i}") for i in range(6)], 3) == ["s1", "s3", "s5"]

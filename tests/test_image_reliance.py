@@ -3,6 +3,7 @@ rows on the tiny model, and the generation loss of the true target computed exac
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -279,3 +280,13 @@ def test_donors_come_from_other_patients_where_there_are_any() -> None:
     one = {k: "p0" for k in keys}
     d = derangement(keys, 0, "generation", "ct2mri/brain", groups=one)
     assert all(d[k] != k for k in keys)
+
+
+def test_shuffled_limit_spreads_over_patients() -> None:
+    """The shuffled pass cut at --shuffled-limit takes its samples from several patients, as the true pass
+    does: swapped images of adjacent slices of one patient would hardly differ."""
+    entries = [dataclasses.replace(_entry(f"a{i}", "generation", "ct2mri/brain"), group="pA") for i in range(4)]
+    entries += [dataclasses.replace(_entry(f"b{i}", "generation", "ct2mri/brain"), group="pB") for i in range(4)]
+    donors, _ = plan_donors(entries, 0)
+    assert shuffled_selection(entries, donors, 2) == ["a2", "b2"]
+    assert shuffled_selection(entries, donors, 4) == ["a1", "a3", "b1", "b3"]

@@ -69,7 +69,7 @@ from healthgpt.evaluation.reliance import (
     teacher_forced_loss,
     with_image,
 )
-from healthgpt.evaluation.samples import target_modality
+from healthgpt.evaluation.samples import spread_selection, target_modality
 from healthgpt.sharing.run_spec import MODEL_SET_HELP, SEED_HELP, VQ_HELP, VQ_MISMATCH_HELP, command_inputs
 from healthgpt.training.dist import Dist, device_for, world_info
 from vlhealth.cli_errors import print_error
@@ -241,7 +241,8 @@ def _iter_members(shards: Sequence[os.PathLike | str], split: str | None, limit:
                   ) -> Iterator[tuple[str, dict[str, bytes], dict, Path]]:
     """(key, members, record json, tar path) of the wanted split, in shard order; at most ``limit`` per shard
     folder (so a quick run still covers every benchmark given) and at most ``generation_limit`` generation
-    samples per subtask and body part of a folder (so every conversion direction and anatomy is covered).
+    samples per subtask and body part of a folder (so every conversion direction and anatomy is covered),
+    spread over its patients and their slices (:func:`spread_selection`; a first pass reads the records).
     With ``verify`` every tar's sha256 is compared with its index.json first."""
     tars = list_shards(list(shards))
     if not tars:
@@ -253,8 +254,8 @@ def _iter_members(shards: Sequence[os.PathLike | str], split: str | None, limit:
             raise EvalError(str(exc)) from exc
     for folder in shards:
         taken = 0
-        per_group: dict[tuple[Any, Any], int] = {}
         wanted = _split_filter(folder, split)
+        chosen = None if generation_limit is None else _generation_selection(folder, wanted, generation_limit)
         for tar in list_shards(folder):
             for key, members in iter_tar(tar):
                 if limit is not None and taken >= limit:
@@ -264,16 +265,27 @@ def _iter_members(shards: Sequence[os.PathLike | str], split: str | None, limit:
                     raise EvalError(f"{tar.name}: sample {key!r} has no readable json member")
                 if not wanted(rec, key):
                     continue
-                if generation_limit is not None and rec.get("task") == "generation":
-                    group = (rec.get("subtask"), rec.get("body_part"))
-                    if per_group.get(group, 0) >= generation_limit:
-                        continue
-                    per_group[group] = per_group.get(group, 0) + 1
+                if chosen is not None and rec.get("task") == "generation" and key not in chosen:
+                    continue
                 taken += 1
                 yield key, members, rec, tar
         if not taken and split in HELD_OUT_SPLITS:
             log.warning("%s: no %s samples (no val split, and no train samples to hold out); it is not evaluated",
                         Path(folder).name, split)
+
+
+def _generation_selection(folder: os.PathLike | str, wanted: Callable[[dict, str], bool],
+                          n: int) -> set[str]:
+    """Keys of the ``n`` generation samples per subtask and body part of one shard folder that a limited
+    evaluation scores: spread over the patients and their slices (:func:`spread_selection`)."""
+    cells: dict[tuple[Any, Any], list[tuple[str, str]]] = {}
+    for tar in list_shards(folder):
+        for key, members in iter_tar(tar):
+            rec = _record_json(members)
+            if rec is None or rec.get("task") != "generation" or not wanted(rec, key):
+                continue  # an unreadable record is refused by the pass that yields it
+            cells.setdefault((rec.get("subtask"), rec.get("body_part")), []).append((str(rec.get("group") or key), key))
+    return {key for items in cells.values() for key in spread_selection(items, n)}
 
 
 Batch = list[tuple[str, dict[str, bytes], Path]]  # (key, members, tar path)
@@ -917,7 +929,8 @@ def eval_command(
     split: Annotated[str, typer.Option(help=SPLIT_HELP)] = "test",
     limit: Annotated[int | None, typer.Option(help="Evaluate only the first N samples of each --shards folder.")] = None,
     generation_limit: Annotated[int | None, typer.Option(help="At most N generation samples per subtask and body "
-                                                         "part of each --shards folder.")] = None,
+                                                         "part of each --shards folder, spread over its patients "
+                                                         "and their slices.")] = None,
     batch_size: Annotated[int, typer.Option(help="Samples decoded together (per rank).")] = 8,
     max_new_tokens: Annotated[int, typer.Option(help="Answer length limit (comprehension).")] = 128,
     max_image_tokens: Annotated[int | None, typer.Option(help="Image token limit (default 1024 + slack).")] = None,

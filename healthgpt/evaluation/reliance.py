@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from healthgpt.evaluation.answer_metrics import VQAItem, summarize_vqa
-from healthgpt.evaluation.samples import benchmark_name
+from healthgpt.evaluation.samples import benchmark_name, spread_selection
 
 __all__ = ["RELIANCE_DEFINITION", "SHUFFLED_NAME", "ShuffleEntry", "derangement", "plan_donors",
            "reliance_summary", "shuffled_selection", "teacher_forced_loss", "token_weighted"]
@@ -149,18 +149,14 @@ def plan_donors(entries: Sequence[ShuffleEntry], seed: int) -> tuple[dict[str, s
 
 def shuffled_selection(entries: Sequence[ShuffleEntry], donors: Mapping[str, str], limit: int | None) -> list[str]:
     """The keys the shuffled pass scores, in stream order: every sample with a donor, generation cut at
-    ``limit`` per subtask and body part of each shard folder."""
-    taken: dict[tuple[Any, ...], int] = defaultdict(int)
-    out = []
+    ``limit`` per subtask and body part of each shard folder, spread over patients as the true pass is
+    (:func:`~healthgpt.evaluation.samples.spread_selection`)."""
+    cells: dict[tuple[Any, ...], list[tuple[str, str]]] = defaultdict(list)
     for e in entries:
-        if e.key not in donors:
-            continue
-        if e.task == "generation" and limit is not None:
-            if taken[e.limit_group] >= limit:
-                continue
-            taken[e.limit_group] += 1
-        out.append(e.key)
-    return out
+        if e.key in donors and e.task == "generation":
+            cells[e.limit_group].append((e.group or e.key, e.key))
+    keep = None if limit is None else {k for items in cells.values() for k in spread_selection(items, limit)}
+    return [e.key for e in entries if e.key in donors and (e.task != "generation" or keep is None or e.key in keep)]
 
 
 # -------------------------------------------------------------------------------- teacher-forced loss
