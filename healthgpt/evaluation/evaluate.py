@@ -75,7 +75,7 @@ from healthgpt.training.dist import Dist, device_for, world_info
 from vlhealth.cli_errors import print_error
 from vlhealth.image_metrics import image_metrics, synthrad_metrics, to_hu
 from vlhealth.schema import IMAGE_TOKEN, Record, Sample, decode_image
-from vlhealth.shards import ShardError, iter_tar, list_shards, verify_tars, write_atomic
+from vlhealth.shards import ShardError, TarReader, iter_tar, list_shards, verify_tars, write_atomic
 from vlhealth.volumes import grey_levels
 
 __all__ = [
@@ -279,13 +279,23 @@ def _generation_selection(folder: os.PathLike | str, wanted: Callable[[dict, str
     """Keys of the ``n`` generation samples per subtask and body part of one shard folder that a limited
     evaluation scores: spread over the patients and their slices (:func:`spread_selection`)."""
     cells: dict[tuple[Any, Any], list[tuple[str, str]]] = {}
-    for tar in list_shards(folder):
-        for key, members in iter_tar(tar):
-            rec = _record_json(members)
-            if rec is None or rec.get("task") != "generation" or not wanted(rec, key):
-                continue  # an unreadable record is refused by the pass that yields it
-            cells.setdefault((rec.get("subtask"), rec.get("body_part")), []).append((str(rec.get("group") or key), key))
+    reader = TarReader()  # the records only: the images are read once, by the pass that yields them
+    try:
+        for tar in list_shards(folder):
+            for key in reader.index(tar).keys:
+                rec = _record_json(reader.read(tar, key, ("json",)))
+                if rec is None or rec.get("task") != "generation" or not wanted(rec, key):
+                    continue  # an unreadable record is refused by the pass that yields it
+                cells.setdefault((rec.get("subtask"), rec.get("body_part")), []).append((_patient(rec, key), key))
+    finally:
+        reader.close()
     return {key for items in cells.values() for key in spread_selection(items, n)}
+
+
+def _patient(rec: dict[str, Any], key: str) -> str:
+    """A sample's patient / image group (its key when it has none): what limited selections spread over and
+    what a shuffled image must not come from."""
+    return str(rec.get("group") or key)
 
 
 Batch = list[tuple[str, dict[str, bytes], Path]]  # (key, members, tar path)
@@ -345,7 +355,7 @@ def _shuffle_entry(key: str, members: dict[str, bytes], rec: dict[str, Any], tar
     else:
         kind = str(rec.get("source"))
     return ShuffleEntry(key, str(rec.get("task")), kind, has_image, tar,
-                        (str(tar.parent), rec.get("subtask"), rec.get("body_part")), str(rec.get("group") or key))
+                        (str(tar.parent), rec.get("subtask"), rec.get("body_part")), _patient(rec, key))
 
 
 def _sample(key: str, members: dict[str, bytes], tar: Path | str) -> Sample:
@@ -715,8 +725,6 @@ class _ShuffledPass:
         limit = config.shuffled_limit if config.shuffled_limit is not None else config.generation_limit
         self.keys = shuffled_selection(entries, self.donors, limit)
         self.out = out
-        from vlhealth.shards import TarReader
-
         self.reader = TarReader()
 
     def done(self) -> dict[str, dict[str, Any]]:
